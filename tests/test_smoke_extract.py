@@ -1,0 +1,16 @@
+import numpy as np
+import pytest
+
+from extract import ExtractConfig, Store, extract
+from extract.tasks import get_task
+from tests.conftest import tiny_loaded
+
+
+def test_extract_tiny_every_family(tmp_path, family):
+    loaded = tiny_loaded(family)
+    out = extract(loaded, get_task("capitals"), tmp_path / "a.h5", ExtractConfig(max_examples=20), progress=False)
+    with Store(out) as s:
+        L, H = loaded.model.config.num_hidden_layers, loaded.model.config.num_attention_heads
+        assert s.shape[:3] == (20, L, H)
+        assert np.isfinite(s.activations()).all()
+        assert s.meta.task == "capitals" and s.meta.stage == "KR"

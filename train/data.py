@@ -1,0 +1,187 @@
+"""Data from the activation store for Lightning: in memory when it fits, streamed in chunk-aligned blocks otherwise.
+
+Batches are dicts::
+
+    z      (B, L, H, D) float32   per-head outputs of the selected layer slots and heads
+    label  (B,)                   class index (int64) or target (float32)
+    row    (B,)  int64            row index in the store
+
+Data order is a pure function of (seed, epoch, rank), so a run resumed from an epoch-end checkpoint replays
+exactly the batches an uninterrupted run sees.
+"""
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, Sampler, get_worker_info
+
+from extract.store import CHUNK_ROWS, Store
+
+
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class EpochBatches(Sampler[np.ndarray]):
+    """Batches of positions into ``range(n)``: shuffled by (seed, epoch), sharded evenly across ranks."""
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False):
+        self.n, self.batch_size, self.shuffle, self.seed, self.drop_last = n, batch_size, shuffle, seed, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _positions(self) -> np.ndarray:
+        order = (np.random.default_rng((self.seed, self.epoch)).permutation(self.n) if self.shuffle
+                 else np.arange(self.n))
+        rank, world = _dist()
+        per_rank = self.n // world if world > 1 else self.n  # equal shares, so ranks step together
+        return order[rank * per_rank:(rank + 1) * per_rank] if world > 1 else order
+
+    def __iter__(self):
+        pos = self._positions()
+        stop = len(pos) - len(pos) % self.batch_size if self.drop_last else len(pos)
+        for i in range(0, stop, self.batch_size):
+            yield pos[i:i + self.batch_size]
+
+    def __len__(self) -> int:
+        n = self.n // _dist()[1]
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+
+class InMemoryRows(torch.utils.data.Dataset):
+    """Rows held in memory (fp16 or fp32 as stored); indexed by a whole batch of positions at once."""
+
+    def __init__(self, z: np.ndarray, labels: np.ndarray, rows: np.ndarray):
+        self.z, self.labels, self.rows = torch.from_numpy(z), torch.from_numpy(labels), torch.from_numpy(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, pos) -> dict:
+        pos = torch.as_tensor(pos)
+        return {"z": self.z[pos].float(), "label": self.labels[pos], "row": self.rows[pos]}
+
+
+class StreamingRows(IterableDataset):
+    """Rows streamed from the store: whole chunk-aligned blocks in shuffled order, mixed in a shuffle buffer.
+
+    Blocks are sharded across dataloader workers and distributed ranks; each worker opens its own file handle.
+    """
+
+    def __init__(self, path: str, rows: np.ndarray, batch_size: int, layers=None, heads=None, shuffle: bool = True,
+                 seed: int = 0, block_rows: int = 8 * CHUNK_ROWS, buffer_rows: int = 32768):
+        self.path, self.rows, self.batch_size = path, np.sort(rows), batch_size
+        self.layers, self.heads, self.shuffle, self.seed = layers, heads, shuffle, seed
+        self.block_rows, self.buffer_rows, self.epoch = block_rows, buffer_rows, 0
+        block_of = self.rows // block_rows
+        self.blocks = [self.rows[block_of == b] for b in np.unique(block_of)]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.rows) / self.batch_size / _dist()[1])
+
+    def _my_blocks(self) -> list[np.ndarray]:
+        order = (np.random.default_rng((self.seed, self.epoch)).permutation(len(self.blocks)) if self.shuffle
+                 else np.arange(len(self.blocks)))
+        rank, world = _dist()
+        info = get_worker_info()
+        wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
+        return [self.blocks[b] for b in order[rank * nworkers + wid::world * nworkers]]
+
+    def __iter__(self):
+        rng = np.random.default_rng((self.seed, self.epoch, *(_dist()), get_worker_info().id if get_worker_info() else 0))
+        with Store(self.path) as store:
+            labels = store.labels
+            buf_z, buf_r = [], []
+
+            def drain(final: bool):
+                z, r = np.concatenate(buf_z), np.concatenate(buf_r)
+                perm = rng.permutation(len(r)) if self.shuffle else np.arange(len(r))
+                keep = len(r) if final else len(r) - len(r) % self.batch_size
+                for i in range(0, keep, self.batch_size):
+                    p = perm[i:i + self.batch_size]
+                    yield {"z": torch.from_numpy(z[p]).float(), "label": torch.from_numpy(labels[r[p]]),
+                           "row": torch.from_numpy(r[p])}
+                buf_z[:], buf_r[:] = ([z[perm[keep:]]], [r[perm[keep:]]]) if keep < len(r) else ([], [])
+
+            for block in self._my_blocks():
+                buf_z.append(store.activations(block, self.layers, self.heads, dtype=store.file["z"].dtype))
+                buf_r.append(block)
+                if sum(len(b) for b in buf_r) >= self.buffer_rows:
+                    yield from drain(final=False)
+            if buf_r:
+                yield from drain(final=True)
+
+
+class StoreDataModule(L.LightningDataModule):
+    """Train/val/test splits of one activation store (splits come from the task's leakage groups).
+
+    Args:
+        path: the HDF5 store written by ``headprobe extract``.
+        layers: storage slots of the layers to use (default: all stored layers).
+        heads: heads to use (default: all).
+        batch_size: rows per batch; 0 means the whole split in one batch (full-batch optimisers).
+        in_memory: keep activations in memory; ``None`` decides from ``memory_limit_gb``.
+        num_workers: DataLoader workers (streaming mode shards blocks across them).
+    """
+
+    def __init__(self, path: str, layers: list[int] | None = None, heads: list[int] | None = None,
+                 batch_size: int = 0, in_memory: bool | None = None, memory_limit_gb: float = 4.0,
+                 num_workers: int = 0, shuffle_buffer: int = 32768, seed: int = 0):
+        super().__init__()
+        self.save_hyperparameters()
+        self.path, self.layers, self.heads, self.batch_size = path, layers, heads, batch_size
+        self.num_workers, self.seed, self.shuffle_buffer = num_workers, seed, shuffle_buffer
+        with Store(path) as store:
+            self.meta = store.meta
+            self.split_rows = {s: store.rows(s) for s in ("train", "val", "test")}
+            L_, H, D = store.shape[1:]
+            nbytes = len(store) * (len(layers) if layers else L_) * (len(heads) if heads else H) * D * store.file["z"].dtype.itemsize
+        self.in_memory = nbytes <= memory_limit_gb * 2**30 if in_memory is None else in_memory
+        self._cache: dict[str, InMemoryRows] = {}
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers) if self.layers is not None else len(self.meta.layers)
+
+    @property
+    def n_heads(self) -> int:
+        return len(self.heads) if self.heads is not None else self.meta.n_heads
+
+    def split(self, name: str) -> InMemoryRows:
+        """One split held in memory (read once, chunk-aligned)."""
+        if name not in self._cache:
+            rows = self.split_rows[name]
+            with Store(self.path) as store:
+                z = store.activations(rows, self.layers, self.heads, dtype=store.file["z"].dtype)
+                self._cache[name] = InMemoryRows(z, store.labels[rows], rows)
+        return self._cache[name]
+
+    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        rows = self.split_rows[name]
+        bs = self.batch_size or max(len(rows), 1)
+        if self.in_memory:
+            sampler = EpochBatches(len(rows), bs, shuffle, self.seed)
+            return DataLoader(self.split(name), sampler=sampler, batch_size=None, num_workers=self.num_workers,
+                              persistent_workers=self.num_workers > 0)
+        ds = StreamingRows(self.path, rows, bs, self.layers, self.heads, shuffle, self.seed,
+                           buffer_rows=self.shuffle_buffer)
+        return DataLoader(ds, batch_size=None, num_workers=self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
