@@ -72,7 +72,7 @@ def _positions(ex: Example, length: int, rule: str) -> list[int]:
 def _row_labels(ex: Example, positions: list[int], kind: str) -> list:
     if ex.token_labels is not None:
         return [ex.token_labels[p] for p in positions]
-    missing = -1 if kind == "class" else float("nan")
+    missing = -1 if kind in ("class", "none") else float("nan")
     return [missing if ex.label is None else ex.label] * len(positions)
 
 

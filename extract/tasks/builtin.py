@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 
 from extract.tasks.base import Example, Task
+from extract.tasks.corpus import make_corpus
 
 DATA = Path(__file__).resolve().parents[2] / "datasets"
 
@@ -28,6 +29,8 @@ def _capitals(seed: int) -> list[Example]:
 
 
 TASKS = [
+    Task("corpus", "", "unlabelled English prose (Python manual and stdlib docstrings) for SAE training", [],
+         make_corpus, position_rule="all", label_kind="none", card="cards/corpus.md"),
     Task("capitals", "KR", "true/false statements 'The capital of X is Y'", ["false", "true"], _capitals,
          card="cards/capitals.md"),
 ]

@@ -8,11 +8,16 @@ from extract.tasks.builtin import DATA
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="generation seed (sizes do not depend on it)")
 
 
 def run(args: argparse.Namespace) -> None:
-    print(f"{'task':<22}{'stage':<6}{'examples':>9}  {'rule':<5} card / description")
-    for name, task in sorted(TASKS.items(), key=lambda kv: (list(STAGES).index(kv[1].stage), kv[0])):
+    order = [*STAGES, ""]
+    print(f"{'task':<18}{'stage':<7}{'examples':>9}  {'rule':<5}  {'labels':<24}card")
+    for name, task in sorted(TASKS.items(), key=lambda kv: (order.index(kv[1].stage), kv[0])):
         n = len(task.examples(args.seed))
-        print(f"{name:<22}{task.stage:<6}{n:>9}  {task.position_rule:<5} datasets/{task.card}  {task.description}")
+        labels = "/".join(task.label_names) if task.label_names else f"({task.label_kind})"
+        card = DATA / task.card
+        where = f"datasets/{task.card}" if card.is_file() else "(no card)"
+        print(f"{name:<18}{task.stage or '-':<7}{n:>9}  {task.position_rule:<5}  {labels[:23]:<24}{where}")
+        print(f"{'':<18}{task.description}")
