@@ -1,20 +1,23 @@
 """The project's one checkpoint format, used by every probe and sparse autoencoder.
 
-A checkpoint is a folder::
+A checkpoint is a flat folder::
 
     model.safetensors   the module's tensors (normalisation already folded in)
-    config.json         CheckpointConfig: class, hyperparameters, and where the activations came from
+    config.json         CheckpointConfig: class, hyperparameters, where the activations came from, and the
+                        sha256 of model.safetensors
     metrics.json        what the run measured (val/test metrics, per-head tables)
     README.md           a model card
 
 Loading reads JSON and safetensors only: nothing is unpickled and no code from the checkpoint runs. Classes are
-looked up in :data:`CLASSES`, filled by :func:`register`.
+looked up by name in :data:`CLASSES`, filled by :func:`register`; a class name never leads to an import other
+than the project's own :data:`BUILTIN_MODULES`.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -23,6 +26,7 @@ from safetensors.torch import load_file, save_file
 FORMAT_VERSION = 1
 FILES = ("model.safetensors", "config.json", "metrics.json", "README.md")
 CLASSES: dict[str, type] = {}
+BUILTIN_MODULES = ("probes.linear", "probes.sparse", "probes.sae")  # imported when a class name is not yet known
 
 
 class CheckpointError(RuntimeError):
@@ -31,6 +35,8 @@ class CheckpointError(RuntimeError):
 
 def register(cls: type) -> type:
     """Class decorator: make ``cls`` loadable by name. It must define ``from_checkpoint(config, tensors)``."""
+    if not callable(getattr(cls, "from_checkpoint", None)):
+        raise TypeError(f"{cls.__name__} needs a from_checkpoint(config, tensors) classmethod to be registered")
     CLASSES[cls.__name__] = cls
     return cls
 
@@ -51,6 +57,8 @@ class CheckpointConfig:
     label_names: list[str] = field(default_factory=list)
     heads: list[int] | None = None  # None: every head of each layer
     normalisation: dict = field(default_factory=dict)  # how inputs were scaled (already folded into weights)
+    command: str = ""  # the command line that reproduces this checkpoint
+    tensors_sha256: str = ""  # sha256 of model.safetensors, filled by save_checkpoint
     format_version: int = FORMAT_VERSION
 
     @classmethod
@@ -62,18 +70,19 @@ class CheckpointConfig:
                    label_names=list(meta.label_names), **extra)
 
     def check_compatible(self, meta) -> None:
-        """Refuse activations from another model, hook point or head layout than the checkpoint was trained on."""
-        mine = (self.model_id, self.weights_hash, self.hook_point, self.n_heads, self.d_head)
-        theirs = (meta.model_id, meta.weights_hash, meta.hook_point, meta.n_heads, meta.d_head)
-        if self.weights_hash != meta.weights_hash or mine[2:] != theirs[2:] or not set(self.layers) <= set(meta.layers):
+        """Refuse activations (a StoreMeta or another CheckpointConfig) from another model, hook point or head
+        layout than the checkpoint was trained on; the message names both."""
+        same = (self.weights_hash == meta.weights_hash and self.hook_point == meta.hook_point
+                and (self.n_heads, self.d_head) == (meta.n_heads, meta.d_head) and set(self.layers) <= set(meta.layers))
+        if not same:
             raise CheckpointError(
                 f"checkpoint was trained on {self.model_id} (weights {self.weights_hash}, {self.hook_point}, "
                 f"layers {self.layers}, {self.n_heads}x{self.d_head}) but the activations come from {meta.model_id} "
-                f"(weights {meta.weights_hash}, {meta.hook_point}, layers {meta.layers}, {meta.n_heads}x{meta.d_head}):"
-                f" extract with the checkpoint's model and layers")
+                f"(weights {meta.weights_hash}, {meta.hook_point}, layers {list(meta.layers)}, "
+                f"{meta.n_heads}x{meta.d_head}): extract with the checkpoint's model and layers")
 
 
-def sha256(path: Path) -> str:
+def sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -81,65 +90,159 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def file_hashes(folder: str | Path) -> dict[str, str]:
+    """sha256 of every checkpoint file present in ``folder`` (what a registry entry records)."""
+    folder = Path(folder)
+    return {name: sha256(folder / name) for name in FILES if (folder / name).is_file()}
+
+
 def save_checkpoint(folder: str | Path, tensors: dict[str, torch.Tensor], config: CheckpointConfig,
                     metrics: dict | None = None, card: str | None = None) -> Path:
-    """Write a checkpoint folder; returns it."""
+    """Write a checkpoint folder; returns it. ``config.tensors_sha256`` is filled in."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, folder / "model.safetensors")
+    config = replace(config, tensors_sha256=sha256(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
     (folder / "metrics.json").write_text(json.dumps(metrics or {}, indent=2, default=float) + "\n")
     (folder / "README.md").write_text(card or default_card(config, metrics or {}))
     return folder
 
 
+def scalar_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """The scalar entries of a metrics dict, nested dicts flattened as ``outer/inner`` (tables are left out)."""
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float, dict)):
+            continue
+        if isinstance(v, dict):
+            out.update(scalar_metrics(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def default_card(config: CheckpointConfig, metrics: dict) -> str:
-    scalar = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    scalar = scalar_metrics(metrics)
+    heads = "all heads" if config.heads is None else f"heads {config.heads}"
     lines = [f"# {config.cls} on {config.model_id}", "",
-             f"- task: {config.task or '-'} (stage {config.stage or '-'})",
-             f"- hook point: `{config.hook_point}`, layers {config.layers}, {config.n_heads} heads x {config.d_head}",
+             f"- task: {config.task or '-'} (stage {config.stage or '-'}), labels {config.label_names or '-'}",
+             f"- hook point: `{config.hook_point}`, layers {config.layers}, {heads}, "
+             f"{config.n_heads} heads x {config.d_head}",
              f"- weights hash of the model: `{config.weights_hash}`",
-             f"- hyperparameters: `{json.dumps(config.hparams)}`", ""]
+             f"- hyperparameters: `{json.dumps(config.hparams)}`"]
+    if config.normalisation:
+        lines.append(f"- input normalisation (folded into the weights): `{json.dumps(config.normalisation)}`")
+    lines.append("")
+    if config.command:
+        lines += ["Reproduce with:", "", "```", config.command, "```", ""]
     if scalar:
         lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {v:.4g} |" for k, v in scalar.items()] + [""]
-    lines += ["Load with `probes.load(path)`; the format is described in docs/checkpoints.md.", ""]
+    lines += ["Load with `probes.load(path_or_id)`; the format is described in docs/checkpoints.md.", ""]
     return "\n".join(lines)
+
+
+def _verify(path: Path, digest: str) -> None:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: fetch the checkpoint again")
+    if sha256(path) != digest:
+        raise CheckpointError(f"{path} does not match its recorded sha256 (tampered, truncated or partly "
+                              f"downloaded): delete it and fetch it again")
 
 
 def read_checkpoint(folder: str | Path, expected_sha256: dict[str, str] | None = None
                     ) -> tuple[CheckpointConfig, dict[str, torch.Tensor], dict]:
-    """(config, tensors, metrics) of a checkpoint folder; files are verified against ``expected_sha256``."""
+    """(config, tensors, metrics) of a checkpoint folder. Every file named in ``expected_sha256`` is verified
+    before it is read, and model.safetensors always against the sha256 recorded in config.json."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is not a folder: pass a checkpoint folder, a registry id or a hub repo id")
     for name in ("model.safetensors", "config.json"):
         if not (folder / name).is_file():
             raise CheckpointError(f"{folder} is not a headprobe checkpoint ({name} is missing)")
     for name, digest in (expected_sha256 or {}).items():
-        if not (folder / name).is_file() or sha256(folder / name) != digest:
-            raise CheckpointError(f"{folder / name} does not match its recorded sha256 (tampered, truncated or "
-                                  f"partly downloaded): delete it and fetch it again")
+        _verify(folder / name, digest)
     try:
         raw = json.loads((folder / "config.json").read_text())
         known = {f.name for f in fields(CheckpointConfig)}
         config = CheckpointConfig(**{k: v for k, v in raw.items() if k in known})
-    except (json.JSONDecodeError, TypeError) as err:
-        raise CheckpointError(f"{folder / 'config.json'} is not a valid checkpoint config: {err}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{folder / 'config.json'} is not a valid checkpoint config ({err}): "
+                              f"fetch it again") from None
     if config.format_version > FORMAT_VERSION:
         raise CheckpointError(f"{folder} uses checkpoint format {config.format_version}; upgrade headprobe")
+    if config.tensors_sha256:
+        _verify(folder / "model.safetensors", config.tensors_sha256)
     try:
         tensors = load_file(folder / "model.safetensors")
     except Exception as err:  # safetensors raises its own error types for truncated or corrupt files
         raise CheckpointError(f"{folder / 'model.safetensors'} is corrupt or truncated ({err}): fetch it again") from None
     metrics_path = folder / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    try:
+        metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{metrics_path} is not valid JSON ({err}): fetch it again") from None
     return config, tensors, metrics
 
 
+def checkpoint_class(name: str) -> type:
+    """The registered class called ``name``; the project's own probe modules are imported on first use."""
+    for module in BUILTIN_MODULES:
+        if name in CLASSES:
+            break
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name != module:
+                raise
+    if name not in CLASSES:
+        raise CheckpointError(f"unknown checkpoint class {name!r} (known: {', '.join(sorted(CLASSES)) or 'none'}): "
+                              f"upgrade headprobe or import the module that defines it")
+    return CLASSES[name]
+
+
 def load_local(folder: str | Path, expected_sha256: dict[str, str] | None = None):
-    """Instantiate the module saved in a local checkpoint folder."""
+    """Instantiate the module saved in a local checkpoint folder (verified as in :func:`read_checkpoint`).
+
+    The module gets ``checkpoint_config`` and ``checkpoint_metrics`` attributes."""
     config, tensors, metrics = read_checkpoint(folder, expected_sha256)
-    if config.cls not in CLASSES:
-        raise CheckpointError(f"{folder}: unknown checkpoint class {config.cls!r} (known: {', '.join(sorted(CLASSES))})"
-                              f"; upgrade headprobe or import the module that defines it")
-    module = CLASSES[config.cls].from_checkpoint(config, tensors)
-    module.checkpoint_metrics = metrics
+    cls = checkpoint_class(config.cls)
+    try:
+        module = cls.from_checkpoint(config, tensors)
+    except CheckpointError:
+        raise
+    except (RuntimeError, KeyError, TypeError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{folder}: the tensors or hyperparameters do not fit {config.cls} ({first}): "
+                              f"the checkpoint is corrupt or from another headprobe version") from None
+    module.checkpoint_config, module.checkpoint_metrics = config, metrics
     return module
+
+
+class PretrainedMixin:
+    """Checkpoint methods for a torch module whose constructor takes ``config.hparams`` and whose state_dict is
+    exactly what it saves. Subclasses may override :meth:`from_checkpoint`; use with ``@register``."""
+
+    @classmethod
+    def from_checkpoint(cls, config: CheckpointConfig, tensors: dict[str, torch.Tensor]):
+        module = cls(**config.hparams)
+        module.load_state_dict(tensors, strict=True)
+        return module
+
+    @classmethod
+    def from_pretrained(cls, ref: str | Path, **kwargs):
+        """Load from a folder, registry id, Hugging Face repo or static hub URL (see :func:`probes.hub.load`)."""
+        from probes.hub import load
+
+        module = load(ref, **kwargs)
+        if not isinstance(module, cls):
+            raise CheckpointError(f"{ref} holds a {type(module).__name__}, not a {cls.__name__}: "
+                                  f"load it with probes.load or {type(module).__name__}.from_pretrained")
+        return module
+
+    def save_pretrained(self, folder: str | Path, config: CheckpointConfig, metrics: dict | None = None,
+                        card: str | None = None) -> Path:
+        """Write this module's state_dict as a checkpoint folder described by ``config``."""
+        if config.cls != type(self).__name__:
+            config = replace(config, cls=type(self).__name__)
+        return save_checkpoint(folder, self.state_dict(), config, metrics, card)

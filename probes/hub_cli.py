@@ -1,0 +1,71 @@
+"""``headprobe hub``: list, show and publish checkpoints.
+
+    headprobe hub list [--hub DIR|URL]
+    headprobe hub show REF [--hub DIR|URL]
+    headprobe hub push PATH --to hf:ORG/NAME[/SUBFOLDER] | --to DIR --id RELEASE/NAME
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from probes.checkpoint import CheckpointError, read_checkpoint, scalar_metrics
+from probes.hub import Registry, push_to_folder, push_to_hf, resolve
+
+HUB_HELP = "a hub folder with registry.json, or an http(s) base URL (default: the checkpoints shipped with headprobe)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ls = sub.add_parser("list", help="the checkpoints in a registry")
+    ls.add_argument("--hub", default=None, help=HUB_HELP)
+    show = sub.add_parser("show", help="config and metrics of one checkpoint (folder, id, hf:repo or URL)")
+    show.add_argument("ref")
+    show.add_argument("--hub", default=None, help=HUB_HELP)
+    push = sub.add_parser("push", help="publish a checkpoint folder")
+    push.add_argument("path", help="checkpoint folder")
+    push.add_argument("--to", required=True, help="hf:ORG/NAME[/SUBFOLDER] (Hugging Face Hub) or a hub folder")
+    push.add_argument("--id", default=None, help="RELEASE/NAME in a hub folder (default: local/<folder name>)")
+    push.add_argument("--revision", default="", help="release label recorded in the registry")
+    push.add_argument("--command", default="", help="the command that reproduces the checkpoint")
+    push.add_argument("--private", action="store_true", help="create the Hugging Face repo as private")
+
+
+def _fmt(metrics: dict, n: int = 3) -> str:
+    return ", ".join(f"{k}={v:.3g}" for k, v in list(metrics.items())[:n]) or "-"
+
+
+def run(args: argparse.Namespace) -> None:
+    try:
+        _run(args)
+    except CheckpointError as err:  # printed by the dispatcher as one line
+        raise ValueError(str(err)) from None
+
+
+def _run(args: argparse.Namespace) -> None:
+    if args.action == "list":
+        registry = Registry.open(args.hub)
+        print(f"{len(registry.entries)} checkpoints in {registry.base}")
+        rows = [(k, e.cls, e.task, e.stage, e.model_id, f"{e.size_bytes / 1e6:.2f} MB", _fmt(e.metrics))
+                for k, e in registry.entries.items()]
+        if rows:
+            head = ("id", "class", "task", "stage", "model", "size", "metrics")
+            widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head) - 1)]
+            for row in [head, *rows]:
+                print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+    elif args.action == "show":
+        folder, _ = resolve(args.ref, args.hub)
+        config, tensors, metrics = read_checkpoint(folder)
+        print(f"{args.ref}: {folder}")
+        print(json.dumps({k: v for k, v in vars(config).items()}, indent=2))
+        print("tensors: " + ", ".join(f"{k} {tuple(v.shape)} {str(v.dtype).replace('torch.', '')}"
+                                      for k, v in tensors.items()))
+        print("metrics: " + _fmt(scalar_metrics(metrics), n=20))
+    elif args.action == "push":
+        if args.to.startswith("hf:"):
+            print(f"pushed {args.path} to {push_to_hf(args.path, args.to[3:], private=args.private)}")
+        else:
+            ref = args.id or f"local/{Path(args.path).resolve().name}"
+            dest = push_to_folder(args.path, args.to, ref, revision=args.revision, command=args.command)
+            print(f"published {ref} at {dest}; registry {Path(args.to) / 'registry.json'} updated")
