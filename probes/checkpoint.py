@@ -97,11 +97,14 @@ def file_hashes(folder: str | Path) -> dict[str, str]:
 
 
 def save_checkpoint(folder: str | Path, tensors: dict[str, torch.Tensor], config: CheckpointConfig,
-                    metrics: dict | None = None, card: str | None = None) -> Path:
-    """Write a checkpoint folder; returns it. ``config.tensors_sha256`` is filled in."""
+                    metrics: dict | None = None, card: str | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Write a checkpoint folder; returns it. ``config.tensors_sha256`` is filled in. ``dtype`` (e.g.
+    torch.float16 for shipped checkpoints) casts the floating-point tensors; loaders cast back on copy."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, folder / "model.safetensors")
+    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
+               for k, v in tensors.items()}
+    save_file(tensors, folder / "model.safetensors")
     config = replace(config, tensors_sha256=sha256(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
     (folder / "metrics.json").write_text(json.dumps(metrics or {}, indent=2, default=float) + "\n")
@@ -204,7 +207,7 @@ def checkpoint_class(name: str) -> type:
 def load_local(folder: str | Path, expected_sha256: dict[str, str] | None = None):
     """Instantiate the module saved in a local checkpoint folder (verified as in :func:`read_checkpoint`).
 
-    The module gets ``checkpoint_config`` and ``checkpoint_metrics`` attributes."""
+    The module gets ``checkpoint_config_loaded`` and ``checkpoint_metrics`` attributes."""
     config, tensors, metrics = read_checkpoint(folder, expected_sha256)
     cls = checkpoint_class(config.cls)
     try:
@@ -215,7 +218,7 @@ def load_local(folder: str | Path, expected_sha256: dict[str, str] | None = None
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{folder}: the tensors or hyperparameters do not fit {config.cls} ({first}): "
                               f"the checkpoint is corrupt or from another headprobe version") from None
-    module.checkpoint_config, module.checkpoint_metrics = config, metrics
+    module.checkpoint_config_loaded, module.checkpoint_metrics = config, metrics
     return module
 
 

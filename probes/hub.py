@@ -272,7 +272,7 @@ def load(ref: str | Path, hub: str | Path | None = None, meta=None):
     folder, hashes = resolve(ref, hub)
     module = load_local(folder, hashes)
     if meta is not None:
-        module.checkpoint_config.check_compatible(meta)
+        module.checkpoint_config_loaded.check_compatible(meta)
     return module
 
 

@@ -51,7 +51,7 @@ def test_round_trip_restores_module_and_provenance(tmp_path):
     loaded = load_local(tmp_path / "ck")
     z = torch.randn(5, 3, 6, 8)
     assert torch.equal(loaded(z), module(z))
-    cfg = loaded.checkpoint_config
+    cfg = loaded.checkpoint_config_loaded
     assert (cfg.model_id, cfg.task, cfg.stage, cfg.layers, cfg.label_names) == ("tiny-llama", "capitals", "KR",
                                                                                [0, 1, 2], ["false", "true"])
     assert cfg.tensors_sha256 == sha256(tmp_path / "ck" / "model.safetensors")
@@ -59,6 +59,16 @@ def test_round_trip_restores_module_and_provenance(tmp_path):
     card = (tmp_path / "ck" / "README.md").read_text()
     assert "python make.py" in card and "val/accuracy" in card
     assert set(file_hashes(tmp_path / "ck")) == {"model.safetensors", "config.json", "metrics.json", "README.md"}
+
+
+def test_fp16_checkpoint_loads_into_fp32_module(tmp_path):
+    module = make_checkpoint(tmp_path / "ck")
+    config, tensors, _ = read_checkpoint(tmp_path / "ck")
+    save_checkpoint(tmp_path / "half", dict(module.state_dict()), config, dtype=torch.float16)
+    assert (tmp_path / "half" / "model.safetensors").stat().st_size < 0.6 * (tmp_path / "ck" / "model.safetensors").stat().st_size
+    loaded = load_local(tmp_path / "half")
+    assert loaded.weight.dtype == torch.float32
+    assert torch.equal(loaded.weight, module.weight.detach().half().float())
 
 
 def test_tampered_tensors_are_refused(tmp_path):
@@ -123,7 +133,7 @@ def test_register_needs_from_checkpoint():
 
 def test_incompatible_activations_are_refused_naming_both(tmp_path):
     make_checkpoint(tmp_path / "ck")
-    cfg = load_local(tmp_path / "ck").checkpoint_config
+    cfg = load_local(tmp_path / "ck").checkpoint_config_loaded
     cfg.check_compatible(store_meta())
     cfg.check_compatible(store_meta(layers=[0, 1, 2, 3]))
     for other in (store_meta(model_id="gpt2", weights_hash="fff999"), store_meta(hook_point="attn.c_proj:input"),

@@ -71,7 +71,7 @@ def test_static_hub_over_http(tmp_path, served, cache):
 
     loaded = probes.load(f"{url}/v0/scorer")
     assert isinstance(loaded, HeadScorer) and same(loaded, original)
-    assert HeadScorer.from_pretrained("v0/scorer", hub=url).checkpoint_config.command == "python make.py"
+    assert HeadScorer.from_pretrained("v0/scorer", hub=url).checkpoint_config_loaded.command == "python make.py"
     cached = list(cache.glob("hubs/*/v0/scorer/*/model.safetensors"))
     assert len(cached) == 1
 
@@ -119,7 +119,7 @@ def _load_in_fresh_process(ref: str, hf_cache: Path) -> subprocess.CompletedProc
     code = ("import torch, probes, tests.test_checkpoint as t\n"
             f"m = probes.load({ref!r})\n"
             "torch.manual_seed(1); z = torch.randn(4, 3, 6, 8)\n"
-            "print(type(m).__name__, m.checkpoint_config.task, float(m(z).sum().detach()))\n")
+            "print(type(m).__name__, m.checkpoint_config_loaded.task, float(m(z).sum().detach()))\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hf_cache), "HF_HOME": str(hf_cache.parent)}
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
