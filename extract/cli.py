@@ -19,6 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store-dtype", choices=["fp16", "fp32"], default="fp16")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="model dtype")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--device-map", default=None,
+                   help='"auto": spread a model too big for one GPU over all visible GPUs (overrides --device)')
     p.add_argument("--writes", action="store_true", help="also store each head's residual-stream write")
     p.add_argument("--padding-side", choices=["right", "left"], default="right")
     p.add_argument("--batch-tokens", type=int, default=4096)
@@ -33,7 +35,7 @@ def run(args: argparse.Namespace) -> None:
     from extract.tasks import resolve_task
 
     task = resolve_task(args.task)  # fail on a bad task before loading the model
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map)
     cfg = ExtractConfig(layers=args.layers, positions=args.positions, store_dtype=args.store_dtype,
                         writes=args.writes, padding_side=args.padding_side, batch_tokens=args.batch_tokens,
                         seed=args.seed, max_examples=args.max_examples)

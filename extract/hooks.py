@@ -91,13 +91,14 @@ def hook_point(model: nn.Module) -> str:
 def output_weights(model: nn.Module, layers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """W_O split per head, (L, H, d_head, d_model), and the projection bias, (L, d_model) (zeros if none)."""
     layout, spec, proj = head_layout(model), spec_for(model), out_projections(model)
+    device = next(model.parameters()).device  # where the extractor's inputs (and z) live, also under device_map
     ws, bs = [], []
     for i in layers:
         w = proj[i].weight.detach()
         w = w if spec.conv1d else w.T  # (H*D, d_model)
-        ws.append(w.reshape(layout.n_heads, layout.d_head, -1))
+        ws.append(w.reshape(layout.n_heads, layout.d_head, -1).to(device))
         b = proj[i].bias
-        bs.append(b.detach() if b is not None else torch.zeros(w.shape[1], dtype=w.dtype, device=w.device))
+        bs.append(b.detach().to(device) if b is not None else torch.zeros(w.shape[1], dtype=w.dtype, device=device))
     return torch.stack(ws), torch.stack(bs)
 
 
@@ -131,9 +132,10 @@ class HeadCapture:
 
     def _hook(self, slot: int, last: bool):
         def hook(module, args):
-            x = args[0]  # (B, S, H * D)
-            rows = x[self._index[0], self._index[1]]  # (R, H * D)
-            self.z[:, slot] = rows.view(len(rows), self.layout.n_heads, self.layout.d_head)
+            x = args[0]  # (B, S, H * D); with device_map="auto" each layer may sit on its own device
+            b, p = (i.to(x.device, non_blocking=True) for i in self._index)
+            rows = x[b, p]  # (R, H * D)
+            self.z[:, slot] = rows.view(len(rows), self.layout.n_heads, self.layout.d_head).to(self.z.device)
             if last and self.stop_early:
                 raise StopForward
         return hook

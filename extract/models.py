@@ -87,11 +87,17 @@ def _auto_class(config) -> type:
 
 
 def load_model(name: str = DEFAULT_MODEL, dtype: str = "fp32", device: str = "cpu",
-               attn_implementation: str | None = None) -> LoadedModel:
-    """Load ``name``: an alias (``smollm2-135m``), a local folder, a ``.gguf`` file or a hub id."""
+               attn_implementation: str | None = None, device_map: str | dict | None = None) -> LoadedModel:
+    """Load ``name``: an alias (``smollm2-135m``), a local folder, a ``.gguf`` file or a hub id.
+
+    ``device_map`` ("auto", "balanced", ... or a module -> device dict) spreads a model that does not fit one GPU
+    over all visible GPUs (and the CPU) with accelerate; ``device`` is then ignored.
+    """
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     kwargs = {"dtype": DTYPES[dtype]}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     path = Path(name).expanduser()
@@ -118,7 +124,9 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "fp32", device: str = "cp
                                  f"unreachable: {str(err).splitlines()[0][:160]}); pass a local folder or a .gguf "
                                  f"file, or the alias {DEFAULT_MODEL!r}") from None
         raise ModelLoadError(f"could not load a model from {folder}: {str(err).splitlines()[0][:200]}") from None
-    model.eval().to(device)
+    model.eval()
+    if device_map is None:
+        model.to(device)
     meta = folder / "headprobe.json" if folder else None
     whash = json.loads(meta.read_text())["weights_hash"] if meta and meta.exists() else weights_fingerprint(model)
     return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id, weights_hash=whash)
