@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -18,10 +18,11 @@ from tqdm.auto import tqdm
 
 from extract.hooks import HeadCapture, StopForward, head_layout, hook_point, output_weights
 from extract.models import LoadedModel
-from extract.store import StoreError, StoreMeta, StoreWriter
+from extract.store import Store, StoreMeta, StoreWriter, partial_path, progress_path
 from extract.tasks import POSITION_RULES, Example, Task, assign_splits, dataset_hash
 
 STORE_DTYPES = {"fp16": np.float16, "fp32": np.float32}
+STORE_TORCH = {"float16": torch.float16, "float32": torch.float32}
 
 
 class ExtractError(RuntimeError):
@@ -50,10 +51,32 @@ def _version() -> str:
         return "0+unknown"
 
 
-def tokenize(tokenizer, examples: list[Example]) -> list[list[int]]:
-    texts = [ex.text for ex in examples if ex.token_ids is None]
-    encoded = iter(tokenizer(texts, add_special_tokens=True)["input_ids"]) if texts else iter(())
-    return [list(ex.token_ids) if ex.token_ids is not None else next(encoded) for ex in examples]
+class Tokens:
+    """Every example's token ids, flat (int32) with offsets, so memory stays ~4 bytes per token."""
+
+    def __init__(self, tokenizer, examples: list[Example], chunk: int = 1024):
+        parts, lengths = [], []
+        for i in range(0, len(examples), chunk):
+            part = examples[i:i + chunk]
+            texts = [ex.text for ex in part if ex.token_ids is None]
+            encoded = iter(tokenizer(texts, add_special_tokens=True)["input_ids"]) if texts else iter(())
+            for ex in part:
+                ids = list(ex.token_ids) if ex.token_ids is not None else next(encoded)
+                parts.append(np.asarray(ids, dtype=np.int32))
+                lengths.append(len(ids))
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)])
+        self.flat = np.concatenate(parts) if parts else np.empty(0, np.int32)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.flat[self.offsets[i]:self.offsets[i + 1]]
+
+
+def prepends_special_tokens(tokenizer) -> bool:
+    """Whether the tokenizer puts a BOS (or CLS) token before the text."""
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return len(with_special) > len(plain) and list(with_special[:len(plain)]) != list(plain)
 
 
 def _positions(ex: Example, length: int, rule: str) -> list[int]:
@@ -88,25 +111,46 @@ def _batches(lengths: list[int], budget: int) -> list[list[int]]:
     return batches + ([cur] if cur else [])
 
 
-def extract(loaded: LoadedModel, task: Task, out: str | Path, config: ExtractConfig | None = None, *,
-            resume: bool = False, overwrite: bool = False, progress: bool = True) -> Path:
-    """Extract ``task`` with ``loaded`` into the HDF5 store ``out``; returns the finished path."""
-    cfg = config or ExtractConfig()
-    out = Path(out)
-    partial = Path(str(out) + ".partial")
-    if out.exists() and not overwrite:
-        if resume:
-            return out
+def _check_output(out: Path, resume: bool, overwrite: bool) -> None:
+    partial = partial_path(out)
+    if out.exists() and not (overwrite or resume):
         raise ExtractError(f"{out} exists: pass --overwrite to replace it, or choose another --out")
     if partial.exists() and not (resume or overwrite):
         raise ExtractError(f"{partial} holds an interrupted extraction: pass --resume to continue it, or --overwrite")
-    if overwrite:
-        out.unlink(missing_ok=True)
+    if out.exists() and out.is_dir():
+        raise ExtractError(f"{out} is a folder: --out must name a file")
+
+
+def _pad(tokens: Tokens, idx: list[int], pad_id: int, side: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(B, S) input ids and attention mask of the examples ``idx``, and each example's padding shift (B,)."""
+    lengths = tokens.lengths[idx]
+    width = int(lengths.max())
+    ids = np.full((len(idx), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(idx), width), dtype=np.int64)
+    shifts = width - lengths if side == "left" else np.zeros_like(lengths)
+    for b, (i, shift) in enumerate(zip(idx, shifts)):
+        ids[b, shift:shift + lengths[b]] = tokens[i]
+        mask[b, shift:shift + lengths[b]] = 1
+    return ids, mask, shifts
+
+
+def extract(loaded: LoadedModel, task: Task, out: str | Path, config: ExtractConfig | None = None, *,
+            resume: bool = False, overwrite: bool = False, progress: bool = True) -> Path:
+    """Extract ``task`` with ``loaded`` into the HDF5 store ``out``; returns the finished path.
+
+    With ``resume`` an interrupted run (``<out>.partial``) continues where its last committed block ended, and a
+    finished ``out`` is returned as it is; either is refused if it was made with other settings.
+    """
+    cfg = config or ExtractConfig()
+    out = Path(out)
+    _check_output(out, resume, overwrite)
     rule = cfg.positions or task.position_rule
     if rule not in POSITION_RULES:
         raise ExtractError(f"unknown position rule {rule!r}: choose one of {', '.join(POSITION_RULES)}")
     if cfg.store_dtype not in STORE_DTYPES:
         raise ExtractError(f"unknown store dtype {cfg.store_dtype!r}: choose fp16 or fp32")
+    if cfg.padding_side not in ("left", "right"):
+        raise ExtractError(f"unknown padding side {cfg.padding_side!r}: choose left or right")
 
     model, tok = loaded.model, loaded.tokenizer
     layout = head_layout(model)
@@ -117,17 +161,18 @@ def extract(loaded: LoadedModel, task: Task, out: str | Path, config: ExtractCon
     examples = task.examples(cfg.seed)[: cfg.max_examples]
     if not examples:
         raise ExtractError(f"task {task.name!r} has no examples: check the data file")
-    ids_all = tokenize(tok, examples)
-    lengths = [len(x) for x in ids_all]
-    if min(lengths) == 0:
-        raise ExtractError(f"example {lengths.index(0)} of task {task.name!r} is empty: fix the data")
-    rows_per = [len(_positions(ex, n, rule)) for ex, n in zip(examples, lengths)]
+    tokens = Tokens(tok, examples)
+    if tokens.lengths.min() == 0:
+        raise ExtractError(f"example {int(np.argmin(tokens.lengths))} of task {task.name!r} is empty: fix the data")
+    if task.token_labeler is not None:  # labels that depend on the tokenization
+        examples = [replace(ex, token_labels=task.token_labeler(tokens[i].tolist())) for i, ex in enumerate(examples)]
+    rows_per = np.array([len(_positions(ex, int(n), rule)) for ex, n in zip(examples, tokens.lengths)])
+    row_offsets = np.concatenate([[0], np.cumsum(rows_per)])
     splits = assign_splits([ex.group or str(i) for i, ex in enumerate(examples)], task.split_fractions, cfg.seed)
-    groups = {g: i for i, g in enumerate(sorted({ex.group for ex in examples}))}
+    group_ids = {g: i for i, g in enumerate(sorted({ex.group for ex in examples}))}
+    groups = np.array([group_ids[ex.group] for ex in examples], dtype=np.int64)
 
     store_dtype = np.dtype(STORE_DTYPES[cfg.store_dtype])
-    probe = tok("a", add_special_tokens=True)["input_ids"] if hasattr(tok, "__call__") else []
-    bos = bool(probe) and probe != tok("a", add_special_tokens=False)["input_ids"][: len(probe)]
     settings = {k: v for k, v in asdict(cfg).items() if k != "max_examples"}
     settings.update(layers=layers, positions=rule, model_dtype=str(next(model.parameters()).dtype),
                     n_examples=len(examples))
@@ -135,85 +180,93 @@ def extract(loaded: LoadedModel, task: Task, out: str | Path, config: ExtractCon
         model_id=loaded.model_id, weights_hash=loaded.weights_hash, architecture=model.config.model_type,
         hook_point=hook_point(model), n_layers=layout.n_layers, layers=layers, n_heads=layout.n_heads,
         n_kv_heads=layout.n_kv_heads, d_head=layout.d_head, d_model=layout.d_model, dtype=store_dtype.name,
-        position_rule=rule, padding_side=cfg.padding_side, bos=bos, task=task.name, stage=task.stage,
-        label_names=list(task.label_names), label_kind=task.label_kind, dataset_hash=dataset_hash(examples),
-        n_examples=len(examples), n_rows=int(sum(rows_per)), has_writes=cfg.writes,
-        headprobe_version=_version(), created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        config=settings)
-    label_dtype = np.int64 if task.label_kind in ("class", "none") else np.float32
-    writer = StoreWriter(out, meta, label_dtype, resume=resume)
+        position_rule=rule, padding_side=cfg.padding_side, bos=prepends_special_tokens(tok), task=task.name,
+        stage=task.stage, label_names=list(task.label_names), label_kind=task.label_kind,
+        dataset_hash=dataset_hash(examples), n_examples=len(examples), n_rows=int(row_offsets[-1]),
+        has_writes=cfg.writes, headprobe_version=_version(),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), config=settings)
+    if out.exists() and not overwrite:  # resume of a finished run
+        with Store(out) as done:
+            why = done.meta.mismatch(meta)
+        if why:
+            raise ExtractError(f"{out} was made with another model, task or configuration ({why}): pass "
+                               f"--overwrite to replace it, or choose another --out")
+        progress_path(out).unlink(missing_ok=True)
+        return out
+
     device = next(model.parameters()).device
-    w_o = b_o = None
+    w_o = constants = None
     if cfg.writes:
-        w_o, b_o = (t.float() for t in output_weights(model, layers))
-        writer.set("out_bias", b_o.cpu().numpy().astype(store_dtype))
+        w_o, b_o = (t.float() for t in output_weights(model, layers))  # (L, H, D, d_model), (L, d_model)
+        constants = {"out_bias": b_o.cpu().numpy().astype(store_dtype)}
+    label_dtype = np.int64 if task.label_kind in ("class", "none") else np.float32
+    # an existing ``out`` is only replaced (atomically) when the new file is complete
+    writer = StoreWriter(out, meta, label_dtype, resume=resume and not overwrite, constants=constants)
     params = inspect.signature(model.base_model.forward).parameters
-    accepts_pos = "position_ids" in params
-    extra_kwargs = {"use_cache": False} if "use_cache" in params else {}
+    static = {"use_cache": False} if "use_cache" in params else {}
     pad_id = tok.pad_token_id if getattr(tok, "pad_token_id", None) is not None else 0
+    # z goes straight into the store dtype unless head writes need it in fp32 first
+    capture_dtype = torch.float32 if cfg.writes or store_dtype == np.float32 else torch.float16
 
     bar = tqdm(total=len(examples), initial=writer.examples_done, unit="ex", desc=f"extract {task.name}",
                disable=not progress, dynamic_ncols=True)
     t0, tokens_seen = time.perf_counter(), 0
     try:
-        with HeadCapture(model, layers, out_dtype=torch.float32) as cap, torch.inference_mode():
+        with HeadCapture(model, layers, out_dtype=capture_dtype) as cap, torch.inference_mode():
             for start in range(writer.examples_done, len(examples), cfg.block_examples):
                 stop = min(start + cfg.block_examples, len(examples))
-                offsets = np.concatenate([[0], np.cumsum(rows_per[start:stop])])
-                n_rows = int(offsets[-1])
-                block = {"z": np.empty((n_rows, len(layers), layout.n_heads, layout.d_head), store_dtype)}
+                base = row_offsets[start]
+                n_rows = int(row_offsets[stop] - base)
+                block = {"z": np.empty((n_rows, len(layers), layout.n_heads, layout.d_head), store_dtype),
+                         "token_id": np.empty(n_rows, np.int32), "position": np.empty(n_rows, np.int32),
+                         "label": np.empty(n_rows, label_dtype)}
                 if cfg.writes:
                     block["write"] = np.empty((n_rows, len(layers), layout.n_heads, layout.d_model), store_dtype)
-                cols = {k: [None] * (stop - start) for k in ("token_id", "position", "label")}
-                for batch in _batches(lengths[start:stop], cfg.batch_tokens):
+                for batch in _batches(tokens.lengths[start:stop].tolist(), cfg.batch_tokens):
                     idx = [start + j for j in batch]
-                    width = max(lengths[i] for i in idx)
-                    ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-                    mask = torch.zeros((len(idx), width), dtype=torch.long)
-                    b_index, p_index = [], []
+                    ids, mask, shifts = _pad(tokens, idx, pad_id, cfg.padding_side)
+                    b_index, p_index, dest = [], [], []
                     for b, i in enumerate(idx):
-                        n = lengths[i]
-                        shift = width - n if cfg.padding_side == "left" else 0
-                        ids[b, shift:shift + n] = torch.tensor(ids_all[i])
-                        mask[b, shift:shift + n] = 1
-                        pos = _positions(examples[i], n, rule)
+                        pos = _positions(examples[i], int(tokens.lengths[i]), rule)
+                        rows = np.arange(row_offsets[i], row_offsets[i + 1]) - base
                         b_index += [b] * len(pos)
-                        p_index += [p + shift for p in pos]
-                        j = i - start
-                        cols["position"][j] = pos
-                        cols["token_id"][j] = [ids_all[i][p] for p in pos]
-                        cols["label"][j] = _row_labels(examples[i], pos, task.label_kind)
+                        p_index += [p + int(shifts[b]) for p in pos]
+                        dest.append(rows)
+                        block["position"][rows] = pos
+                        block["token_id"][rows] = tokens[i][pos]
+                        block["label"][rows] = _row_labels(examples[i], pos, task.label_kind)
                     cap.select(torch.tensor(b_index, device=device), torch.tensor(p_index, device=device))
-                    kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-                    if accepts_pos:
-                        kwargs["position_ids"] = ((mask.cumsum(-1) - 1).clamp(min=0)).to(device)
+                    kwargs = {"input_ids": torch.from_numpy(ids).to(device),
+                              "attention_mask": torch.from_numpy(mask).to(device)}
+                    if "position_ids" in params:
+                        kwargs["position_ids"] = torch.from_numpy(np.maximum(mask.cumsum(-1) - 1, 0)).to(device)
                     try:
-                        model.base_model(**kwargs, **extra_kwargs)
+                        model.base_model(**kwargs, **static)
                     except StopForward:
                         pass
-                    z = cap.z
-                    zs = z.to(torch.float16) if store_dtype == np.float16 else z
-                    if not torch.isfinite(zs).all():
-                        raise ExtractError(f"non-finite activations in examples {idx[0]}..{idx[-1]} of task "
-                                           f"{task.name!r}: extract with --store-dtype fp32 or a wider --dtype")
-                    dest = np.concatenate([np.arange(offsets[i - start], offsets[i - start + 1]) for i in idx])
-                    block["z"][dest] = zs.cpu().numpy()
+                    dest = np.concatenate(dest)
+                    block["z"][dest] = _finite(cap.z.to(STORE_TORCH[store_dtype.name]), task, idx)
                     if cfg.writes:
-                        block["write"][dest] = torch.einsum("rlhd,lhdm->rlhm", z.float(), w_o).cpu().numpy()
+                        write = torch.einsum("rlhd,lhdm->rlhm", cap.z, w_o).to(STORE_TORCH[store_dtype.name])
+                        block["write"][dest] = _finite(write, task, idx)
                     tokens_seen += int(mask.sum())
-                cat = lambda k: np.concatenate([np.asarray(v) for v in cols[k]])
                 ex_ids = np.repeat(np.arange(start, stop), rows_per[start:stop])
-                block.update(
-                    token_id=cat("token_id"), position=cat("position"), label=cat("label"), example_id=ex_ids,
-                    group=np.array([groups[examples[i].group] for i in ex_ids]), split=splits[ex_ids])
+                block.update(example_id=ex_ids, group=groups[ex_ids], split=splits[ex_ids])
                 writer.write_block(stop - start, block)
-                rate = tokens_seen / max(time.perf_counter() - t0, 1e-9)
                 bar.update(stop - start)
-                bar.set_postfix_str(f"{rate:,.0f} tok/s")
+                bar.set_postfix_str(f"{tokens_seen / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s")
         bar.close()
         return writer.finish()
-    except (ExtractError, StoreError):
+    except ExtractError:
+        writer.discard()  # a rerun with the same settings would fail the same way
         raise
     finally:
         bar.close()
         writer.close()
+
+
+def _finite(x: torch.Tensor, task: Task, idx: list[int]) -> np.ndarray:
+    if not torch.isfinite(x).all():
+        raise ExtractError(f"non-finite activations in examples {min(idx)}..{max(idx)} of task {task.name!r}: "
+                           f"extract with --store-dtype fp32 or a wider --dtype")
+    return x.cpu().numpy()

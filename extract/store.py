@@ -69,6 +69,14 @@ class StoreMeta:
     config: dict = field(default_factory=dict)  # the extraction's settings, for resume checks
     schema_version: int = SCHEMA_VERSION
 
+    def mismatch(self, other: "StoreMeta") -> str | None:
+        """The first setting that differs from ``other`` in a way that changes the stored rows, or None."""
+        for name in ("weights_hash", "architecture", "task", "dataset_hash", "dtype", "position_rule", "config"):
+            a, b = getattr(self, name), getattr(other, name)
+            if a != b:
+                return f"{name} {a!r} != {b!r}"
+        return None
+
     def to_attrs(self) -> dict:
         return {k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in asdict(self).items()}
 
@@ -87,19 +95,13 @@ class StoreMeta:
 class StoreWriter:
     """Creates or reopens ``<out>.partial`` and writes rows in order; :meth:`finish` publishes ``<out>``."""
 
-    def __init__(self, out: Path, meta: StoreMeta, label_dtype: type, resume: bool):
-        self.out, self.partial = Path(out), Path(str(out) + ".partial")
-        self.progress_path = Path(str(self.partial) + ".json")
+    def __init__(self, out: Path, meta: StoreMeta, label_dtype: type, resume: bool,
+                 constants: dict[str, np.ndarray] | None = None):
+        self.out, self.partial = Path(out), partial_path(out)
+        self.progress_path = progress_path(out)
         self.meta = meta
         if resume and self.partial.exists() and self.progress_path.exists():
-            self.file = h5py.File(self.partial, "r+")
-            old = StoreMeta.from_attrs(self.file.attrs)
-            if old.config != meta.config or old.dataset_hash != meta.dataset_hash or old.weights_hash != meta.weights_hash:
-                self.file.close()
-                raise StoreError(f"{self.partial} was started with another model, task or configuration: "
-                                 f"rerun with the original settings, or with --overwrite to start again")
-            progress = json.loads(self.progress_path.read_text())
-            self.rows_done, self.examples_done = progress["rows_done"], progress["examples_done"]
+            self._reopen()
             return
         self.partial.unlink(missing_ok=True)
         self.partial.parent.mkdir(parents=True, exist_ok=True)
@@ -110,10 +112,27 @@ class StoreWriter:
             self._allocate("write", (n, L, H, meta.d_model), np.dtype(meta.dtype))
         for name, dt in {**ROW_FIELDS, "label": label_dtype}.items():
             self._allocate(name, (n,), np.dtype(dt))
+        for name, value in (constants or {}).items():  # written before the first commit: no later metadata change
+            self.file.create_dataset(name, data=value, track_times=False)
         self.file.attrs.update(meta.to_attrs())
         self.file.attrs["complete"] = False
         self.rows_done = self.examples_done = 0
         self._commit()
+
+    def _reopen(self) -> None:
+        try:
+            self.file = h5py.File(self.partial, "r+")
+            old = StoreMeta.from_attrs(self.file.attrs)
+        except (OSError, StoreError) as err:
+            raise StoreError(f"{self.partial} cannot be resumed ({err}): rerun with --overwrite") from None
+        why = old.mismatch(self.meta)
+        if why:
+            self.file.close()
+            raise StoreError(f"{self.partial} was started with another model, task or configuration ({why}): "
+                             f"rerun with the original settings, or with --overwrite to start again")
+        self.meta = old  # keep the original creation time
+        progress = json.loads(self.progress_path.read_text())
+        self.rows_done, self.examples_done = progress["rows_done"], progress["examples_done"]
 
     def _allocate(self, name: str, shape: tuple, dtype: np.dtype) -> None:
         """A chunked dataset whose chunks are all allocated now (no metadata changes on later writes)."""
@@ -122,6 +141,7 @@ class StoreWriter:
         dcpl.set_chunk(chunks)
         dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
         dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+        dcpl.set_obj_track_times(False)
         space = h5py.h5s.create_simple(shape)
         h5py.h5d.create(self.file.id, name.encode(), h5py.h5t.py_create(dtype), space, dcpl=dcpl)
 
@@ -133,10 +153,6 @@ class StoreWriter:
         self.rows_done += n
         self.examples_done += n_examples
         self._commit()
-
-    def set(self, name: str, value: np.ndarray) -> None:
-        if name not in self.file:
-            self.file.create_dataset(name, data=value)
 
     def _commit(self) -> None:
         self.file.flush()
@@ -156,6 +172,20 @@ class StoreWriter:
     def close(self) -> None:
         if self.file.id.valid:
             self.file.close()
+
+    def discard(self) -> None:
+        """Close and delete the unfinished file (after an error that a resume would only repeat)."""
+        self.close()
+        self.partial.unlink(missing_ok=True)
+        self.progress_path.unlink(missing_ok=True)
+
+
+def partial_path(out: str | Path) -> Path:
+    return Path(str(out) + ".partial")
+
+
+def progress_path(out: str | Path) -> Path:
+    return Path(str(out) + ".partial.json")
 
 
 class Store:
@@ -183,7 +213,20 @@ class Store:
         if not bool(attrs.get("complete", False)):
             raise StoreError(f"{self.path} is incomplete (the extraction was interrupted): rerun it with --resume")
         self.meta = StoreMeta.from_attrs(attrs)
+        self._check_datasets()
         self._z = self.file["z"]
+
+    def _check_datasets(self) -> None:
+        m = self.meta
+        n, L = m.n_rows, len(m.layers)
+        expected = {"z": (n, L, m.n_heads, m.d_head), **{k: (n,) for k in (*ROW_FIELDS, "label")}}
+        if m.has_writes:
+            expected.update(write=(n, L, m.n_heads, m.d_model), out_bias=(L, m.d_model))
+        for name, shape in expected.items():
+            got = self.file[name].shape if name in self.file else None
+            if got != shape:
+                raise StoreError(f"{self.path} is damaged: dataset /{name} has shape {got}, the metadata says "
+                                 f"{shape}; extract it again")
 
     # --- small per-row arrays, read whole -------------------------------------------------------------
     def __len__(self) -> int:
@@ -230,6 +273,8 @@ class Store:
     def _gather(ds: h5py.Dataset, rows: np.ndarray, max_span_chunks: int = 8) -> np.ndarray:
         if rows.size == 0:
             return np.empty((0, *ds.shape[1:]), ds.dtype)
+        if rows.min() < 0 or rows.max() >= ds.shape[0]:
+            raise StoreError(f"row indices must lie in 0..{ds.shape[0] - 1}")
         chunk = ds.chunks[0] if ds.chunks else CHUNK_ROWS
         order = np.argsort(rows, kind="stable")
         srt = rows[order]
