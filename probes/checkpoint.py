@@ -58,16 +58,19 @@ class CheckpointConfig:
     heads: list[int] | None = None  # None: every head of each layer
     normalisation: dict = field(default_factory=dict)  # how inputs were scaled (already folded into weights)
     command: str = ""  # the command line that reproduces this checkpoint
+    data: dict = field(default_factory=dict)  # the training store: dataset hash, extraction settings, rows
     tensors_sha256: str = ""  # sha256 of model.safetensors, filled by save_checkpoint
     format_version: int = FORMAT_VERSION
 
     @classmethod
     def from_store(cls, meta, class_name: str, hparams: dict, **extra) -> "CheckpointConfig":
         """Fill the provenance fields from a :class:`extract.store.StoreMeta`."""
+        data = {"dataset_hash": meta.dataset_hash, "extract_config": meta.config, "position_rule": meta.position_rule,
+                "store_dtype": meta.dtype, "n_examples": meta.n_examples, "n_rows": meta.n_rows}
         return cls(cls=class_name, hparams=hparams, model_id=meta.model_id, weights_hash=meta.weights_hash,
                    architecture=meta.architecture, hook_point=meta.hook_point, layers=list(meta.layers),
                    n_heads=meta.n_heads, d_head=meta.d_head, task=meta.task, stage=meta.stage,
-                   label_names=list(meta.label_names), **extra)
+                   label_names=list(meta.label_names), **{"data": data, **extra})
 
     def check_compatible(self, meta) -> None:
         """Refuse activations (a StoreMeta or another CheckpointConfig) from another model, hook point or head

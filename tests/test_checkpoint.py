@@ -54,6 +54,7 @@ def test_round_trip_restores_module_and_provenance(tmp_path):
     cfg = loaded.checkpoint_config_loaded
     assert (cfg.model_id, cfg.task, cfg.stage, cfg.layers, cfg.label_names) == ("tiny-llama", "capitals", "KR",
                                                                                [0, 1, 2], ["false", "true"])
+    assert cfg.data["dataset_hash"] == "d" and cfg.data["n_rows"] == 10
     assert cfg.tensors_sha256 == sha256(tmp_path / "ck" / "model.safetensors")
     assert loaded.checkpoint_metrics["val"]["accuracy"] == 0.75
     card = (tmp_path / "ck" / "README.md").read_text()
