@@ -210,7 +210,8 @@ def checkpoint_class(name: str) -> type:
 def load_local(folder: str | Path, expected_sha256: dict[str, str] | None = None):
     """Instantiate the module saved in a local checkpoint folder (verified as in :func:`read_checkpoint`).
 
-    The module gets ``checkpoint_config_loaded`` and ``checkpoint_metrics`` attributes."""
+    The module gets ``checkpoint_config_loaded`` and ``checkpoint_metrics_loaded`` attributes (names chosen not
+    to shadow the ``checkpoint_config()`` / ``checkpoint_metrics()`` methods of the probe and SAE classes)."""
     config, tensors, metrics = read_checkpoint(folder, expected_sha256)
     cls = checkpoint_class(config.cls)
     try:
@@ -221,7 +222,7 @@ def load_local(folder: str | Path, expected_sha256: dict[str, str] | None = None
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{folder}: the tensors or hyperparameters do not fit {config.cls} ({first}): "
                               f"the checkpoint is corrupt or from another headprobe version") from None
-    module.checkpoint_config_loaded, module.checkpoint_metrics = config, metrics
+    module.checkpoint_config_loaded, module.checkpoint_metrics_loaded = config, metrics
     return module
 
 

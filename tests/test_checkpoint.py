@@ -56,7 +56,7 @@ def test_round_trip_restores_module_and_provenance(tmp_path):
                                                                                [0, 1, 2], ["false", "true"])
     assert cfg.data["dataset_hash"] == "d" and cfg.data["n_rows"] == 10
     assert cfg.tensors_sha256 == sha256(tmp_path / "ck" / "model.safetensors")
-    assert loaded.checkpoint_metrics["val"]["accuracy"] == 0.75
+    assert loaded.checkpoint_metrics_loaded["val"]["accuracy"] == 0.75
     card = (tmp_path / "ck" / "README.md").read_text()
     assert "python make.py" in card and "val/accuracy" in card
     assert set(file_hashes(tmp_path / "ck")) == {"model.safetensors", "config.json", "metrics.json", "README.md"}
