@@ -1,0 +1,151 @@
+"""Extraction across ranks: shards joined by virtual datasets read exactly as a one-process extraction."""
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from extract import ExtractConfig, Store, StoreError, extract, load_model
+from extract.distributed import extract_share, join_shards, shard_path, shares
+from extract.store import StoreWriter
+from extract.tasks import get_task
+from tests.conftest import tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+COLUMNS = ("token_id", "example_id", "position", "label", "group", "split")
+
+
+def save_tiny_llama(folder: Path) -> Path:
+    """A tiny random Llama and a byte-level tokenizer (BOS added) saved as a folder load_model reads offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tiny_model("llama").save_pretrained(folder)
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{ch: i + 3 for i, ch in enumerate(alphabet)}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                            pad_token="<pad>").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("model") / "tiny-llama")
+
+
+def torchrun(nproc: int, *args: str, timeout: float = 240) -> tuple[int, str, str]:
+    """Run ``torchrun --standalone --nproc_per_node nproc *args`` from the repository; kill every worker on timeout."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"torchrun timed out after {timeout} s: {err[-2000:]}") from None
+    return proc.returncode, out, err
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    with Store(a) as sa, Store(b) as sb:
+        assert sa.shape == sb.shape
+        np.testing.assert_array_equal(sa.activations(), sb.activations())
+        for name in COLUMNS:
+            np.testing.assert_array_equal(sa.column(name), sb.column(name), err_msg=name)
+        if sa.meta.has_writes:
+            np.testing.assert_array_equal(sa.activations(name="write"), sb.activations(name="write"))
+            np.testing.assert_array_equal(sa.file["out_bias"][()], sb.file["out_bias"][()])
+        ma, mb = asdict(sa.meta), asdict(sb.meta)
+        ma.pop("created"), mb.pop("created")
+        assert ma == mb
+
+
+def test_shares_are_disjoint_balanced_blocks():
+    for n, world, block in [(160, 2, 40), (1000, 3, 256), (10, 4, 256), (3, 5, 8), (257, 2, 256)]:
+        ranges = shares(n, world, block)
+        assert len(ranges) == world and ranges[0][0] == 0 and ranges[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # contiguous, disjoint, covering
+        sizes = [hi - lo for lo, hi in ranges]
+        if -(-n // block) >= world:  # enough blocks: shares start on block boundaries
+            assert all(lo % block == 0 for lo, _ in ranges)
+        assert max(sizes) - min(sizes) <= max(block, -(-n // world))
+    assert shares(160, 2, 40) == [(0, 80), (80, 160)]
+
+
+def test_joined_shards_equal_one_process(tmp_path, tiny_folder):
+    loaded, task = load_model(str(tiny_folder)), get_task("capitals")
+    cfg = ExtractConfig(block_examples=32, max_examples=150, writes=True)
+    ref = extract(loaded, task, tmp_path / "ref.h5", cfg, progress=False)
+    for rank in range(3):
+        extract_share(loaded, task, tmp_path / "d.h5", cfg, rank, 3, progress=False)
+    master = join_shards(tmp_path / "d.h5", task, cfg, 3)
+    assert_same_store(ref, master)
+    with Store(master) as s:
+        assert s.file["z"].is_virtual and s.meta.n_examples == 150
+        assert len(s.rows("train")) + len(s.rows("val")) + len(s.rows("test")) == len(s)
+
+    # the master only points at the shards: moved together (relative paths) it still reads
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for p in tmp_path.glob("d.*h5"):
+        p.rename(moved / p.name)
+    assert_same_store(ref, moved / "d.h5")
+    # joining with a shard missing says which one and what to do
+    (moved / shard_path("d.h5", 1, 3).name).unlink()
+    with pytest.raises(StoreError, match="shard-00001-of-00003.*relaunch"):
+        join_shards(moved / "d.h5", task, cfg, 3, overwrite=True)
+
+
+def test_interrupted_rank_resumes(tmp_path, tiny_folder, monkeypatch):
+    loaded, task = load_model(str(tiny_folder)), get_task("capitals")
+    cfg = ExtractConfig(block_examples=20, max_examples=120)
+    ref = extract(loaded, task, tmp_path / "ref.h5", cfg, progress=False)
+    extract_share(loaded, task, tmp_path / "d.h5", cfg, 0, 2, progress=False)
+
+    written = []
+    real_write = StoreWriter.write_block
+
+    def crash_after_one_block(self, *args, **kwargs):
+        if written:
+            raise KeyboardInterrupt
+        written.append(1)
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(StoreWriter, "write_block", crash_after_one_block)
+    with pytest.raises(KeyboardInterrupt):
+        extract_share(loaded, task, tmp_path / "d.h5", cfg, 1, 2, progress=False)
+    monkeypatch.setattr(StoreWriter, "write_block", real_write)
+    with pytest.raises(StoreError, match="relaunch with --resume"):
+        join_shards(tmp_path / "d.h5", task, cfg, 2)
+
+    calls = []
+    counting = lambda self, *a, **k: calls.append(1) or real_write(self, *a, **k)
+    monkeypatch.setattr(StoreWriter, "write_block", counting)
+    extract_share(loaded, task, tmp_path / "d.h5", cfg, 1, 2, resume=True, progress=False)
+    extract_share(loaded, task, tmp_path / "d.h5", cfg, 0, 2, resume=True, progress=False)  # done: no work
+    assert len(calls) == 2  # rank 1 continued with its 2 remaining blocks of 20 (60 examples, 1 was committed)
+    assert_same_store(ref, join_shards(tmp_path / "d.h5", task, cfg, 2))
+
+
+def test_torchrun_two_gloo_processes_equal_one_process(tmp_path, tiny_folder):
+    """The real launcher: 2 CPU processes under torchrun (gloo), joined by rank 0."""
+    loaded, task = load_model(str(tiny_folder)), get_task("capitals")
+    cfg = ExtractConfig(block_examples=40)
+    ref = extract(loaded, task, tmp_path / "ref.h5", cfg, progress=False)
+    out = tmp_path / "dist.h5"
+    rc, stdout, stderr = torchrun(2, "-m", "extract.distributed", "--model", str(tiny_folder), "--task", "capitals",
+                                  "--out", str(out), "--block-examples", "40", "--no-progress")
+    assert rc == 0, stderr[-3000:]
+    assert "from 2 shard(s)" in stdout
+    assert shard_path(out, 0, 2).exists() and shard_path(out, 1, 2).exists()
+    assert_same_store(ref, out)
