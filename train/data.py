@@ -6,17 +6,20 @@ Batches are dicts::
     label  (B,)                   class index (int64) or target (float32)
     row    (B,)  int64            row index in the store
 
-Data order is a pure function of (seed, epoch, rank), so a run resumed from an epoch-end checkpoint replays
-exactly the batches an uninterrupted run sees.
+Data order is a pure function of (seed, epoch, rank, worker), so a run resumed from an epoch-end checkpoint
+replays exactly the batches an uninterrupted run sees. Lightning calls ``set_epoch`` only on samplers, and on
+resume it creates the iterator before it sets the epoch; :class:`EpochLoader` therefore reads the epoch from the
+trainer's loop each time an epoch's iterator is created, for both the in-memory sampler and the streaming dataset.
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, get_worker_info
 
 from extract.store import CHUNK_ROWS, Store
 
@@ -27,8 +30,15 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
-class EpochBatches(Sampler[np.ndarray]):
-    """Batches of positions into ``range(n)``: shuffled by (seed, epoch), sharded evenly across ranks."""
+class EpochBatches(DistributedSampler):
+    """Batches of positions into ``range(n)``: shuffled by (seed, epoch), sharded across ranks.
+
+    Training (``shuffle=True``) gives every rank ``n // world`` positions, so ranks take the same number of steps
+    (the other ``n % world`` wait for a later epoch's draw). Evaluation (``shuffle=False``) splits all positions
+    into contiguous shares, differing by at most one, so every row is evaluated exactly once: reduce metrics as
+    sums over ranks. A ``DistributedSampler`` subclass (rank and world are read when iterating, not at
+    construction), so Lightning's ``use_distributed_sampler`` leaves it alone instead of sharding it again.
+    """
 
     def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False):
         self.n, self.batch_size, self.shuffle, self.seed, self.drop_last = n, batch_size, shuffle, seed, drop_last
@@ -41,8 +51,12 @@ class EpochBatches(Sampler[np.ndarray]):
         order = (np.random.default_rng((self.seed, self.epoch)).permutation(self.n) if self.shuffle
                  else np.arange(self.n))
         rank, world = _dist()
-        per_rank = self.n // world if world > 1 else self.n  # equal shares, so ranks step together
-        return order[rank * per_rank:(rank + 1) * per_rank] if world > 1 else order
+        if world == 1:
+            return order
+        if self.shuffle:
+            per_rank = self.n // world  # equal shares, so ranks step together
+            return order[rank * per_rank:(rank + 1) * per_rank]
+        return np.array_split(order, world)[rank]
 
     def __iter__(self):
         pos = self._positions()
@@ -51,7 +65,7 @@ class EpochBatches(Sampler[np.ndarray]):
             yield pos[i:i + self.batch_size]
 
     def __len__(self) -> int:
-        n = self.n // _dist()[1]
+        n = len(self._positions())
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
 
@@ -86,9 +100,6 @@ class StreamingRows(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __len__(self) -> int:
-        return math.ceil(len(self.rows) / self.batch_size / _dist()[1])
-
     def _my_blocks(self) -> list[np.ndarray]:
         order = (np.random.default_rng((self.seed, self.epoch)).permutation(len(self.blocks)) if self.shuffle
                  else np.arange(len(self.blocks)))
@@ -97,7 +108,20 @@ class StreamingRows(IterableDataset):
         wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
         return [self.blocks[b] for b in order[rank * nworkers + wid::world * nworkers]]
 
+    def _step_cap(self) -> int | None:
+        """Training batches per (rank, worker) under DDP: the fewest any of them can fill, so ranks step together."""
+        world = _dist()[1]
+        if world == 1 or not self.shuffle:
+            return None
+        info = get_worker_info()
+        slots = world * (info.num_workers if info else 1)
+        order = np.random.default_rng((self.seed, self.epoch)).permutation(len(self.blocks))
+        return min(sum(len(self.blocks[b]) for b in order[s::slots]) for s in range(slots)) // self.batch_size
+
     def __iter__(self):
+        return itertools.islice(self._batches(), self._step_cap())
+
+    def _batches(self):
         rng = np.random.default_rng((self.seed, self.epoch, *(_dist()), get_worker_info().id if get_worker_info() else 0))
         with Store(self.path) as store:
             labels = store.labels
@@ -120,6 +144,22 @@ class StreamingRows(IterableDataset):
                     yield from drain(final=False)
             if buf_r:
                 yield from drain(final=True)
+
+
+class EpochLoader(DataLoader):
+    """A DataLoader that sets the epoch of its sampler or dataset (``epoch_of()``) whenever an epoch starts."""
+
+    def __init__(self, *args, epoch_of=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.epoch_of = epoch_of
+
+    def __iter__(self):
+        if self.epoch_of is not None:
+            epoch = self.epoch_of()
+            for obj in (self.sampler, self.dataset):
+                if hasattr(obj, "set_epoch"):
+                    obj.set_epoch(epoch)
+        return super().__iter__()
 
 
 class StoreDataModule(L.LightningDataModule):
@@ -154,8 +194,36 @@ class StoreDataModule(L.LightningDataModule):
         return len(self.layers) if self.layers is not None else len(self.meta.layers)
 
     @property
+    def model_layers(self) -> list[int]:
+        """Model layer numbers of the selected storage slots."""
+        return [self.meta.layers[i] for i in (self.layers if self.layers is not None else range(len(self.meta.layers)))]
+
+    @property
     def n_heads(self) -> int:
         return len(self.heads) if self.heads is not None else self.meta.n_heads
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """Per-row arrays of the whole store: label, split, group, token_id, example_id, position."""
+        with Store(self.path) as store:
+            return {name: store.column(name) for name in ("label", "split", "group", "token_id", "example_id",
+                                                          "position")}
+
+    def feature_stats(self, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+        """Mean and std (L, H, D) of a split's activations, streamed in chunk-aligned blocks (float64 sums)."""
+        rows = self.split_rows[split]
+        total = sq = None
+        with Store(self.path) as store:
+            for i in range(0, len(rows), 16 * CHUNK_ROWS):
+                z = store.activations(rows[i:i + 16 * CHUNK_ROWS], self.layers, self.heads).astype(np.float64)
+                total = z.sum(0) if total is None else total + z.sum(0)
+                sq = (z * z).sum(0) if sq is None else sq + (z * z).sum(0)
+        mean = total / max(len(rows), 1)
+        return mean, np.sqrt(np.maximum(sq / max(len(rows), 1) - mean * mean, 0))
+
+    def _epoch(self) -> int:
+        """The epoch about to run (the trainer's count of processed epochs; 0 outside a trainer)."""
+        trainer = self.trainer
+        return trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0
 
     def split(self, name: str) -> InMemoryRows:
         """One split held in memory (read once, chunk-aligned)."""
@@ -169,13 +237,14 @@ class StoreDataModule(L.LightningDataModule):
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         rows = self.split_rows[name]
         bs = self.batch_size or max(len(rows), 1)
+        epoch_of = self._epoch if shuffle else None
         if self.in_memory:
             sampler = EpochBatches(len(rows), bs, shuffle, self.seed)
-            return DataLoader(self.split(name), sampler=sampler, batch_size=None, num_workers=self.num_workers,
-                              persistent_workers=self.num_workers > 0)
+            return EpochLoader(self.split(name), sampler=sampler, batch_size=None, num_workers=self.num_workers,
+                               persistent_workers=self.num_workers > 0, epoch_of=epoch_of)
         ds = StreamingRows(self.path, rows, bs, self.layers, self.heads, shuffle, self.seed,
                            buffer_rows=self.shuffle_buffer)
-        return DataLoader(ds, batch_size=None, num_workers=self.num_workers)
+        return EpochLoader(ds, batch_size=None, num_workers=self.num_workers, epoch_of=epoch_of)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -1,0 +1,474 @@
+"""Linear probes for every (layer, head) at once: one weight tensor, one forward, one batched Newton solver.
+
+The reference recipe (ITI) fits one scikit-learn ``LogisticRegression(C=1)`` per head. Here all P = L x G probes
+(G = H heads per layer, or G = 1 probe per layer over all its heads) are solved together by Newton's method
+(IRLS), which is invariant to each head's activation scale (a joint first-order optimiser is not: head scales
+differ ~100x). The objective per probe is sklearn's::
+
+    sum_n loss(x_n . w + b, y_n) + l2 / 2 * ||w||^2         (intercept b unpenalised; l2 = 1 / C)
+
+with loss = log-loss (logistic: binary, softmax: multiclass) or squared error / 2 (ridge, = sklearn Ridge(alpha=l2)).
+
+Each training epoch is one Newton step: batches (the whole split with ``batch_size=0``, or streamed minibatches)
+add up the gradient and Hessian at the current weights, and the last batch of the epoch solves for the step. A
+probe whose objective went up is halved back towards its previous weights instead (a backtracking line search
+spread over epochs), so streaming data needs no second pass. Training stops when every probe's gradient is below
+``tol`` (mean-loss scale); 3-6 epochs are typical.
+
+Controls (Hewitt & Liang 2019) are extra probes on the same activations with other labels, solved in the same
+batch: ``control`` gives every word type (the token at the row, or the example group) a random label drawn from
+the label distribution; ``shuffled`` permutes the labels within each split. Selectivity = accuracy - control
+accuracy. The ITI mass-mean direction (mean of positives - mean of negatives, unit norm, with the std of the
+projections) is computed per head for binary tasks.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from probes.checkpoint import CheckpointConfig, register
+from probes.metrics import bootstrap_ci, predictions, probe_metrics
+
+LOSSES = ("auto", "logistic", "softmax", "ridge")
+CONTROLS = ("control", "shuffled")
+
+
+# --- the batched Newton solver (shared with probes.sparse) ------------------------------------------------------
+def loss_terms(eta: Tensor, y: Tensor, loss: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row loss, gradient w.r.t. eta and curvature for eta (..., N, C) and labels y (..., N).
+
+    Returns loss (..., N), r (..., N, C) and A (..., N, C, C)."""
+    if loss == "ridge":
+        d = eta[..., 0] - y
+        return 0.5 * d * d, d[..., None], torch.ones_like(eta)[..., None]
+    if loss == "logistic":
+        e = eta[..., 0]
+        mu = torch.sigmoid(e)
+        return nn.functional.softplus(e) - y * e, (mu - y)[..., None], (mu * (1 - mu))[..., None, None]
+    logp = eta.log_softmax(-1)
+    mu = logp.exp()
+    onehot = nn.functional.one_hot(y.long(), eta.shape[-1]).to(eta.dtype)
+    A = torch.diag_embed(mu) - mu[..., :, None] * mu[..., None, :]
+    return -(logp * onehot).sum(-1), mu - onehot, A
+
+
+def newton_stats(x: Tensor, y: Tensor, W: Tensor, loss: str, chunk_elems: int = 1 << 25,
+                 hessian_dtype=torch.float32) -> tuple[Tensor, Tensor, Tensor]:
+    """Objective terms of one batch at weights W, summed over rows.
+
+    x (N, P, F) activations, y (N, K) labels of K label sets (task + controls), W (K, P, F + 1, C) with the
+    intercept in the last row. Returns loss (K, P), gradient (K, P, F + 1, C) and Hessian
+    (K, P, (F + 1) C, (F + 1) C). Loss and gradient are computed in W's dtype; the Hessian (the N F^2 cost) in
+    ``hessian_dtype``: an inexact Hessian only slows the final digits of Newton's convergence, not its optimum.
+    Work is chunked over probes to bound memory.
+    """
+    N, P, Fd = x.shape
+    K, C = W.shape[0], W.shape[-1]
+    dtype = W.dtype
+    loss_sum = W.new_zeros(K, P)
+    grad = torch.zeros_like(W)
+    hess = W.new_zeros(K, P, (Fd + 1) * C, (Fd + 1) * C)
+    step = max(1, chunk_elems // max(1, N * K * (Fd + 1) * C))
+    yk = y.T.to(dtype)[:, None, :]  # (K, 1, N)
+    for p0 in range(0, P, step):
+        p1 = min(P, p0 + step)
+        xh = torch.cat([x[:, p0:p1].to(hessian_dtype), x.new_ones(N, p1 - p0, 1, dtype=hessian_dtype)], -1)
+        xh = xh.transpose(0, 1).contiguous()  # (Pc, N, F + 1)
+        xa = xh.to(dtype)
+        eta = torch.einsum("pnf,kpfc->kpnc", xa, W[:, p0:p1])  # (K, Pc, N, C)
+        l_, r, A = loss_terms(eta, yk, loss)
+        loss_sum[:, p0:p1] = l_.sum(-1)
+        grad[:, p0:p1] = torch.einsum("pnf,kpnc->kpfc", xa, r)
+        if C == 1:
+            h = (xh * A[..., 0, 0, None].to(hessian_dtype)).transpose(-1, -2) @ xh  # (K, Pc, F + 1, F + 1)
+        else:
+            h = torch.einsum("pnf,kpnce,png->kpfcge", xh, A.to(hessian_dtype), xh)
+        hess[:, p0:p1] = h.reshape(K, p1 - p0, (Fd + 1) * C, (Fd + 1) * C)
+    return loss_sum, grad, hess
+
+
+def penalised(loss_sum: Tensor, grad: Tensor, hess: Tensor, W: Tensor, l2: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Add l2 / 2 * ||w||^2 (not the intercept) to objective, gradient and Hessian; a tiny ridge keeps the
+    softmax intercepts (shift-invariant) solvable."""
+    K, P, F1, C = W.shape
+    w = W[:, :, :-1]
+    obj = loss_sum + 0.5 * l2 * w.pow(2).sum((-1, -2))
+    g = grad.clone()
+    g[:, :, :-1] += l2 * w
+    diag = torch.full((F1, C), float(l2), dtype=W.dtype, device=W.device)
+    diag[-1] = 1e-9 * max(1.0, float(hess.diagonal(dim1=-2, dim2=-1).abs().max()))
+    return obj, g, hess + torch.diag_embed(diag.reshape(-1))
+
+
+def newton_direction(g: Tensor, H: Tensor) -> Tensor:
+    """Solve H d = g per probe (Cholesky; LU where a Hessian is numerically indefinite). g (K, P, F1, C)."""
+    rhs = g.reshape(*g.shape[:2], -1, 1)
+    L_, info = torch.linalg.cholesky_ex(H)
+    d = torch.cholesky_solve(rhs, L_)
+    bad = info != 0
+    if bad.any():
+        d[bad] = torch.linalg.solve(H[bad], rhs[bad])
+    return d.reshape(g.shape)
+
+
+def fit_newton(x: Tensor, y: Tensor, loss: str, n_classes: int = 2, l2: float = 1.0, tol: float = 1e-8,
+               max_steps: int = 50, dtype=torch.float64) -> tuple[Tensor, dict]:
+    """Fit all probes on in-memory data without Lightning (used by k-sparse probing and benchmarks).
+
+    x (N, P, F), y (N, K). Returns W (K, P, F + 1, C) and {"steps", "grad"}."""
+    state = NewtonState(y.shape[1], x.shape[1], x.shape[2], n_classes if loss == "softmax" else 1, dtype)
+    for step in range(max_steps):
+        stats = newton_stats(x, y, state.W, loss)
+        if state.update(*stats, l2=l2, n=len(x), tol=tol):
+            break
+    return state.W, {"steps": step + 1, "grad": state.grad_max}
+
+
+class NewtonState:
+    """Weights W (K, P, F + 1, C), the previous accepted weights and objective, for steps spread over epochs."""
+
+    def __init__(self, K: int, P: int, Fd: int, C: int, dtype=torch.float64):
+        self.W = torch.zeros(K, P, Fd + 1, C, dtype=dtype)
+        self.W_prev = torch.zeros_like(self.W)
+        self.obj_prev = torch.full((K, P), math.inf, dtype=dtype)
+        self.grad_max = math.inf
+
+    def update(self, loss_sum: Tensor, grad: Tensor, hess: Tensor, l2: float, n: int, tol: float) -> bool:
+        """One Newton step (or a backtrack where the objective rose); True once every probe has converged."""
+        obj, g, H = penalised(loss_sum, grad, hess, self.W, l2)
+        worse = obj > self.obj_prev + 1e-12 * self.obj_prev.abs().clamp_min(1)
+        ok = ~worse
+        self.grad_max = float(g[ok].abs().amax()) / n if ok.any() else math.inf
+        if self.grad_max < tol and not worse.any():
+            return True
+        d = newton_direction(g, H)
+        back = self.W_prev + 0.5 * (self.W - self.W_prev)
+        new = torch.where(worse[..., None, None], back, self.W - d)
+        self.W_prev = torch.where(worse[..., None, None], self.W_prev, self.W)
+        self.obj_prev = torch.where(worse, self.obj_prev, obj)
+        self.W = new
+        return False
+
+    def to(self, device) -> None:
+        self.W, self.W_prev, self.obj_prev = (t.to(device) for t in (self.W, self.W_prev, self.obj_prev))
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"W": self.W, "W_prev": self.W_prev, "obj_prev": self.obj_prev}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.W, self.W_prev, self.obj_prev = state["W"], state["W_prev"], state["obj_prev"]
+
+
+def init_hparams(module) -> dict:
+    """The module's hyperparameters that its constructor takes (LightningCLI adds bookkeeping keys)."""
+    names = inspect.signature(type(module).__init__).parameters
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in module.hparams.items() if k in names}
+
+
+def resolve_loss(loss: str, label_kind: str, n_labels: int) -> tuple[str, int]:
+    """(loss, number of outputs C) for a store's labels."""
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}: choose one of {', '.join(LOSSES)}")
+    if label_kind == "none":
+        raise ValueError("this store has no labels (an unlabelled task): train an SAE on it, or extract a labelled task")
+    if loss == "auto":
+        loss = "ridge" if label_kind == "regression" else ("logistic" if n_labels <= 2 else "softmax")
+    if loss == "ridge":
+        return loss, 1
+    if loss == "logistic":
+        return loss, 1
+    return loss, n_labels
+
+
+def control_labels(labels: np.ndarray, split: np.ndarray, types: np.ndarray, kind: str, seed: int) -> np.ndarray:
+    """Labels of a control task for every row.
+
+    control: each type (e.g. token id) gets one label drawn from the train split's labels (Hewitt & Liang);
+    shuffled: the labels permuted within each split."""
+    rng = np.random.default_rng((seed, CONTROLS.index(kind)))
+    if kind == "shuffled":
+        out = labels.copy()
+        for s in np.unique(split):
+            idx = np.flatnonzero(split == s)
+            out[idx] = labels[rng.permutation(idx)]
+        return out
+    if kind != "control":
+        raise ValueError(f"unknown control {kind!r}: choose from {', '.join(CONTROLS)}")
+    uniq, inv = np.unique(types, return_inverse=True)
+    pool = labels[split == 0] if (split == 0).any() else labels
+    return rng.choice(pool, size=len(uniq))[inv]
+
+
+# --- the modules -----------------------------------------------------------------------------------------------
+class SplitEval:
+    """Shared probe plumbing: the data's provenance, and Lightning eval hooks that call ``_collect(batch)`` per
+    val/test batch and ``_evaluate(split, outputs)`` at epoch end."""
+
+    def _bind(self, dm) -> tuple[str, int]:
+        """Record where the data came from; (loss, number of outputs) for its labels."""
+        self.meta, self.layers, self.heads = dm.meta, dm.model_layers, dm.heads
+        return resolve_loss(self.hparams.loss, dm.meta.label_kind, len(dm.meta.label_names))
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._outputs.setdefault("val", []).append(self._collect(batch))
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._outputs.setdefault("test", []).append(self._collect(batch))
+
+    def on_validation_epoch_end(self) -> None:
+        self._score("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._score("test")
+
+    def _score(self, split: str) -> None:
+        outs = self._outputs.pop(split, [])
+        if outs:
+            self._evaluate(split, outs)
+
+
+@register
+class LinearProbes(SplitEval, L.LightningModule):
+    """Linear probes on every (layer, head) of a store, trained at once.
+
+    Args:
+        loss: "auto" (from the store's labels), "logistic", "softmax" or "ridge".
+        scope: "head" (one probe per layer and head) or "layer" (one probe per layer over all its heads).
+        l2: L2 penalty on the summed loss (sklearn's 1 / C; ITI uses C = 1).
+        tol: stop when every probe's gradient of the mean loss is below this.
+        controls: control label sets fitted alongside ("control", "shuffled").
+        control_by: what a control-task "word type" is: a store column ("token_id", "group", "example_id").
+        top_k: heads that get bootstrap confidence intervals; n_boot: bootstrap resamples.
+        seed: seed of the control labels and the bootstrap.
+        dtype: "float64" or "float32" for the solver.
+        n_layers, n_groups, n_features, n_classes: the weight shape; filled from the data at setup.
+    """
+
+    def __init__(self, loss: str = "auto", scope: str = "head", l2: float = 1.0, tol: float = 1e-8,
+                 controls: list[str] = ["control", "shuffled"], control_by: str = "token_id", top_k: int = 16,
+                 n_boot: int = 1000, seed: int = 0, dtype: str = "float64", n_layers: int = 0, n_groups: int = 0,
+                 n_features: int = 0, n_classes: int = 0):
+        super().__init__()
+        if scope not in ("head", "layer"):
+            raise ValueError(f"unknown scope {scope!r}: choose head or layer")
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}: choose one of {', '.join(LOSSES)}")
+        for c in controls:
+            if c not in CONTROLS:
+                raise ValueError(f"unknown control {c!r}: choose from {', '.join(CONTROLS)}")
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.meta, self.layers, self.heads = None, None, None
+        self.tables: dict[str, dict[str, np.ndarray]] = {}  # split -> name -> (K, L, G) arrays
+        self.summary: dict[str, float] = {}
+        self._outputs: dict[str, list] = {}
+        if n_layers:
+            self._build()
+
+    # --- shapes ----------------------------------------------------------------------------------------------
+    @property
+    def label_sets(self) -> list[str]:
+        return ["task", *self.hparams.controls]
+
+    def _build(self) -> None:
+        hp = self.hparams
+        dtype = getattr(torch, hp.dtype)
+        K, P = len(self.label_sets), hp.n_layers * hp.n_groups
+        C = hp.n_classes if hp.loss == "softmax" else 1
+        self.newton = NewtonState(K, P, hp.n_features, C, dtype)
+        self.row_labels = torch.zeros(K, 0, dtype=torch.float64)  # (K, rows): labels of every label set
+        self.mass_mean = None
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule
+        hp = self.hparams
+        loss, C = self._bind(dm)
+        per_layer = hp.scope == "layer"
+        shape = dict(loss=loss, n_layers=dm.n_layers, n_groups=1 if per_layer else dm.n_heads,
+                     n_features=dm.meta.d_head * (dm.n_heads if per_layer else 1), n_classes=C if C > 1 else 2)
+        if loss == "ridge":
+            shape["n_classes"] = 1
+        if not hp.n_layers or any(hp[k] != v for k, v in shape.items()):
+            hp.update(shape)
+            self._build()
+        columns = dm.columns()
+        sets = [columns["label"]] + [control_labels(columns["label"], columns["split"], columns[hp.control_by], c,
+                                                    hp.seed) for c in hp.controls]
+        self.row_labels = torch.from_numpy(np.stack(sets).astype(np.float64))
+
+    # --- forward ---------------------------------------------------------------------------------------------
+    def features(self, z: Tensor) -> Tensor:
+        """(B, L, H, D) -> (B, P, F) with P = L x G."""
+        B, Ln = z.shape[:2]
+        return z.reshape(B, Ln * self.hparams.n_groups, self.hparams.n_features)
+
+    def _logits_all(self, z: Tensor) -> Tensor:
+        """(B, L, H, D) -> (B, K, P, C) logits of every label set."""
+        W = self.newton.W
+        x = self.features(z).to(W.dtype)
+        return torch.einsum("npf,kpfc->nkpc", x, W[:, :, :-1]) + W[:, :, -1]
+
+    def forward(self, z: Tensor) -> Tensor:
+        """Task logits (B, L, G, C) for activations z (B, L, H, D)."""
+        hp = self.hparams
+        out = self._logits_all(z)[:, 0]
+        return out.reshape(len(z), hp.n_layers, hp.n_groups, -1)
+
+    def _labels(self, batch: dict) -> Tensor:
+        return self.row_labels[:, batch["row"].cpu()].T.to(batch["z"].device)  # (B, K)
+
+    def on_fit_start(self) -> None:
+        self.newton.to(self.device)
+
+    def on_test_start(self) -> None:
+        self.newton.to(self.device)
+
+    # --- training: one Newton step per epoch --------------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        self._acc = None
+        self._mm = None
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        x = self.features(batch["z"])
+        y = self._labels(batch)
+        stats = newton_stats(x, y, self.newton.W, self.hparams.loss)
+        self._acc = stats if self._acc is None else tuple(a + b for a, b in zip(self._acc, stats))
+        if self.hparams.loss == "logistic":
+            self._mass_mean_stats(batch["z"], y[:, 0])
+        self._n = getattr(self, "_n", 0) + len(x) if batch_idx else len(x)
+        if self.trainer.is_last_batch:
+            done = self.newton.update(*self._acc, l2=self.hparams.l2, n=self._n, tol=self.hparams.tol)
+            self.log("train/grad_max", self.newton.grad_max, prog_bar=True)
+            self.log("train/objective", float(self.newton.obj_prev[0].mean()) / self._n)
+            self._finish_mass_mean()
+            if done:
+                self.trainer.should_stop = True
+
+    def _mass_mean_stats(self, z: Tensor, y: Tensor) -> None:
+        z = z.double()
+        pos = (y == 1).double()
+        s = (torch.einsum("n,nlhd->lhd", pos, z), torch.einsum("n,nlhd->lhd", 1 - pos, z), pos.sum(), (1 - pos).sum())
+        self._mm = s if self._mm is None else tuple(a + b for a, b in zip(self._mm, s))
+
+    def _finish_mass_mean(self) -> None:
+        if self._mm is None:
+            return
+        s1, s0, n1, n0 = self._mm
+        m1, m0 = s1 / n1.clamp_min(1), s0 / n0.clamp_min(1)
+        diff = m1 - m0
+        direction = diff / diff.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # (L, H, D)
+        mid = ((m1 + m0) / 2 * direction).sum(-1)  # (L, H) decision threshold on the projection
+        self.mass_mean = {"direction": direction, "threshold": mid}
+
+    def configure_optimizers(self):
+        return None
+
+    # --- evaluation --------------------------------------------------------------------------------------------
+    def _collect(self, batch: dict) -> dict:
+        z = batch["z"]
+        entry = {"logits": self._logits_all(z).cpu(), "y": self._labels(batch).cpu()}
+        if self.mass_mean is not None:
+            entry["proj"] = (torch.einsum("nlhd,lhd->nlh", z.double(), self.mass_mean["direction"])
+                             - self.mass_mean["threshold"]).cpu()
+        return entry
+
+    def _evaluate(self, split: str, outs: list[dict]) -> None:
+        hp = self.hparams
+        logits = torch.cat([o["logits"] for o in outs])  # (N, K, P, C)
+        y = torch.cat([o["y"] for o in outs])  # (N, K)
+        N, K, P, C = logits.shape
+        flat = logits.reshape(N, K * P, C)
+        yy = y[:, :, None].expand(N, K, P).reshape(N, K * P)
+        if hp.loss != "ridge":
+            yy = yy.long()
+        metrics = probe_metrics(flat, yy, hp.loss)
+        shape = (K, hp.n_layers, hp.n_groups)
+        table = {name: v.reshape(shape).numpy() for name, v in metrics.items()}
+        if "proj" in outs[0]:
+            proj = torch.cat([o["proj"] for o in outs])  # (N, L, H)
+            table["mass_mean_acc"] = ((proj > 0).long() == y[:, 0, None, None].long()).double().mean(0).numpy()[None]
+        self.tables[split] = table
+        key = "acc" if "acc" in table else "r2"
+        task = table[key][0]
+        summary = {f"{split}/{key}_max": float(task.max()), f"{split}/{key}_mean": float(task.mean()),
+                   f"{split}/loss_mean": float(table["loss"][0].mean())}
+        for i, c in enumerate(hp.controls, start=1):
+            summary[f"{split}/selectivity_{c}_max"] = float((task - table[key][i]).max())
+            summary[f"{split}/{key}_{c}_mean"] = float(table[key][i].mean())
+        top = np.argsort(-task.ravel(), kind="stable")[: hp.top_k]
+        correct = (predictions(flat[:, :P], hp.loss) == yy[:, :P]).double().numpy() if hp.loss != "ridge" else None
+        if correct is not None:
+            lo, hi = bootstrap_ci(correct[:, top], hp.n_boot, seed=hp.seed)
+            self.tables[f"{split}_top"] = {"index": top, "acc": task.ravel()[top], "lo": lo, "hi": hi}
+        self.summary.update(summary)
+        self.log_dict(summary)
+
+    # --- checkpoint protocol (train.callbacks) --------------------------------------------------------------------
+    def head_scores(self) -> dict[str, np.ndarray]:
+        """(L, G) maps for the heatmap and the per-head table: task metrics, and selectivity per control."""
+        out = {}
+        for split, table in self.tables.items():
+            if split.endswith("_top"):
+                continue
+            for name, v in table.items():
+                out[f"{split}/{name}"] = v[0]
+                for i, c in enumerate(self.hparams.controls, start=1):
+                    if name in ("acc", "r2") and v.shape[0] > i:
+                        out[f"{split}/{name}_{c}"] = v[i]
+                        out[f"{split}/selectivity_{c}"] = v[0] - v[i]
+        return out
+
+    def checkpoint_tensors(self) -> dict[str, Tensor]:
+        hp = self.hparams
+        W = self.newton.W[0].float()  # (P, F + 1, C)
+        C = W.shape[-1]
+        out = {"weight": W[:, :-1].reshape(hp.n_layers, hp.n_groups, hp.n_features, C).contiguous(),
+               "bias": W[:, -1].reshape(hp.n_layers, hp.n_groups, C).contiguous()}
+        if self.mass_mean is not None:
+            out["mass_mean"] = self.mass_mean["direction"].float()
+            out["mass_mean_threshold"] = self.mass_mean["threshold"].float()
+        return out
+
+    def checkpoint_config(self, meta=None) -> CheckpointConfig:
+        meta = meta or self.meta
+        hparams = init_hparams(self)
+        hparams["controls"] = []
+        cfg = CheckpointConfig.from_store(meta, type(self).__name__, hparams, heads=self.heads)
+        cfg.layers = list(self.layers)
+        return cfg
+
+    def checkpoint_metrics(self) -> dict:
+        out = dict(self.summary)
+        for split, table in self.tables.items():
+            out[split] = {k: np.asarray(v).tolist() for k, v in table.items()}
+        return out
+
+    @classmethod
+    def from_checkpoint(cls, config: CheckpointConfig, tensors: dict[str, Tensor]) -> "LinearProbes":
+        hp = dict(config.hparams, controls=[])
+        module = cls(**hp)
+        Ln, G, Fd, C = tensors["weight"].shape
+        W = torch.cat([tensors["weight"], tensors["bias"][:, :, None]], 2).reshape(1, Ln * G, Fd + 1, C)
+        module.newton.W = W.to(getattr(torch, hp["dtype"]))
+        if "mass_mean" in tensors:
+            module.mass_mean = {"direction": tensors["mass_mean"].double(),
+                                "threshold": tensors["mass_mean_threshold"].double()}
+        module.layers, module.heads = list(config.layers), config.heads
+        return module.eval()
+
+    # --- exact resume: solver state and RNG in Lightning's checkpoint --------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["newton"] = self.newton.state_dict()
+        checkpoint["torch_rng"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        hp = checkpoint["hyper_parameters"]
+        self.hparams.update(hp)
+        self._build()
+        self.newton.load_state_dict(checkpoint["newton"])
+        torch.set_rng_state(checkpoint["torch_rng"])

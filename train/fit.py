@@ -1,0 +1,125 @@
+"""``headprobe train``: LightningCLI over the activation store, with YAML configs in train/configs/.
+
+    headprobe train linear --data.path capitals.h5 --out runs/capitals-linear
+    headprobe train sparse --data.path capitals.h5 --model.alpha 0.05 --logger csv
+    headprobe train sae --data.path corpus.h5 --print_config
+    headprobe train --config my.yaml --data.path capitals.h5          (long form: any LightningModule)
+
+The short form ``headprobe train NAME`` loads train/configs/NAME.yaml (model class + defaults); every option can be
+overridden on the command line. A run writes into ``--out``: ``checkpoints/last.ckpt`` after every epoch (exact
+resume with ``--resume true``: weights, solver/optimiser state, RNG, and the epoch that fixes the data order),
+``checkpoint/`` in the project format, ``heads.csv``/``heads.json``, ``heatmap.png``, ``config.yaml``, and the
+logger's files (W&B by default, offline without credentials; ``--logger csv`` or ``none``).
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger
+
+from train.callbacks import ExportRun
+from train.data import StoreDataModule
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+# short-form name -> (module that must exist, config file naming the model class)
+MODELS = {"linear": ("probes.linear", "linear.yaml"), "sparse": ("probes.sparse", "sparse.yaml"),
+          "sae": ("probes.sae", "sae.yaml")}
+LOGGERS = ("wandb", "csv", "none")
+
+
+class TrainError(ValueError):
+    """Bad `headprobe train` input; the message says what to do."""
+
+
+class LogConfig(SaveConfigCallback):
+    """Write config.yaml into the run folder and log the full config to the loggers (W&B config)."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        config = self.config.clone().as_dict() if hasattr(self.config, "clone") else dict(self.config)
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"cli": config})
+
+
+class HeadprobeCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--out", type=str, default="runs/train", help="run folder")
+        parser.add_argument("--logger", type=str, default="wandb", help="wandb (default; offline without "
+                            "credentials), csv or none; --trainer.logger overrides it")
+        parser.add_argument("--project", type=str, default="headprobe", help="W&B project")
+        parser.add_argument("--resume", type=bool, default=False, help="continue from <out>/checkpoints/last.ckpt")
+        parser.add_argument("--test", type=bool, default=True, help="evaluate on the test split after fitting")
+
+    def instantiate_trainer(self, **kwargs):
+        cfg = self.config
+        out = Path(cfg.out)
+        if cfg.logger not in LOGGERS:
+            raise TrainError(f"--logger {cfg.logger!r}: choose one of {', '.join(LOGGERS)}")
+        trainer_cfg = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        if trainer_cfg.get("logger") in (None, True):
+            trainer_cfg["logger"] = make_logger(cfg.logger, out, cfg.project)
+        trainer_cfg["default_root_dir"] = str(out)
+        extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
+        extra += [ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0, every_n_epochs=1),
+                  ExportRun(str(out), when="test" if cfg.test else "fit")]
+        return self._instantiate_trainer(trainer_cfg, extra)
+
+
+def make_logger(kind: str, out: Path, project: str):
+    if kind == "none":
+        return False
+    if kind == "csv":
+        return CSVLogger(save_dir=str(out), name="csv", version="")
+    from train.loggers import WandbLogger
+
+    return WandbLogger(save_dir=str(out), project=project)
+
+
+def expand_short_form(argv: list[str]) -> list[str]:
+    """``NAME rest...`` -> ``--config train/configs/NAME.yaml rest...``; the model's module must exist."""
+    if not argv or argv[0] not in MODELS:
+        return argv
+    module, config = MODELS[argv[0]]
+    if importlib.util.find_spec(module) is None:
+        raise TrainError(f"`headprobe train {argv[0]}` needs {module}, which this installation lacks: "
+                         f"update headprobe")
+    path = CONFIGS / config
+    if not path.exists():
+        raise TrainError(f"{path} is missing: reinstall headprobe, or pass --config with your own file")
+    return ["--config", str(path), *argv[1:]]
+
+
+def run(argv: list[str]) -> HeadprobeCLI:
+    """Parse, fit (resuming if asked), test and export; returns the CLI (its .trainer and .model)."""
+    cli = HeadprobeCLI(model_class=None, datamodule_class=StoreDataModule, subclass_mode_model=True,
+                       save_config_callback=LogConfig, save_config_kwargs={"overwrite": True}, run=False,
+                       args=argv, parser_kwargs={"prog": "headprobe train"})
+    out = Path(cli.config.out)
+    ckpt = None
+    if cli.config.resume:
+        ckpt = out / "checkpoints" / "last.ckpt"
+        if not ckpt.exists():
+            raise TrainError(f"--resume: {ckpt} does not exist; run without --resume to start training")
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt, weights_only=True if ckpt else None)
+    if cli.config.test:
+        cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+    return cli
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from extract.store import StoreError
+    from probes.checkpoint import CheckpointError
+
+    try:
+        run(expand_short_form(argv))
+    except (TrainError, StoreError, CheckpointError, ValueError) as err:
+        print(f"headprobe: error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
