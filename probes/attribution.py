@@ -1,0 +1,255 @@
+"""Head importance for one task, from each kind of trained artifact.
+
+Every function works on plain arrays, so it serves checkpoints, in-memory modules and synthetic data alike:
+
+- linear probes: per-head validation accuracy, against the accuracy of the same probes on control labels
+  (Hewitt & Liang 2019): :func:`probe_importance`, :func:`selectivity`;
+- sparse probes: the norm of each head's weight group (exactly zero for heads a group lasso dropped):
+  :func:`group_norms`;
+- SAEs on a layer's z (heads concatenated, Kissane et al. 2024): the decoder-norm share of every head in every
+  feature (:func:`decoder_head_shares`), the per-input direct feature attribution of every head
+  (:func:`direct_feature_attribution`), how well each feature predicts a task's label (:func:`feature_task_auroc`),
+  and the head importance for a task: the share-weighted sum over the features tied to it
+  (:func:`sae_head_importance`).
+
+Each artifact's importance comes with a *null*, taken from the same quantity on shuffled labels or control tasks
+(:func:`null_threshold`: a Gaussian null, Bonferroni-corrected over heads), or for SAE shares what a head would get
+if the task's features were spread evenly over heads. :class:`Evidence` carries both to the stage
+map (:mod:`probes.stage_map`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy.stats import norm, rankdata
+
+
+@dataclass
+class Evidence:
+    """One task's head importance from one artifact, with its null, over (layers, heads).
+
+    ``score`` and ``null`` are (L, H) over the model's layers (NaN where the artifact says nothing, e.g. layers
+    an SAE was not trained on); a head is above the null where ``score > null``. ``layers`` are the model layer
+    numbers of the rows.
+    """
+
+    task: str
+    stage: str  # KR, ICI, LR or EP
+    source: str  # "linear", "sparse", "sae", ...
+    score: np.ndarray  # (L, H)
+    null: np.ndarray  # (L, H), or broadcastable to it
+    layers: list[int]
+    metric: str = ""  # what score measures, for the report ("val accuracy", "group norm", ...)
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.score = np.asarray(self.score, dtype=np.float64)
+        self.null = np.broadcast_to(np.asarray(self.null, dtype=np.float64), self.score.shape).copy()
+        if self.score.ndim != 2 or self.score.shape[0] != len(self.layers):
+            raise ValueError(f"evidence for task {self.task!r}: score has shape {self.score.shape}, expected "
+                             f"({len(self.layers)} layers, heads)")
+
+    def excess(self) -> np.ndarray:
+        """(L, H) score above the null, 0 where at or below it or unknown."""
+        return np.nan_to_num(np.clip(self.score - self.null, 0, None), nan=0.0)
+
+
+# --- linear and sparse probes ---------------------------------------------------------------------------------
+
+def selectivity(val_acc: np.ndarray, control_acc: np.ndarray) -> np.ndarray:
+    """Accuracy minus control accuracy, per head: (L, H), (L, H) -> (L, H)."""
+    return np.asarray(val_acc, dtype=np.float64) - np.asarray(control_acc, dtype=np.float64)
+
+
+def null_threshold(control: np.ndarray, alpha: float = 0.01, n_tests: int | None = None,
+                   min_std: float = 0.0) -> float:
+    """The value a score must exceed to be above the null, from control scores (shuffled labels, control tasks).
+
+    The control scores' mean plus z_{1 - alpha/n_tests} of their standard deviation (at least ``min_std``): a
+    Gaussian null with a Bonferroni correction over ``n_tests`` (default: the number of control scores, i.e. one
+    test per head).
+    """
+    c = np.asarray(control, dtype=np.float64)
+    c = c[np.isfinite(c)]
+    if c.size == 0:
+        raise ValueError("no finite control scores to take a null threshold from")
+    n = n_tests or c.size
+    spread = max(c.std(ddof=1) if c.size > 1 else 0.0, min_std)
+    return float(c.mean() + norm.ppf(1 - alpha / n) * spread)
+
+
+def probe_importance(val_acc: np.ndarray, control_acc: np.ndarray, alpha: float = 0.01,
+                     n_val: int | None = None) -> tuple[np.ndarray, float]:
+    """Per-head probe accuracy (L, H) and its null threshold from the control probes' accuracies (L, H).
+
+    With ``n_val`` (validation examples) the null's spread is at least the binomial standard deviation of a
+    chance-level accuracy, sqrt(0.25 / n_val), which guards against a control spread that happens to be small.
+    """
+    min_std = 0.5 / np.sqrt(n_val) if n_val else 0.0
+    return np.asarray(val_acc, dtype=np.float64), null_threshold(control_acc, alpha, min_std=min_std)
+
+
+def group_norms(weights: np.ndarray | torch.Tensor) -> np.ndarray:
+    """L2 norm of each head's weight group: (L, H, D[, C]) -> (L, H)."""
+    w = torch.as_tensor(weights, dtype=torch.float64)
+    return w.flatten(2).norm(dim=2).numpy()
+
+
+# --- sparse autoencoders on a layer's z -----------------------------------------------------------------------
+
+def decoder_head_shares(W_dec: np.ndarray | torch.Tensor, n_heads: int) -> np.ndarray:
+    """Decoder-norm share of every head in every feature: W_dec (F, H*D) -> (F, H), rows summing to 1.
+
+    ``w[f, h] = ||W_dec[f, h-block]|| / sum_h' ||W_dec[f, h'-block]||``; a feature with an all-zero decoder row
+    gets uniform shares.
+    """
+    W = torch.as_tensor(W_dec, dtype=torch.float64)
+    if W.shape[1] % n_heads:
+        raise ValueError(f"decoder width {W.shape[1]} is not a multiple of {n_heads} heads: pass W_dec as (F, H*D)")
+    norms = W.view(W.shape[0], n_heads, -1).norm(dim=2)  # (F, H)
+    total = norms.sum(dim=1, keepdim=True)
+    return torch.where(total > 0, norms / total.clamp_min(1e-300), torch.full_like(norms, 1.0 / n_heads)).numpy()
+
+
+def direct_feature_attribution(z: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
+                               b_dec: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split each feature's pre-activation over heads.
+
+    z (N, H, D), W_enc (H*D, F), b_enc (F,), b_dec (H*D,) or None (an SAE that does not subtract b_dec before
+    encoding). The pre-activation ``(z - b_dec) @ W_enc + b_enc`` equals ``per_head.sum(1) + bias``, with
+    per_head (N, H, F) = z_h . W_enc[h-block, f] and bias (F,) = b_enc - b_dec @ W_enc.
+    """
+    N, H, D = z.shape
+    W = W_enc.to(z.dtype).view(H, D, -1)  # (H, D, F)
+    per_head = torch.einsum("nhd,hdf->nhf", z, W)
+    bias = b_enc.to(z.dtype)
+    if b_dec is not None:
+        bias = bias - b_dec.to(z.dtype) @ W_enc.to(z.dtype)
+    return per_head, bias
+
+
+def feature_task_auroc(acts: np.ndarray | torch.Tensor, labels: np.ndarray) -> np.ndarray:
+    """How well each feature's activation predicts the label: acts (N, F), labels (N,) -> AUROC (F,).
+
+    Binary labels: the AUROC of the activation for class 1 (ties count half, so a feature that never fires
+    scores 0.5). More classes: the mean one-vs-rest AUROC, each class's read in the direction that separates it
+    best. Rows with label < 0 (unlabelled) are left out.
+    """
+    return _auroc_and_null_std(acts, labels)[0]
+
+
+def _auroc_and_null_std(acts, labels) -> tuple[np.ndarray, np.ndarray]:
+    """AUROC (F,) and its standard deviation under shuffled labels (F,), exact for binary labels (the
+    Mann-Whitney variance with the tie correction), from 32 label shuffles for more classes."""
+    acts = acts.double().cpu().numpy() if isinstance(acts, torch.Tensor) else np.asarray(acts, np.float64)
+    labels = np.asarray(labels)
+    keep = labels >= 0
+    acts, labels = acts[keep], labels[keep].astype(np.int64)
+    classes = np.unique(labels)
+    if len(classes) < 2:
+        raise ValueError("feature AUROC needs at least two label classes among the rows")
+    ranks = rankdata(acts, axis=0)  # (N, F), average ranks for ties
+
+    def auroc(y: np.ndarray) -> np.ndarray:
+        if len(classes) == 2:
+            return _auroc_from_ranks(ranks, y == classes[1])
+        return np.mean([0.5 + np.abs(_auroc_from_ranks(ranks, y == c) - 0.5) for c in classes], axis=0)
+
+    if len(classes) == 2:
+        n1 = int((labels == classes[1]).sum())
+        n2, n = len(labels) - n1, len(labels)
+        ties = _tie_sums(acts)  # sum over tie groups of t^3 - t, per feature
+        var_u = n1 * n2 / 12 * ((n + 1) - ties / (n * (n - 1)))
+        return auroc(labels), np.sqrt(np.clip(var_u, 0, None)) / (n1 * n2)
+    rng = np.random.default_rng(0)
+    null = np.stack([auroc(rng.permutation(labels)) for _ in range(32)])
+    return auroc(labels), np.sqrt(((null - null.mean(0)) ** 2).mean(0) + (null.mean(0) - 0.5) ** 2)
+
+
+def _auroc_from_ranks(ranks: np.ndarray, positive: np.ndarray) -> np.ndarray:
+    n_pos, n_neg = positive.sum(), (~positive).sum()
+    return (ranks[positive].sum(0) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def _tie_sums(acts: np.ndarray) -> np.ndarray:
+    """Per column of acts (N, F): the sum over groups of equal values of t^3 - t (t = group size)."""
+    n, f = acts.shape
+    s = np.sort(acts, axis=0)
+    run = np.cumsum(np.vstack([np.ones((1, f), bool), s[1:] != s[:-1]]), axis=0) - 1  # run index per row
+    t = np.bincount((run + np.arange(f) * n).ravel(), minlength=n * f).reshape(f, n).astype(np.float64)
+    return (t ** 3 - t).sum(1)
+
+
+def feature_strength(auroc: np.ndarray) -> np.ndarray:
+    """|2 AUROC - 1|: 0 for a feature that says nothing about the label, 1 for a perfect one (either sign)."""
+    return np.abs(2 * np.asarray(auroc, dtype=np.float64) - 1)
+
+
+def feature_ties(acts: np.ndarray | torch.Tensor, labels: np.ndarray, alpha: float = 0.01,
+                 n_tests: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature AUROC (F,) and the strength each feature must exceed to be tied to the task (F,).
+
+    A feature is tied when its AUROC is further from 0.5 than the two-sided Gaussian quantile for ``alpha`` of its
+    own null distribution (shuffled labels; exact variance for binary labels), Bonferroni-corrected over
+    ``n_tests`` features (default: the SAE's features). A feature that never fires cannot be tied.
+    """
+    auroc, null_std = _auroc_and_null_std(acts, labels)
+    z = norm.ppf(1 - alpha / (2 * (n_tests or len(auroc))))
+    return auroc, np.where(null_std > 0, 2 * z * null_std, np.inf)
+
+
+def sae_head_importance(shares: np.ndarray, auroc: np.ndarray, tie_threshold: np.ndarray | float
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Head importance for a task from one SAE, and its even-share null: (F, H), (F,) -> (H,), (H,).
+
+    A feature is tied to the task when its strength |2 AUROC - 1| exceeds ``tie_threshold`` (scalar or (F,),
+    from :func:`feature_ties`); it weighs by its excess strength. A head's importance is the share-weighted sum
+    over the tied features; its null is the importance it would get if every tied feature were spread evenly
+    over the heads (so a head passes when it holds more than its even part of the task's features).
+    """
+    weight = np.clip(feature_strength(auroc) - tie_threshold, 0, None)  # (F,)
+    importance = weight @ np.asarray(shares, dtype=np.float64)  # (H,)
+    return importance, np.full_like(importance, weight.sum() / shares.shape[1])
+
+
+def sae_evidence(task: str, stage: str, layer_acts: dict[int, tuple[np.ndarray, np.ndarray]],
+                 labels: np.ndarray, n_layers: int, n_heads: int, layers: list[int] | None = None,
+                 alpha: float = 0.01) -> Evidence:
+    """Evidence from SAEs on some layers: ``layer_acts[layer] = (feature activations (N, F), W_dec (F, H*D))``.
+
+    Rows of layers without an SAE stay NaN (no evidence).
+    """
+    layers = list(range(n_layers)) if layers is None else layers
+    score = np.full((len(layers), n_heads), np.nan)
+    null = np.full_like(score, np.nan)
+    tied = {}
+    n_features = sum(np.shape(acts)[1] for acts, _ in layer_acts.values())
+    for layer, (acts, W_dec) in layer_acts.items():
+        auroc, tau = feature_ties(acts, labels, alpha, n_tests=n_features)
+        slot = layers.index(layer)
+        score[slot], null[slot] = sae_head_importance(decoder_head_shares(W_dec, n_heads), auroc, tau)
+        tied[layer] = {"n_tied": int((feature_strength(auroc) > tau).sum()),
+                       "best_auroc": float(auroc[np.argmax(feature_strength(auroc))])}
+    return Evidence(task, stage, "sae", score, null, layers, metric="share-weighted tied-feature strength",
+                    extra={"layers": tied})
+
+
+def linear_evidence(task: str, stage: str, val_acc: np.ndarray, control_acc: np.ndarray, layers: list[int],
+                    alpha: float = 0.01, n_val: int | None = None) -> Evidence:
+    """Evidence from per-head linear probes: val accuracy (L, H) against the control probes' accuracy (L, H)."""
+    score, null = probe_importance(val_acc, control_acc, alpha, n_val)
+    sel = selectivity(val_acc, control_acc)
+    return Evidence(task, stage, "linear", score, null, layers, metric="val accuracy",
+                    extra={"selectivity": sel.tolist()})
+
+
+def sparse_evidence(task: str, stage: str, weights: np.ndarray | torch.Tensor,
+                    control_weights: np.ndarray | torch.Tensor | None, layers: list[int],
+                    alpha: float = 0.01) -> Evidence:
+    """Evidence from a sparse (group lasso) probe: group norms of the weights (L, H, D[, C]); the null comes from
+    the group norms of the same probe fitted to control labels (0 when none is given: any selected head)."""
+    score = group_norms(weights)
+    null = null_threshold(group_norms(control_weights), alpha) if control_weights is not None else 0.0
+    return Evidence(task, stage, "sparse", score, null, layers, metric="group norm")

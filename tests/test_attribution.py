@@ -1,0 +1,173 @@
+"""Attribution to heads and the stage map: exact identities, and planted heads recovered from every artifact."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from probes.attribution import (decoder_head_shares, direct_feature_attribution, feature_task_auroc, feature_ties,
+                                group_norms, linear_evidence, sae_evidence, sparse_evidence)
+from probes.stage_map import STAGES, build_stage_map, write_stage_map
+from tests.attribution_synthetic import (H, L, PLANTED, group_lasso, lda_accuracy, make_tasks, planted_map,
+                                         topk_activations, topk_sae)
+
+LAYERS = list(range(L))
+
+
+def test_decoder_shares_sum_to_one_over_heads():
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(40, 6 * 5, generator=g)
+    W[3] = 0  # a dead feature: uniform shares
+    W[7] = 0
+    W[7, 10:15] = torch.randn(5, generator=g)  # written by head 2 only
+    shares = decoder_head_shares(W, n_heads=6)
+    assert shares.shape == (40, 6)
+    np.testing.assert_allclose(shares.sum(1), 1.0, atol=1e-12)
+    np.testing.assert_allclose(shares[3], 1 / 6)
+    np.testing.assert_allclose(shares[7], np.eye(6)[2])
+    expected = W.view(40, 6, 5).norm(dim=2)
+    np.testing.assert_allclose(shares[0], (expected[0] / expected[0].sum()).numpy(), rtol=1e-6)
+    with pytest.raises(ValueError, match="multiple of"):
+        decoder_head_shares(W[:, :29], n_heads=6)
+
+
+@pytest.mark.parametrize("with_b_dec", [True, False])
+def test_direct_feature_attribution_sums_to_preactivation(with_b_dec):
+    g = torch.Generator().manual_seed(1)
+    N, Hh, D, F = 32, 6, 8, 50
+    z = torch.randn(N, Hh, D, generator=g) * 3
+    W_enc, b_enc = torch.randn(Hh * D, F, generator=g) / 4, torch.randn(F, generator=g)
+    b_dec = torch.randn(Hh * D, generator=g) if with_b_dec else None
+    per_head, bias = direct_feature_attribution(z, W_enc, b_enc, b_dec)
+    assert per_head.shape == (N, Hh, F) and bias.shape == (F,)
+    x = z.reshape(N, -1) - (b_dec if with_b_dec else 0)
+    np.testing.assert_allclose((per_head.sum(1) + bias).numpy(), (x @ W_enc + b_enc).numpy(), atol=1e-5)
+    # each head's term is that head's block alone
+    np.testing.assert_allclose(per_head[:, 4].numpy(), (z[:, 4] @ W_enc[4 * D:5 * D]).numpy(), atol=1e-5)
+
+
+def test_feature_auroc_matches_sklearn_and_its_null_spread_matches_shuffles():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    acts = np.maximum(rng.normal(size=(300, 6)) - 1.0, 0)  # sparse: many tied zeros
+    acts[:, 0] += 0.8 * y  # informative
+    acts[:, 5] = 0  # never fires
+    auroc = feature_task_auroc(acts, y)
+    np.testing.assert_allclose(auroc, [roc_auc_score(y, a) for a in acts.T], atol=1e-12)
+    assert auroc[5] == 0.5
+    # unlabelled rows are left out
+    y2 = y.copy()
+    y2[:50] = -1
+    np.testing.assert_allclose(feature_task_auroc(acts, y2), [roc_auc_score(y[50:], a[50:]) for a in acts.T])
+    # the tie-corrected null spread matches what label shuffles give
+    _, threshold = feature_ties(acts, y, alpha=0.05, n_tests=1)
+    shuffled = np.stack([feature_task_auroc(acts, rng.permutation(y)) for _ in range(400)])
+    z = 1.959964
+    np.testing.assert_allclose(threshold[1:5], 2 * z * shuffled[:, 1:5].std(0), rtol=0.12)
+    assert threshold[5] == np.inf
+    # more classes: the mean one-vs-rest AUROC, each read in its better direction
+    y3 = rng.integers(0, 3, 300)
+    per_class = [[roc_auc_score(y3 == c, a) for c in range(3)] for a in acts.T]
+    np.testing.assert_allclose(feature_task_auroc(acts, y3), [np.mean([max(v, 1 - v) for v in r]) for r in per_class])
+    with pytest.raises(ValueError, match="two label classes"):
+        feature_task_auroc(acts, np.ones(300))
+
+
+def test_group_norms_are_zero_exactly_for_dropped_heads():
+    w = np.random.default_rng(0).normal(size=(3, 4, 5, 2))
+    w[1, 2] = 0
+    n = group_norms(w)
+    assert n.shape == (3, 4) and n[1, 2] == 0
+    np.testing.assert_allclose(n[0, 0], np.linalg.norm(w[0, 0]))
+
+
+# --- planted heads ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tasks():
+    return make_tasks(seed=0)
+
+
+def linear_evidences(tasks):
+    rng = np.random.default_rng(1)
+    return [linear_evidence(t.name, t.stage, lda_accuracy(t.z, t.labels, t.train, t.val),
+                            lda_accuracy(t.z, rng.permutation(t.labels), t.train, t.val), LAYERS, n_val=len(t.val))
+            for t in tasks]
+
+
+def sparse_evidences(tasks):
+    rng = np.random.default_rng(2)
+    out = []
+    for t in tasks:
+        z = (t.z - t.z[t.train].mean(0)) / t.z[t.train].std(0)
+        w = group_lasso(z[t.train], t.labels[t.train])
+        control = group_lasso(z[t.train], rng.permutation(t.labels[t.train]))
+        out.append(sparse_evidence(t.name, t.stage, w, control, LAYERS))
+    return out
+
+
+def sae_evidences(tasks):
+    """One TopK SAE per layer, trained on every task's z at that layer (a stand-in for a text corpus)."""
+    saes = {layer: topk_sae(np.concatenate([t.z[:, layer].reshape(len(t.z), -1) for t in tasks]), seed=layer)
+            for layer in LAYERS}
+    out = []
+    for t in tasks:
+        acts = {}
+        for layer, sae in saes.items():
+            per_head, bias = direct_feature_attribution(torch.as_tensor(t.z[:, layer], dtype=torch.float32),
+                                                        sae["W_enc"], sae["b_enc"], sae["b_dec"])
+            acts[layer] = (topk_activations(per_head.sum(1) + bias, 4).numpy(), sae["W_dec"].numpy())
+        out.append(sae_evidence(t.name, t.stage, acts, t.labels, n_layers=L, n_heads=H))
+    return out
+
+
+@pytest.mark.parametrize("source", ["linear", "sparse", "sae"])
+def test_stage_map_puts_exactly_the_planted_heads_at_their_stages(tasks, source):
+    evidence = {"linear": linear_evidences, "sparse": sparse_evidences, "sae": sae_evidences}[source](tasks)
+    stage_map = build_stage_map(evidence)
+    assert stage_map.scores.shape == (L, H, 4)
+    assert stage_map.assigned() == planted_map()
+    for stage, heads in PLANTED.items():
+        top = stage_map.top_heads(stage, k=len(heads) + 3)
+        assert {(layer, head) for layer, head, _ in top} == set(heads)
+
+
+def test_no_stage_without_signal():
+    noise = make_tasks(amplitude=0.0, seed=3)
+    assert build_stage_map(linear_evidences(noise)).assigned() == {}
+
+
+def test_stage_map_files(tasks, tmp_path):
+    import matplotlib.image
+
+    stage_map = build_stage_map(linear_evidences(tasks) + sparse_evidences(tasks[:1]))
+    paths = write_stage_map(stage_map, tmp_path / "attr", k=4)
+    img = matplotlib.image.imread(paths["png"])
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+    with open(paths["csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == L * H
+    got = {(int(r["layer"]), int(r["head"])): r["stage"] for r in rows if r["stage"]}
+    assert got == planted_map()
+    data = json.loads(paths["json"].read_text())
+    assert data["stages"] == list(STAGES) and np.array(data["scores"]).shape == (L, H, 4)
+    assert {e["source"] for e in data["evidence"]} == {"linear", "sparse"}
+    md = paths["markdown"].read_text()
+    assert "![stage map](stage_map.png)" in md
+    lr_part = md.split("### LR")[1].split("### EP")[0]
+    assert "L2.H0" in lr_part and "L3.H3" in lr_part and "L0.H1" not in lr_part
+    assert "kr_a/linear" in md.split("### KR")[1].split("### ICI")[0]
+
+
+def test_stage_map_refuses_bad_evidence():
+    with pytest.raises(ValueError, match="no evidence"):
+        build_stage_map([])
+    ev = linear_evidence("t", "XX", np.ones((2, 3)), np.zeros((2, 3)), [0, 1])
+    with pytest.raises(ValueError, match="unknown stage"):
+        build_stage_map([ev])
+    with pytest.raises(ValueError, match="2 layers"):
+        linear_evidence("t", "KR", np.ones((3, 3)), np.zeros((3, 3)), [0, 1])
