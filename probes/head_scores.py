@@ -1,0 +1,115 @@
+"""Modeling-free cross-check: attention-pattern scores of previous-token, duplicate-token and induction heads.
+
+On a batch of ``[BOS, r1..rn, r1..rn]`` (random tokens), with A a head's attention pattern (query i, key j) and P a
+0/1 detection pattern, the score is ``sum(A * P) / sum(A)`` over the queries of the second half (the
+TransformerLens head-detector "mul" score; Olsson et al. 2022):
+
+- previous-token: P[i, i-1] = 1;
+- duplicate-token: P[i, j] = 1 where tok_i = tok_j, j < i;
+- induction: P[i, j+1] = 1 where tok_i = tok_j, j < i (on this input: the diagonal at offset 1 - n).
+
+Scores above ~0.4 mark the type. Attention patterns need eager attention (``sdpa`` returns none); the model is
+switched to eager for the measurement and back afterwards.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from torch import nn
+
+HEAD_TYPES = ("previous_token", "duplicate_token", "induction")
+HEAD_TYPE_STAGE = {"previous_token": "ICI", "duplicate_token": "ICI", "induction": "LR"}  # survey's taxonomy
+TYPE_THRESHOLD = 0.4
+
+
+def repeated_random_tokens(n: int = 50, batch: int = 8, vocab_size: int = 1000, bos: int | None = None,
+                           low: int = 0, seed: int = 0) -> torch.Tensor:
+    """(batch, [1 +] 2n) token ids: [BOS,] r1..rn, r1..rn with r drawn without replacement from [low, vocab_size)."""
+    g = torch.Generator().manual_seed(seed)
+    r = torch.stack([low + torch.randperm(vocab_size - low, generator=g)[:n] for _ in range(batch)])
+    tokens = torch.cat([r, r], dim=1)
+    if bos is not None:
+        tokens = torch.cat([torch.full((batch, 1), bos, dtype=tokens.dtype), tokens], dim=1)
+    return tokens
+
+
+def detection_patterns(tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """0/1 patterns (B, S, S) per head type for a batch of tokens (B, S), query i on rows, key j on columns."""
+    B, S = tokens.shape
+    same = tokens[:, :, None] == tokens[:, None, :]  # (B, i, j)
+    earlier = torch.ones(S, S, dtype=torch.bool).tril(-1)  # j < i
+    dup = same & earlier
+    induction = torch.zeros_like(dup)
+    induction[:, :, 1:] = dup[:, :, :-1]  # P[i, j+1] = dup[i, j]
+    prev = torch.zeros(S, S, dtype=torch.bool)
+    prev[torch.arange(1, S), torch.arange(S - 1)] = True
+    return {"previous_token": prev.expand(B, S, S), "duplicate_token": dup, "induction": induction}
+
+
+def pattern_scores(attn: torch.Tensor, tokens: torch.Tensor, n: int | None = None) -> dict[str, np.ndarray]:
+    """Scores per head type from attention patterns attn (B, L, H, S, S) on ``tokens`` (B, S) -> {type: (L, H)}.
+
+    Only the last ``n`` query positions count (the repeated half); ``n=None`` uses every query.
+    """
+    B, L, H, S, _ = attn.shape
+    q0 = 0 if n is None else S - n
+    a = attn[:, :, :, q0:].double()  # (B, L, H, Q, S)
+    total = a.sum(dim=(0, 3, 4))  # (L, H)
+    out = {}
+    for name, p in detection_patterns(tokens).items():
+        hit = torch.einsum("blhqk,bqk->lh", a, p[:, q0:].double())
+        out[name] = (hit / total).numpy()
+    return out
+
+
+@contextmanager
+def eager_attention(model: nn.Module):
+    """Switch a Hugging Face model to eager attention (so it returns attention patterns), then back."""
+    old = getattr(model.config, "_attn_implementation", None)
+    if old != "eager":
+        model.set_attn_implementation("eager")
+    try:
+        yield model
+    finally:
+        if old is not None and old != "eager":
+            model.set_attn_implementation(old)
+
+
+@torch.no_grad()
+def attention_patterns(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Every head's attention pattern on ``tokens`` (B, S): (B, L, H, S, S), float32."""
+    with eager_attention(model):
+        device = next(model.parameters()).device
+        out = model.base_model(input_ids=tokens.to(device), output_attentions=True)
+    attentions = getattr(out, "attentions", None)
+    if not attentions or any(a is None for a in attentions):
+        raise RuntimeError(f"{model.config.model_type} returned no attention patterns with output_attentions=True:"
+                           f" load it with attn_implementation='eager'")
+    return torch.stack(attentions, dim=1).float().cpu()
+
+
+def head_type_scores(model: nn.Module, n: int = 50, batch: int = 8, seed: int = 0, bos: int | None = None,
+                     vocab_size: int | None = None) -> dict[str, np.ndarray]:
+    """Previous-token, duplicate-token and induction scores of every head: {type: (L, H)}.
+
+    ``bos`` defaults to the model config's ``bos_token_id``; random tokens come from the first ``vocab_size``
+    ids (default: the whole vocabulary) above the special tokens.
+    """
+    cfg = model.config
+    bos = cfg.bos_token_id if bos is None else bos
+    vocab = vocab_size or cfg.vocab_size
+    low = min(vocab // 2, 1 + max(t for t in (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id, 0)
+                                  if isinstance(t, int)))
+    tokens = repeated_random_tokens(n, batch, vocab, bos, low=low, seed=seed)
+    return pattern_scores(attention_patterns(model, tokens), tokens, n)
+
+
+def head_types(scores: dict[str, np.ndarray], threshold: float = TYPE_THRESHOLD) -> dict[tuple[int, int], list[str]]:
+    """{(layer, head): [types scoring above threshold]} for every head with at least one type."""
+    out: dict[tuple[int, int], list[str]] = {}
+    for name in HEAD_TYPES:
+        for layer, head in zip(*np.nonzero(scores[name] > threshold)):
+            out.setdefault((int(layer), int(head)), []).append(name)
+    return out

@@ -1,0 +1,114 @@
+"""Head ablation hooks change the model only through the ablated heads; the causal check compares with random heads."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from extract.hooks import HeadCapture, head_layout, out_projections, spec_for
+from probes.ablation import HeadAblation, causal_check, head_means
+from tests.conftest import tiny_model
+
+
+def logits(model, ids, mask=None):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_mean_ablation_with_own_mean_on_a_constant_input_changes_nothing(family):
+    model = tiny_model(family)
+    layout = head_layout(model)
+    ids = torch.full((3, 1), 17)  # every row and position the same: each head's z is its own mean
+    means = head_means(model, [{"input_ids": ids}])
+    every = [(l, h) for l in range(layout.n_layers) for h in range(layout.n_heads)]
+    varied = torch.tensor([[17, 40, 99, 5]])
+    clean, clean_varied = logits(model, ids), logits(model, varied)
+    with HeadAblation(model, every, "mean", means):
+        torch.testing.assert_close(logits(model, ids), clean, atol=1e-5, rtol=0)
+        assert not torch.allclose(logits(model, varied), clean_varied, atol=1e-3)  # the hooks are live
+    torch.testing.assert_close(logits(model, varied), clean_varied)  # and gone after the context
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_zero_ablating_a_head_equals_removing_its_output_weights(family):
+    """The ablation acts only through the chosen head: the same as deleting that head's block of W_O."""
+    model = tiny_model(family)
+    layout = head_layout(model)
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    heads = [(1, 2), (2, 0)]
+    with HeadAblation(model, heads, "zero"):
+        ablated = logits(model, ids)
+    proj, D = out_projections(model), layout.d_head
+    with torch.no_grad():
+        for layer, head in heads:
+            w = proj[layer].weight
+            block = slice(head * D, (head + 1) * D)
+            (w[block] if spec_for(model).conv1d else w[:, block]).zero_()
+    torch.testing.assert_close(ablated, logits(model, ids), atol=1e-5, rtol=0)
+    assert not torch.allclose(ablated, logits(tiny_model(family), ids), atol=1e-3)
+
+
+def test_zero_ablating_every_head_equals_removing_attention_output():
+    model = tiny_model("llama")  # no output-projection bias
+    layout = head_layout(model)
+    ids = torch.randint(3, 300, (2, 10), generator=torch.Generator().manual_seed(1))
+    every = [(l, h) for l in range(layout.n_layers) for h in range(layout.n_heads)]
+    with HeadAblation(model, every, "zero"):
+        ablated = logits(model, ids)
+    handles = [p.register_forward_hook(lambda m, a, out: torch.zeros_like(out)) for p in out_projections(model)]
+    try:
+        removed = logits(model, ids)
+    finally:
+        for h in handles:
+            h.remove()
+    torch.testing.assert_close(ablated, removed, atol=1e-6, rtol=0)
+    assert not torch.allclose(removed, logits(model, ids), atol=1e-3)
+
+
+def test_head_means_average_the_unpadded_tokens():
+    model = tiny_model("gpt2")
+    layout = head_layout(model)
+    ids = torch.randint(3, 300, (2, 6), generator=torch.Generator().manual_seed(2))
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    means = head_means(model, [{"input_ids": ids, "attention_mask": mask}])
+    b, p = torch.nonzero(mask, as_tuple=True)
+    with HeadCapture(model, list(range(layout.n_layers)), stop_early=False) as cap:
+        cap.select(b, p)
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+    torch.testing.assert_close(means, cap.z.mean(0), atol=1e-5, rtol=0)
+
+
+def test_causal_check_top_heads_against_random_heads():
+    model = tiny_model("llama")
+    layout = head_layout(model)
+    ids = torch.randint(3, 300, (8, 10), generator=torch.Generator().manual_seed(3))
+    clean = logits(model, ids)[:, -1]
+
+    def metric(m) -> np.ndarray:  # per example: minus the squared change of the last-token logits
+        return -((logits(m, ids)[:, -1] - clean) ** 2).mean(-1).numpy()
+
+    effect = {}
+    for l in range(layout.n_layers):
+        for h in range(layout.n_heads):
+            with HeadAblation(model, [(l, h)], "zero"):
+                effect[(l, h)] = -metric(model).mean()
+    top = sorted(effect, key=effect.get, reverse=True)[:2]
+    res = causal_check(model, metric, top, n_draws=6, mode="zero", seed=0)
+    assert res.clean == pytest.approx(0.0, abs=1e-12)
+    assert res.k == 2 and len(res.random) == 6 and len(res.random_heads) == 6
+    assert all(len(set(d)) == 2 and not set(d) & set(top) for d in res.random_heads)
+    assert res.top_ci[0] <= res.top <= res.top_ci[1] and res.random_ci[0] <= res.random_mean <= res.random_ci[1]
+    assert res.top < min(res.random) and res.hurts_more
+    assert res.to_dict()["hurts_more"] is True
+
+
+def test_ablation_refuses_bad_heads():
+    model = tiny_model("gpt2")
+    with pytest.raises(ValueError, match="outside"):
+        HeadAblation(model, [(3, 0)], "zero")
+    with pytest.raises(ValueError, match="head_means"):
+        HeadAblation(model, [(0, 0)], "mean")
+    with pytest.raises(ValueError, match="mode"):
+        HeadAblation(model, [(0, 0)], "resample")

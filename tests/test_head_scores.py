@@ -1,0 +1,99 @@
+"""Attention-pattern scores: exact on hand-set patterns, and a planted previous-token head in a tiny model."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from probes.head_scores import (attention_patterns, detection_patterns, head_type_scores, head_types, pattern_scores,
+                                repeated_random_tokens)
+from tests.conftest import tiny_model
+
+N = 10
+
+
+def test_repeated_tokens_layout():
+    t = repeated_random_tokens(n=N, batch=3, vocab_size=50, bos=1, low=5, seed=0)
+    assert t.shape == (3, 1 + 2 * N)
+    assert (t[:, 0] == 1).all() and torch.equal(t[:, 1:N + 1], t[:, N + 1:])
+    assert (t[:, 1:] >= 5).all() and all(len(set(row[1:N + 1].tolist())) == N for row in t)
+
+
+def test_scores_of_hand_set_patterns():
+    tokens = repeated_random_tokens(n=N, batch=2, vocab_size=100, bos=0, low=1, seed=1)
+    S = tokens.shape[1]
+    eye = lambda offset: torch.diag(torch.ones(S - abs(offset)), offset)
+    prev = eye(-1)
+    prev[0, 0] = 1  # BOS attends to itself
+    dup = eye(-N)
+    dup[: N + 1] = prev[: N + 1]  # first half: previous token
+    induction = eye(1 - N)
+    induction[: N] = prev[: N]
+    uniform = torch.tril(torch.ones(S, S))
+    uniform /= uniform.sum(1, keepdim=True)
+    heads = torch.stack([prev, dup, induction, uniform])  # (4, S, S)
+    attn = heads[None, None].expand(2, 1, 4, S, S)  # (B, L=1, H=4, S, S)
+    s = pattern_scores(attn, tokens, n=N)
+    np.testing.assert_allclose(s["previous_token"][0], [1, 0, 0, s["previous_token"][0, 3]], atol=1e-12)
+    np.testing.assert_allclose(s["duplicate_token"][0, :3], [0, 1, 0], atol=1e-12)
+    np.testing.assert_allclose(s["induction"][0, :3], [0, 0, 1], atol=1e-12)
+    # uniform attention over the i+1 visible keys: each pattern holds one key per query of the second half
+    q = torch.arange(N + 1, S, dtype=torch.float64)
+    expected = float((1 / (q + 1)).mean())
+    for name in ("previous_token", "duplicate_token", "induction"):
+        assert s[name][0, 3] == pytest.approx(expected)
+    # induction is also the mean of the diagonal at offset 1 - n over the second half
+    assert float(torch.diagonal(induction, 1 - N)[1:].mean()) == pytest.approx(s["induction"][0, 2])
+    assert head_types(s) == {(0, 0): ["previous_token"], (0, 1): ["duplicate_token"], (0, 2): ["induction"]}
+
+
+def test_detection_patterns_follow_the_tokens():
+    tokens = torch.tensor([[5, 7, 5, 9, 7]])
+    p = detection_patterns(tokens)
+    assert p["duplicate_token"][0].nonzero().tolist() == [[2, 0], [4, 1]]
+    assert p["induction"][0].nonzero().tolist() == [[2, 1], [4, 2]]
+    assert p["previous_token"][0].nonzero().tolist() == [[1, 0], [2, 1], [3, 2], [4, 3]]
+
+
+def previous_token_qwen2():
+    """A tiny Qwen2 whose head 0 of layer 1 attends to the previous token: q and k are constant (zero weights, set
+    biases), chosen through RoPE so that the score of key j for query i peaks at i - j = 1."""
+    model = tiny_model("qwen2", attn="sdpa")  # 2 layers, 4 heads, 2 KV heads, d_head 8
+    attn = model.model.layers[1].self_attn
+    D = attn.head_dim
+    inv_freq = model.model.rotary_emb.inv_freq  # (D/2,)
+    k = torch.zeros(D)
+    k[[0, 1, D // 2, D // 2 + 1]] = 12.0  # the two fastest rotating pairs
+    # q = R(-1) k: with HF's rotate-half layout, the pair (x_i, x_{i + D/2}) rotates by angle pos * inv_freq[i]
+    ang = torch.cat([inv_freq, inv_freq]) * -1.0
+    rot = torch.cat([-k[D // 2:], k[: D // 2]])
+    q = k * ang.cos() + rot * ang.sin()
+    with torch.no_grad():
+        for proj in (attn.q_proj, attn.k_proj):
+            proj.weight.zero_()
+            proj.bias.zero_()
+        attn.q_proj.bias[:D] = q  # query head 0
+        attn.k_proj.bias[:D] = k  # kv head 0 (shared by query heads 0 and 1)
+    return model
+
+
+def test_planted_previous_token_head_in_a_tiny_model():
+    model = previous_token_qwen2()
+    scores = head_type_scores(model, n=20, batch=4, bos=1, vocab_size=300)
+    assert model.config._attn_implementation == "sdpa"  # switched back after measuring
+    prev = scores["previous_token"]
+    assert prev.shape == (2, 4)
+    assert prev[1, 0] > 0.9
+    others = np.delete(prev.ravel(), 4)
+    assert others.max() < 0.4
+    assert head_types(scores).get((1, 0)) == ["previous_token"]
+    assert (scores["induction"] < 0.4).all()
+
+
+def test_attention_patterns_are_probabilities():
+    model = tiny_model("gpt2")
+    tokens = repeated_random_tokens(n=5, batch=2, vocab_size=300, bos=None, low=3, seed=0)
+    a = attention_patterns(model, tokens)
+    assert a.shape == (2, 3, 4, 10, 10)
+    np.testing.assert_allclose(a.sum(-1).numpy(), 1.0, atol=1e-5)
+    assert torch.all(a.triu(1) == 0)  # causal
