@@ -13,15 +13,19 @@ class TaskError(ValueError):
 
 def get_task(name: str) -> Task:
     if name not in TASKS:
-        raise TaskError(f"unknown task {name!r}: run `headprobe tasks` to list them, or pass a .jsonl/.csv file")
+        raise TaskError(f"unknown task {name!r}: run `headprobe tasks` to list them, or pass a .jsonl/.csv file or hf:NAME")
     return TASKS[name]
 
 
 def resolve_task(ref: str) -> Task:
-    """A built-in task by name, or a user dataset file (.jsonl / .csv)."""
+    """A built-in task by name, a user dataset file (.jsonl / .csv), or ``hf:NAME?text=..&label=..`` (a Hugging Face
+    dataset with a column mapping; see ``extract/tasks/user.py``)."""
+    from extract.tasks import user
+
+    if ref.startswith("hf:"):
+        return user.load_hf_task(ref)
     if ref.endswith((".jsonl", ".csv")):
-        from extract.tasks.user import load_user_task
-        return load_user_task(ref)
+        return user.load_user_task(ref)
     return get_task(ref)
 
 

@@ -1,0 +1,131 @@
+"""Built-in tasks: registry, determinism, split leakage, token labels, the model metric, `headprobe tasks`."""
+from __future__ import annotations
+
+import re
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from extract.extractor import ExtractConfig, extract
+from extract.hooks import out_projections
+from extract.store import Store
+from extract.tasks import STAGES, TASKS, assign_splits, get_task
+from extract.tasks.builtin import DATA, seen_before
+from extract.tasks.metrics import choice_metric, model_metric
+from tests.conftest import tiny_loaded
+from train.cli import main as headprobe
+
+LABELLED = [name for name, task in TASKS.items() if task.stage]
+
+
+def test_registry_covers_every_stage_with_cards():
+    per_stage = {s: [n for n in LABELLED if TASKS[n].stage == s] for s in STAGES}
+    assert all(len(v) >= 2 for v in per_stage.values()), per_stage
+    assert len(LABELLED) >= 8
+    for name in LABELLED:
+        task = TASKS[name]
+        card = (DATA / task.card).read_text()
+        assert re.search(r"above chance: (yes|no)", card), f"{task.card} states no measured model performance"
+        examples = task.examples(0)
+        labels = [y for ex in examples for y in ([ex.label] if ex.token_labels is None else ex.token_labels)
+                  if y is not None]
+        assert task.token_labeler or set(labels) == set(range(len(task.label_names))), name
+
+
+def test_headprobe_tasks_lists_all(capsys):
+    headprobe(["tasks"])
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines()[1:] if line and not line.startswith(" ")]
+    assert {r[0] for r in rows} == set(TASKS)
+    assert {r[1] for r in rows} >= set(STAGES)
+    for r in rows:
+        assert int(r[2]) == len(TASKS[r[0]].examples(0)) and r[-1] == f"datasets/{TASKS[r[0]].card}"
+
+
+@pytest.mark.parametrize("name", LABELLED)
+def test_examples_are_deterministic_and_seeded(name):
+    task = TASKS[name]
+    a = task.examples(0)
+    assert a == task.examples(0)
+    if name != "facts":  # facts are a fixed list; every other task draws something from the seed
+        assert a != task.examples(1)
+
+
+@pytest.mark.parametrize("name", [*LABELLED, "corpus"])
+def test_no_group_or_question_in_two_splits(name):
+    task = TASKS[name]
+    examples = task.examples(0)
+    splits = assign_splits([ex.group for ex in examples], task.split_fractions, seed=0)
+    assert set(splits.tolist()) == {0, 1, 2}
+    for key in ("group", "question"):
+        where = {}
+        for ex, s in zip(examples, splits):
+            k = ex.group if key == "group" else (ex.choice or {}).get("prompt", ex.group)
+            where.setdefault(k, set()).add(int(s))
+        assert all(len(v) == 1 for v in where.values()), f"a {key} of {name} is in two splits"
+
+
+def test_same_seed_same_store_bytes(tmp_path):
+    """Two extractions of one task with one seed write identical datasets; another seed writes other ones."""
+    loaded = tiny_loaded("llama")
+    cfg = ExtractConfig(max_examples=12)
+    paths = [extract(loaded, get_task("ioi"), tmp_path / f"{i}.h5", cfg, progress=False) for i in range(2)]
+    other = extract(loaded, get_task("ioi"), tmp_path / "s1.h5", ExtractConfig(max_examples=12, seed=1),
+                    progress=False)
+
+    def contents(path):
+        with h5py.File(path) as f:
+            return {k: f[k][()].tobytes() for k in f if isinstance(f[k], h5py.Dataset)}
+
+    assert contents(paths[0]) == contents(paths[1])
+    assert Store(paths[0]).meta.dataset_hash == Store(paths[1]).meta.dataset_hash != Store(other).meta.dataset_hash
+    assert contents(paths[0])["z"] != contents(other)["z"]
+
+
+def test_repeat_tokens_labels_every_token_from_its_ids(tmp_path):
+    task = get_task("repeat_tokens")
+    store = Store(extract(tiny_loaded("llama"), task, tmp_path / "r.h5", ExtractConfig(max_examples=3),
+                          progress=False))
+    ids, ex_id, labels = store.column("token_id"), store.column("example_id"), store.labels
+    for e in range(3):
+        assert labels[ex_id == e].tolist() == seen_before(ids[ex_id == e].tolist())
+    assert 0 < labels.mean() < 1
+
+
+def test_choice_metric_matches_a_direct_logit_difference():
+    """For one-token candidates the margin is logit(right) - logit(wrong) at the prompt's last token, and
+    zeroing every head's output (an ablation hook) changes it."""
+    loaded = tiny_loaded("llama")
+    ex = get_task("ioi").examples(0)[:4]
+    tok, model = loaded.tokenizer, loaded.model
+    diffs = []
+    for q in [e.choice for e in ex]:
+        prompt = tok(q["prompt"])["input_ids"]
+        scores = []
+        for cand in q["candidates"]:  # byte tokens: a name is several tokens; the metric sums their log-probs
+            c = tok(cand, add_special_tokens=False)["input_ids"]
+            logp = torch.log_softmax(model(input_ids=torch.tensor([prompt + c])).logits[0].float(), -1)
+            scores.append(sum(float(logp.detach()[len(prompt) - 1 + j, t]) for j, t in enumerate(c)))
+        diffs.append(scores[0] - scores[1])
+    result = choice_metric(loaded, ex)
+    assert result["margin"] == pytest.approx(np.mean(diffs), abs=1e-4)
+    assert result["metric"] == np.mean(np.array(diffs) > 0) and result["chance"] == 0.5
+
+    handle = out_projections(model)[0].register_forward_pre_hook(lambda m, args: (torch.zeros_like(args[0]),))
+    try:
+        ablated = choice_metric(loaded, ex)
+    finally:
+        handle.remove()
+    assert ablated["margin"] != pytest.approx(result["margin"], abs=1e-4)
+
+
+def test_induction_metric_runs_on_a_tiny_model():
+    result = model_metric(tiny_loaded("llama"), get_task("repeat_tokens"), get_task("repeat_tokens").examples(0)[:4])
+    assert result["n"] > 20 and 0 <= result["metric"] <= 1 and 0 <= result["chance"] <= 1
+
+
+def test_corpus_has_no_model_metric():
+    with pytest.raises(ValueError, match="no model metric"):
+        model_metric(tiny_loaded("gpt2"), get_task("corpus"), [])

@@ -1,0 +1,49 @@
+"""Every built-in task on the real default model: it extracts, and the model does it as its card says."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from extract.extractor import ExtractConfig, extract
+from extract.store import Store
+from extract.tasks import TASKS
+from extract.tasks.builtin import DATA
+from extract.tasks.metrics import model_metric
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    from extract.models import load_model
+    return load_model("smollm2-135m")
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_extracts_on_the_default_model(smollm, name, tmp_path):
+    task = TASKS[name]
+    layers = [15] if name == "corpus" else None
+    store = Store(extract(smollm, task, tmp_path / "s.h5", ExtractConfig(max_examples=16, layers=layers),
+                          progress=False))
+    rows, n_layers, n_heads, d_head = store.shape
+    assert (n_layers, n_heads, d_head) == ((1 if layers else 30), 9, 64)
+    assert np.isfinite(store.activations(np.arange(min(rows, 64))).astype(np.float32)).all()
+    labels = store.labels
+    if task.label_kind == "none":
+        assert (labels == -1).all()
+    else:
+        assert set(labels.tolist()) <= set(range(len(task.label_names))) and len(set(labels.tolist())) == 2
+    if name == "repeat_tokens":  # copied and fresh tokens both common, so the position alone does not tell
+        assert 0.3 < labels.mean() < 0.7
+
+
+@pytest.mark.parametrize("name", sorted(n for n, t in TASKS.items() if t.metric != "none"))
+def test_model_is_above_chance_where_its_card_says_so(smollm, name):
+    task = TASKS[name]
+    claim = re.search(r"above chance: (yes|no)", (DATA / task.card).read_text()).group(1)
+    result = model_metric(smollm, task, task.examples(0)[:64])
+    assert result["n"] >= 20
+    if claim == "yes":
+        assert result["metric"] > result["chance"] + 0.05, result

@@ -1,0 +1,88 @@
+"""User datasets (JSONL / CSV / Hugging Face): parsing, label names, extraction, and errors naming file and line."""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from extract.extractor import ExtractConfig, extract
+from extract.store import Store
+from extract.tasks import resolve_task
+from extract.tasks.user import UserDataError
+from tests.conftest import tiny_loaded
+
+
+def _jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_jsonl_with_string_labels_positions_and_groups_extracts(tmp_path):
+    rows = [{"text": f"sample number {i} here", "label": ["cat", "ant", "bee"][i % 3], "position": -2,
+             "group": f"g{i // 2}"} for i in range(12)]
+    task = resolve_task(str(_jsonl(tmp_path / "animals.jsonl", rows)))
+    assert (task.name, task.label_names, task.label_kind, task.position_rule) == ("animals", ["ant", "bee", "cat"],
+                                                                                  "class", "task")
+    store = Store(extract(tiny_loaded("gpt2"), task, tmp_path / "a.h5", progress=False))
+    assert store.labels.tolist() == [["ant", "bee", "cat"].index(r["label"]) for r in rows]
+    lengths = np.array([len(r["text"].encode()) + 1 for r in rows])  # byte tokenizer + BOS
+    assert (store.column("position") == lengths - 2).all()
+    split, group = store.column("split"), store.column("group")
+    assert all(len(set(split[group == g])) == 1 for g in set(group.tolist()))
+
+
+def test_csv_integer_and_regression_labels(tmp_path):
+    (tmp_path / "ints.csv").write_text("text,label\nfirst one,0\nsecond one,2\n\"a, quoted\nline\",1\n")
+    task = resolve_task(str(tmp_path / "ints.csv"))
+    assert task.label_names == ["0", "1", "2"] and [e.label for e in task.examples(0)] == [0, 2, 1]
+    assert task.examples(0)[2].text == "a, quoted\nline" and task.position_rule == "last"
+    (tmp_path / "reg.csv").write_text("label,text\n0.5,a\n-1.25,b\n")
+    reg = resolve_task(str(tmp_path / "reg.csv"))
+    assert reg.label_kind == "regression" and [e.label for e in reg.examples(0)] == [0.5, -1.25]
+
+
+@pytest.mark.parametrize("lines, line, match", [
+    (['{"text": "ok", "label": 1}', '{"text": "broken", "label": }'], 2, "not valid JSON"),
+    (['{"text": "ok", "label": 1}', '', '{"text": "no label"}'], 3, "no 'label' value"),
+    (['{"label": 1}'], 1, "no 'text' value"),
+    (['{"text": "ok", "label": 1}', '{"text": "ok", "label": [1, 2]}'], 2, "not a class name"),
+    (['{"text": "ok", "label": 1}', '{"text": "ok", "label": "yes"}'], 2, "mixes text and numbers"),
+    (['{"text": "a", "label": 1, "position": 0}', '{"text": "b", "label": 0}'], 2, "some rows give 'position'"),
+    (['{"text": "a", "label": 1, "position": "last"}'], 1, "not an integer token index"),
+    (['{"text": "", "label": 1}'], 1, "non-empty text"),
+    (['["text", "label"]'], 1, "expected a JSON object"),
+    ([], 1, "no rows"),
+])
+def test_bad_jsonl_rows_name_file_and_line(tmp_path, lines, line, match):
+    path = _jsonl(tmp_path / "bad.jsonl", lines)
+    with pytest.raises(UserDataError, match=match) as err:
+        resolve_task(str(path))
+    assert str(err.value).startswith(f"{path}:{line}:")
+
+
+@pytest.mark.parametrize("content, line, match", [
+    ("text,label\na,1\nb\n", 3, "columns expected"),
+    ("text,label\na,1\nb,1,extra\n", 3, "columns expected"),
+    ("text,category\na,1\n", 2, "no 'label' value"),
+    ("text,label\na,1\nb,\n", 3, "no 'label' value"),
+    ("", 1, "no rows"),
+    ("text,label\n", 1, "no rows"),
+])
+def test_bad_csv_rows_name_file_and_line(tmp_path, content, line, match):
+    path = tmp_path / "bad.csv"
+    path.write_text(content)
+    with pytest.raises(UserDataError, match=match) as err:
+        resolve_task(str(path))
+    assert str(err.value).startswith(f"{path}:{line}:")
+
+
+def test_missing_file_and_hf_without_datasets(tmp_path, monkeypatch):
+    with pytest.raises(UserDataError, match="does not exist"):
+        resolve_task(str(tmp_path / "nope.jsonl"))
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if the library were not installed
+    with pytest.raises(UserDataError, match="pip install datasets"):
+        resolve_task("hf:stanfordnlp/imdb?text=text&label=label")
+    with pytest.raises(UserDataError, match="unknown option"):
+        resolve_task("hf:stanfordnlp/imdb?colour=red")
