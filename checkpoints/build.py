@@ -1,0 +1,91 @@
+"""Build the checkpoints shipped in checkpoints/: every built-in labelled task is extracted on the default model
+and gets a linear and a sparse probe; the corpus task's layer-15 outputs get a TopK SAE (saved in fp16). Each
+checkpoint is re-saved into ``checkpoints/<release>/<name>/`` with the exact commands that reproduce it, and
+recorded with its sha256s and metrics in ``checkpoints/registry.json``.
+
+    python checkpoints/build.py                                   # everything (~30 min on 2 busy CPU cores)
+    python checkpoints/build.py --only capitals-linear,corpus-l15-topk --work /tmp/headprobe-build
+
+The recorded commands run in the work folder (stores in ``data/``, runs in ``runs/``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+RELEASE = "v1"
+SAE_LAYER, SAE_EXAMPLES, SAE_TOKENS = 15, 1500, 400_000
+
+
+@dataclass
+class Job:
+    name: str  # checkpoint name inside the release
+    extract: list[str]  # `headprobe extract` arguments
+    train: list[str]  # `headprobe train` arguments
+    dtype: torch.dtype | None = None  # cast floating tensors when shipping
+
+
+def jobs() -> list[Job]:
+    from extract.tasks import TASKS
+
+    out = []
+    for task in (t for t in TASKS.values() if t.label_kind != "none"):
+        extract = ["extract", "--task", task.name, "--out", f"data/{task.name}.h5", "--no-progress"]
+        for kind in ("linear", "sparse"):
+            out.append(Job(f"{task.name}-{kind}", extract, ["train", kind, "--data.path", f"data/{task.name}.h5",
+                                                            "--out", f"runs/{task.name}-{kind}", "--logger", "none"]))
+    store = f"data/corpus-l{SAE_LAYER}.h5"
+    out.append(Job(f"corpus-l{SAE_LAYER}-topk",
+                   ["extract", "--task", "corpus", "--layers", str(SAE_LAYER), "--max-examples", str(SAE_EXAMPLES),
+                    "--out", store, "--no-progress"],
+                   ["train", "sae", "--data.path", store, "--out", f"runs/corpus-l{SAE_LAYER}-topk", "--logger", "none",
+                    "--model.init_args.token_budget", str(SAE_TOKENS)], dtype=torch.float16))
+    return out
+
+
+def command(job: Job) -> str:
+    return " && ".join(shlex.join(["headprobe", *args]) for args in (job.extract, job.train))
+
+
+def build(job: Job, hub: Path, release: str) -> Path:
+    """Run the job's commands in the current folder and ship its checkpoint into ``hub/release/name``."""
+    from probes.checkpoint import read_checkpoint, save_checkpoint
+    from probes.hub import push_to_folder
+    from train.cli import main
+
+    store = Path(job.extract[job.extract.index("--out") + 1])
+    if not store.exists():
+        main(job.extract)
+    main(job.train)
+    run = Path(job.train[job.train.index("--out") + 1])
+    config, tensors, metrics = read_checkpoint(run / "checkpoint")
+    ref = f"{release}/{job.name}"
+    folder = save_checkpoint(hub / ref, tensors, replace(config, command=command(job)), metrics, dtype=job.dtype)
+    push_to_folder(folder, hub, ref, revision=release)
+    print(f"shipped {ref}: {sum(f.stat().st_size for f in folder.iterdir()) / 1e6:.2f} MB")
+    return folder
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", default="", help="comma-separated checkpoint names (default: all)")
+    p.add_argument("--work", type=Path, default=Path("build-checkpoints"), help="folder for stores and runs")
+    p.add_argument("--hub", type=Path, default=HERE, help="hub folder to ship into (default: checkpoints/)")
+    p.add_argument("--release", default=RELEASE)
+    args = p.parse_args()
+    todo = [j for j in jobs() if not args.only or j.name in args.only.split(",")]
+    hub = args.hub.resolve()
+    args.work.mkdir(parents=True, exist_ok=True)
+    os.chdir(args.work)
+    for job in todo:
+        build(job, hub, args.release)
+
+
+if __name__ == "__main__":
+    main()
