@@ -212,6 +212,10 @@ class SplitEval:
     def _bind(self, dm) -> tuple[str, int]:
         """Record where the data came from; (loss, number of outputs) for its labels."""
         self.meta, self.layers, self.heads = dm.meta, dm.model_layers, dm.heads
+        if self.trainer.world_size > 1 and not any(p.requires_grad for p in self.parameters()):
+            # Data-parallel (DDP): the solvers sum statistics over ranks themselves; torch's DDP wrapper has no
+            # gradients to synchronise and refuses such modules, so Lightning runs them unwrapped (as in eval).
+            self.trainer.strategy.configure_ddp = lambda: None
         return resolve_loss(self.hparams.loss, dm.meta.label_kind, len(dm.meta.label_names))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -228,8 +232,36 @@ class SplitEval:
 
     def _score(self, split: str) -> None:
         outs = self._outputs.pop(split, [])
+        if self.trainer.world_size > 1:
+            outs = [self._gather_rows(outs)]
         if outs:
             self._evaluate(split, outs)
+
+    def _sum_over_ranks(self, value):
+        """A tensor, number, tuple of them or None, summed over ranks (unchanged in one process)."""
+        if self.trainer.world_size == 1 or value is None:
+            return value
+        if isinstance(value, tuple):
+            return tuple(self._sum_over_ranks(v) for v in value)
+        t = torch.as_tensor(value, device=self.device).clone()
+        return self.trainer.strategy.reduce(t, reduce_op="sum")
+
+    def _gather_rows(self, outs: list) -> dict | tuple:
+        """Per-batch outputs (dicts or tuples of (N, ...) tensors) of every rank, concatenated in rank order.
+
+        Evaluation shares are contiguous row ranges in rank order (train.data.EpochBatches), so the result has
+        the rows of a one-process run, in its order; shares may differ in size, so they are padded to gather."""
+        strategy = self.trainer.strategy
+        keys = list(outs[0]) if outs and isinstance(outs[0], dict) else list(range(len(outs[0]) if outs else 0))
+        counts = strategy.all_gather(torch.tensor(sum(len(o[keys[0]]) for o in outs) if outs else 0,
+                                                  device=self.device)).cpu()
+        gathered = {}
+        for k in keys:
+            t = torch.cat([o[k] for o in outs])
+            pad = t.new_zeros((int(counts.max()) - len(t), *t.shape[1:]))
+            g = strategy.all_gather(torch.cat([t, pad]).to(self.device)).cpu()  # (world, max rows, ...)
+            gathered[k] = torch.cat([g[r, :int(n)] for r, n in enumerate(counts)])
+        return gathered if outs and isinstance(outs[0], dict) else tuple(gathered[k] for k in keys)
 
 
 @register
@@ -341,7 +373,9 @@ class LinearProbes(SplitEval, L.LightningModule):
         if self.hparams.loss == "logistic":
             self._mass_mean_stats(batch["z"], y[:, 0])
         self._n = getattr(self, "_n", 0) + len(x) if batch_idx else len(x)
-        if self.trainer.is_last_batch:
+        if self.trainer.is_last_batch:  # under DDP every rank steps with the sums over all ranks' rows
+            self._acc, self._mm = self._sum_over_ranks(self._acc), self._sum_over_ranks(self._mm)
+            self._n = int(self._sum_over_ranks(self._n))
             done = self.newton.update(*self._acc, l2=self.hparams.l2, n=self._n, tol=self.hparams.tol)
             self.log("train/grad_max", self.newton.grad_max, prog_bar=True)
             self.log("train/objective", float(self.newton.obj_prev[0].mean()) / self._n)
