@@ -1,22 +1,330 @@
-"""``headprobe run``: the whole pipeline on the default model (grows with each stage)."""
+"""``headprobe run``: the whole pipeline, from text to a stage map of the model's heads, with a report.
+
+    extract every task (+ the SAE corpus) -> linear and sparse probes per task -> an SAE on a middle layer
+    -> attention-pattern scores -> attribution to heads and stages -> causal ablation check -> report
+
+Every step caches its result under ``--out`` keyed by the settings it depends on: a second run with nothing
+changed skips finished work, and an interrupted run picks up where it stopped (extractions resume mid-file).
+"""
 from __future__ import annotations
 
-import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
-from extract.extractor import ExtractConfig, extract
-from extract.models import DEFAULT_MODEL, load_model
-from extract.tasks import get_task
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--out", type=Path, default=Path("runs/default"))
-    p.add_argument("--tasks", default="capitals", help="comma-separated task names")
+from extract.models import DEFAULT_MODEL
 
 
-def run(args: argparse.Namespace) -> None:
-    loaded = load_model(args.model)
-    for name in args.tasks.split(","):
-        path = extract(loaded, get_task(name), args.out / "stores" / f"{name}.h5", ExtractConfig(), resume=True)
-        print(f"{name}: {path}")
+@dataclass
+class SAESettings:
+    layer: int = 15  # model layer whose concatenated z the SAE reads
+    architecture: str = "topk"
+    d_sae: int = 4608
+    k: int = 32
+    batch_size: int = 4096
+    tokens: int = 1_200_000  # training budget (passes over the corpus = tokens / corpus rows)
+    corpus_examples: int | None = None  # None: the whole corpus task
+
+
+@dataclass
+class RunConfig:
+    """Settings of ``headprobe run`` (print them with ``--print_config``; override any with ``--key value``)."""
+
+    model: str = DEFAULT_MODEL
+    out: str = "runs/default"
+    tasks: list[str] | None = None  # None: every built-in task with a stage
+    max_examples: int | None = None  # per task, for quick runs
+    seed: int = 0
+    logger: str = "wandb"  # wandb (offline without credentials), csv or none
+    sparse_alpha: float | None = None  # group-lasso strength of the sparse probes (None: train/configs/sparse.yaml)
+    top_k: int = 8  # heads per task for the causal ablation check
+    ablation_draws: int = 5  # random-head draws to compare against
+    sae: SAESettings = field(default_factory=SAESettings)
+    progress: bool = True
+
+
+class Steps:
+    """Runs named steps once per settings key; records each step's status and time for the summary table."""
+
+    def __init__(self, out: Path):
+        self.folder = out / ".steps"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.summary: list[tuple[str, str, float]] = []
+
+    def __call__(self, name: str, key: dict, fn: Callable[[], dict | None]) -> dict:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        marker = self.folder / f"{name.replace('/', '_')}.json"
+        if marker.exists():
+            saved = json.loads(marker.read_text())
+            if saved.get("key") == digest:
+                self.summary.append((name, "cached", 0.0))
+                return saved.get("result") or {}
+        t0 = time.perf_counter()
+        result = fn() or {}
+        seconds = time.perf_counter() - t0
+        marker.write_text(json.dumps({"key": digest, "result": result, "seconds": seconds}, default=str))
+        self.summary.append((name, "ran", seconds))
+        return result
+
+    def key_of(self, name: str) -> str:
+        """The settings digest a finished step ran with ("" if it has not run)."""
+        marker = self.folder / f"{name.replace('/', '_')}.json"
+        return json.loads(marker.read_text())["key"] if marker.exists() else ""
+
+    def done(self) -> list[str]:
+        return [n for n, _, _ in self.summary]
+
+    def table(self) -> str:
+        width = max(len(n) for n, _, _ in self.summary) + 2
+        lines = [f"{'step':<{width}}{'status':<8}{'seconds':>9}"]
+        lines += [f"{n:<{width}}{s:<8}{t:>9.1f}" for n, s, t in self.summary]
+        return "\n".join(lines + [f"{'total':<{width}}{'':<8}{sum(t for _, _, t in self.summary):>9.1f}"])
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in ("headprobe", "torch", "lightning", "transformers", "h5py", "scikit-learn", "wandb"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "-"
+    return out
+
+
+class Pipeline:
+    """The steps of ``headprobe run``; each writes under ``cfg.out`` and is skipped when already done."""
+
+    def __init__(self, cfg: RunConfig):
+        from extract.tasks import TASKS, get_task
+
+        self.cfg = cfg
+        self.out = Path(cfg.out).resolve()
+        self.steps = Steps(self.out)
+        names = cfg.tasks if cfg.tasks is not None else [n for n, t in TASKS.items() if t.stage]
+        self.tasks = [get_task(n) for n in names]
+        self._loaded = None
+        os.environ.setdefault("WANDB_RUN_GROUP", f"headprobe-run-{self.out.name}")
+
+    @property
+    def loaded(self):
+        """The model, loaded on first use (a fully cached run never loads it)."""
+        if self._loaded is None:
+            from extract.models import load_model
+
+            self._loaded = load_model(self.cfg.model)
+        return self._loaded
+
+    def store(self, name: str) -> Path:
+        return self.out / "stores" / f"{name}.h5"
+
+    def run_dir(self, kind: str, name: str) -> Path:
+        return self.out / "runs" / kind / name
+
+    def _bar(self, items: list, desc: str):
+        from tqdm.auto import tqdm
+
+        return tqdm(items, desc=desc, unit="task", disable=not self.cfg.progress, dynamic_ncols=True)
+
+    # --- 1. extraction --------------------------------------------------------------------------------------------
+    def extract_all(self) -> None:
+        from extract.extractor import ExtractConfig, extract
+        from extract.tasks import get_task
+
+        cfg = self.cfg
+        for task in self._bar(self.tasks, "extract"):
+            key = {"model": cfg.model, "task": task.name, "seed": cfg.seed, "max": cfg.max_examples}
+            self.steps(f"extract/{task.name}", key, lambda t=task: {"rows": _rows(extract(
+                self.loaded, t, self.store(t.name), ExtractConfig(seed=cfg.seed, max_examples=cfg.max_examples),
+                resume=True, progress=cfg.progress))})
+        key = {"model": cfg.model, "layer": cfg.sae.layer, "n": cfg.sae.corpus_examples, "seed": cfg.seed}
+        self.steps("extract/corpus", key, lambda: {"rows": _rows(extract(
+            self.loaded, get_task("corpus"), self.store("corpus"),
+            ExtractConfig(layers=[cfg.sae.layer], seed=cfg.seed, max_examples=cfg.sae.corpus_examples),
+            resume=True, progress=cfg.progress))})
+
+    # --- 2. probes and the SAE --------------------------------------------------------------------------------------
+    def _train(self, kind: str, store: Path, folder: Path, extra: list[str]) -> dict:
+        from train.fit import expand_short_form, run
+
+        resume = (folder / "checkpoints" / "last.ckpt").exists()
+        argv = [kind, "--data.path", str(store), "--out", str(folder), "--logger", self.cfg.logger,
+                "--seed_everything", str(self.cfg.seed), "--resume", str(resume).lower(), *extra]
+        run(expand_short_form(argv))
+        metrics = json.loads((folder / "checkpoint" / "metrics.json").read_text())
+        return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+    def train_all(self) -> None:
+        cfg = self.cfg
+        alpha = [] if cfg.sparse_alpha is None else ["--model.init_args.alpha", str(cfg.sparse_alpha)]
+        for kind, extra in (("linear", []), ("sparse", alpha)):
+            for task in self._bar(self.tasks, f"{kind} probes"):
+                key = {"store": self.steps.key_of(f"extract/{task.name}"), "extra": extra, "seed": cfg.seed}
+                self.steps(f"{kind}/{task.name}", key, lambda t=task, k=kind, e=extra: self._train(
+                    k, self.store(t.name), self.run_dir(k, t.name), e))
+        s = cfg.sae
+        extra = ["--model.init_args.architecture", s.architecture, "--model.init_args.d_sae", str(s.d_sae),
+                 "--model.init_args.k", str(s.k), "--model.init_args.token_budget", str(s.tokens),
+                 "--data.batch_size", str(s.batch_size)]
+        self.steps("sae", {"store": self.steps.key_of("extract/corpus"), "extra": extra, "seed": cfg.seed},
+                   lambda: self._train("sae", self.store("corpus"), self.run_dir("sae", f"layer{s.layer}"), extra))
+        self.steps("sae/eval", {"sae": self.steps.key_of("sae")}, self.evaluate_sae)
+
+    def evaluate_sae(self) -> dict:
+        from probes.sae_eval import evaluate_checkpoint
+
+        folder = self.run_dir("sae", f"layer{self.cfg.sae.layer}")
+        return evaluate_checkpoint(folder / "checkpoint", self.store("corpus"), split="test",
+                                   histogram=folder / "density.png", ce_tokens=8192, loaded=self.loaded)
+
+    # --- 3. attribution and cross-checks ----------------------------------------------------------------------------
+    def attribute(self) -> dict:
+        import argparse
+
+        from probes.attribution_cli import run as attribute
+
+        args = argparse.Namespace(
+            paths=[self.out / "runs"], stores=[self.store(t.name) for t in self.tasks], out=self.out / "attribution",
+            alpha=0.01, top=8, reduce="mean", head_scores=True, ablate=self.cfg.top_k, ablation="mean",
+            draws=self.cfg.ablation_draws, examples=64, model=self.cfg.model)
+        args.out.mkdir(parents=True, exist_ok=True)
+        attribute(args)
+        return {}
+
+    def run(self) -> Path:
+        t0 = time.perf_counter()
+        self.extract_all()
+        self.train_all()
+        keys = {name: self.steps.key_of(name) for name in self.steps.done()}
+        self.steps("attribute", keys, self.attribute)
+        report = self.steps("report", {"inputs": keys, "attribute": self.steps.key_of("attribute")},
+                            lambda: {"path": str(build_report(self))})
+        print(self.steps.table())
+        print(f"headprobe run: {time.perf_counter() - t0:.0f} s; report: {report['path']}")
+        return Path(report["path"])
+
+
+def _rows(path: Path) -> int:
+    from extract.store import Store
+
+    with Store(path) as store:
+        return len(store)
+
+
+# --- the report -------------------------------------------------------------------------------------------------------
+def _copy(src: Path, folder: Path, name: str) -> str:
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, folder / "img" / name)
+    return f"img/{name}"
+
+
+def _probe_table(p: Pipeline) -> str:
+    rows = ["| task | stage | rows | best head (val acc) | mean val acc | max selectivity | heads kept by group lasso |",
+            "|---|---|---|---|---|---|---|"]
+    for t in p.tasks:
+        heads = json.loads((p.run_dir("linear", t.name) / "heads.json").read_text())["heads"]
+        best = max(heads, key=lambda h: h.get("val/acc", 0))
+        sel = max(h.get("val/selectivity_control", float("nan")) for h in heads)
+        sparse = json.loads((p.run_dir("sparse", t.name) / "checkpoint" / "metrics.json").read_text())
+        kept = sparse.get("heads_selected", sparse.get("val/heads_selected", "-"))
+        rows.append(f"| {t.name} | {t.stage} | {_rows(p.store(t.name))} | L{best['layer']}.H{best['head']} "
+                    f"({best['val/acc']:.3f}) | {sum(h['val/acc'] for h in heads) / len(heads):.3f} | {sel:.3f} | "
+                    f"{kept} |")
+    return "\n".join(rows)
+
+
+def _top_tokens(p: Pipeline, n_features: int = 8, n_tokens: int = 5, context: int = 6) -> str:
+    """The SAE latents with the largest decoder share on the stage map's top heads, with their top tokens."""
+    import numpy as np
+    import torch
+
+    from extract.store import Store
+    from probes.attribution import decoder_head_shares
+    from probes.checkpoint import load_local
+
+    sae = load_local(p.run_dir("sae", f"layer{p.cfg.sae.layer}") / "checkpoint")
+    tok = p.loaded.tokenizer
+    with Store(p.store("corpus")) as store:
+        rows = store.rows("test")[:20000]
+        z = torch.from_numpy(store.activations(rows)).flatten(1)  # (N, H * D)
+        ids, ex = store.column("token_id"), store.column("example_id")
+        with torch.no_grad():
+            acts = torch.cat([sae.encode(z[i:i + 4096]) for i in range(0, len(z), 4096)])  # (N, F)
+    shares = decoder_head_shares(sae.W_dec.detach().float().numpy(), store.meta.n_heads)  # (F, H)
+    fired = (acts > 0).sum(0).numpy()
+    out = ["| latent | head with largest decoder share (share) | fires on | top-activating tokens (in context) |",
+           "|---|---|---|---|"]
+    order = [f for f in np.argsort(-shares.max(1)) if fired[f] >= n_tokens][:n_features]
+    for f in order:
+        top = torch.topk(acts[:, f], n_tokens).indices.numpy()
+        shown = []
+        for r in rows[top]:
+            lo = max(r - context, 0)
+            keep = [i for i in range(lo, r + 1) if ex[i] == ex[r]]
+            text = tok.decode(ids[keep[:-1]]) + "[[" + tok.decode(ids[r:r + 1]) + "]]"
+            shown.append("`" + text.replace("|", "/").replace("`", "'").replace("\n", " ") + "`")
+        h = int(shares[f].argmax())
+        out.append(f"| {f} | L{p.cfg.sae.layer}.H{h} ({shares[f, h]:.2f}) | {fired[f] / len(rows):.2%} of tokens | "
+                   f"{'<br>'.join(shown)} |")
+    return "\n".join(out)
+
+
+def build_report(p: Pipeline) -> Path:
+    from train.report import write_report
+
+    folder = p.out / "report"
+    attr = p.out / "attribution"
+    stage_png = _copy(attr / "stage_map.png", folder, "stage_map.png")
+    attribution_md = (attr / "report.md").read_text().replace("# Head attribution", "").strip()
+    attribution_md = attribution_md.replace("](stage_map.png)", f"]({stage_png})")
+    sections = [
+        f"Model `{p.cfg.model}`; {len(p.tasks)} tasks over the four reasoning stages of Zheng et al. (2024). Each "
+        f"head's output z was probed per task (linear probes for every head at once, a group-lasso probe choosing "
+        f"heads), a TopK sparse autoencoder was trained on layer {p.cfg.sae.layer}, and the evidence was pooled into "
+        f"a stage per head, then checked against attention-pattern scores and by ablating each task's top heads.",
+        f"## Stage map\n\n![stage map]({stage_png})",
+        attribution_md.replace("## ", "### "),
+        "## Probes per task\n\n" + _probe_table(p),
+        "## Per-task probe accuracy (val accuracy of each head's linear probe)\n\n" + "\n\n".join(
+            f"![{t.name}]({_copy(p.run_dir('linear', t.name) / 'heatmap.png', folder, f'heatmap_{t.name}.png')})"
+            for t in p.tasks),
+    ]
+    sae_dir = p.run_dir("sae", f"layer{p.cfg.sae.layer}")
+    ev = json.loads((p.steps.folder / "sae_eval.json").read_text())["result"]
+    keys = ("fve", "l0", "mse", "cosine", "dead_frac", "dense_frac", "ce_clean", "ce_spliced", "ce_recovered_zero",
+            "ce_recovered_mean")
+    sae_rows = "\n".join(f"| {k} | {ev[k]:.4g} |" for k in keys if k in ev)
+    sections.append(f"## Sparse autoencoder (layer {p.cfg.sae.layer}, held-out corpus tokens)\n\n| metric | value |\n"
+                    f"|---|---|\n{sae_rows}\n\n![feature density]({_copy(sae_dir / 'density.png', folder, 'density.png')})"
+                    f"\n\n### Latents and the heads that write them\n\n{_top_tokens(p)}")
+    sections.append("## Run\n\n```yaml\n" + _yaml(asdict(p.cfg)) + "```\n\n| package | version |\n|---|---|\n" +
+                    "\n".join(f"| {k} | {v} |" for k, v in versions().items()) +
+                    "\n\n```\n" + p.steps.table() + "\n```\n\nCommand: `" + " ".join(["headprobe", *sys.argv[1:]]) + "`")
+    return write_report(folder, "headprobe report", sections)
+
+
+def _yaml(d: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(d, sort_keys=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog="headprobe run", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below "
+                        "(--print_config prints the current configuration)")
+    parser.add_class_arguments(RunConfig, nested_key=None, fail_untyped=False)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv).as_dict()
+    args.pop("config", None)
+    args = {k: v for k, v in args.items() if not k.startswith("__")}
+    Pipeline(RunConfig(**{**args, "sae": SAESettings(**args["sae"])})).run()
