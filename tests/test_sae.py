@@ -1,0 +1,190 @@
+"""Sparse autoencoders: the fused TopK kernel, normalisation folding, AuxK, dictionary recovery, every architecture
+through Lightning and the checkpoint format, and splicing into a model."""
+from __future__ import annotations
+
+import warnings
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from extract.store import Store, StoreMeta, StoreWriter
+from probes.checkpoint import load_local
+from probes.sae import ARCHITECTURES, SparseAutoencoder, fve, topk_sae
+from probes.sae_eval import ce_loss_recovered, evaluate, splice, token_batches
+from tests.conftest import tiny_model
+from tests.test_extract_support import one_thread  # noqa: F401  (autouse: tiny tensors run faster on one thread)
+from train.data import EpochBatches, InMemoryRows, StoreDataModule
+
+
+
+def make_store(path, z: np.ndarray, split_every: int = 5) -> str:
+    """An all-token store holding z (N, L, H, D); every ``split_every``-th row is test."""
+    n, L_, H, D = z.shape
+    meta = StoreMeta(model_id="synthetic", weights_hash="0" * 16, architecture="llama", hook_point="o_proj:input",
+                     n_layers=L_, layers=list(range(L_)), n_heads=H, n_kv_heads=H, d_head=D, d_model=H * D,
+                     dtype="float32", position_rule="all", padding_side="right", bos=False, task="synthetic",
+                     stage="", label_names=[], label_kind="none", dataset_hash="x", n_examples=n, n_rows=n,
+                     has_writes=False, headprobe_version="test", created="now")
+    w = StoreWriter(path, meta, np.int64, resume=False)
+    split = np.where(np.arange(n) % split_every == 0, 2, 0).astype(np.int8)
+    w.write_block(n, {"z": z.astype(np.float32), "label": -np.ones(n, np.int64), "token_id": np.zeros(n, np.int32),
+                      "example_id": np.arange(n), "position": np.zeros(n, np.int32), "group": np.arange(n),
+                      "split": split})
+    return str(w.finish())
+
+
+def sparse_data(n: int, d: int, n_atoms: int, k: int, seed: int = 0, scale: float = 1.0, offset: float = 0.0):
+    """x = sum of k random unit atoms with magnitudes in [0.5, 1.5]; returns (x (n, d), atoms (n_atoms, d))."""
+    g = torch.Generator().manual_seed(seed)
+    atoms = torch.randn(n_atoms, d, generator=g)
+    atoms /= atoms.norm(dim=1, keepdim=True)
+    idx = torch.rand(n, n_atoms, generator=g).argsort(1)[:, :k]
+    mags = 0.5 + torch.rand(n, k, generator=g)
+    x = torch.einsum("nk,nkd->nd", mags, atoms[idx])
+    return x * scale + offset, atoms
+
+
+def quiet_trainer(**kw) -> L.Trainer:
+    return L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     accelerator="cpu", **kw)
+
+
+def test_fused_topk_backward_equals_dense_autograd():
+    torch.manual_seed(0)
+    B, d, n, k, k_aux = 16, 12, 40, 5, 4
+    leaves = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in [(B, d), (n, d), (n,), (n, d), (d,)]]
+    x, W_enc, b_enc, W_dec, b_dec = leaves
+    dead = torch.tensor([1, 3, 7, 8, 20, 33, 39])
+    G, G_aux = torch.randn(B, d, dtype=torch.float64), torch.randn(B, d, dtype=torch.float64)
+
+    x_hat, vals, _, aux_hat, _, _ = topk_sae(x, W_enc, b_enc, W_dec, b_dec, k, dead, k_aux)
+    fused = (x_hat * G).sum() + (aux_hat * G_aux).sum() + vals.pow(2).sum()
+
+    pre = (x - b_dec) @ W_enc.T + b_enc
+    v, i = pre.topk(k, dim=1)
+    f = torch.zeros_like(pre).scatter(1, i, v.relu())
+    va, j = pre[:, dead].topk(k_aux, dim=1)
+    f_aux = torch.zeros_like(pre).scatter(1, dead[j], va.relu())
+    dense = ((f @ W_dec + b_dec) * G).sum() + ((f_aux @ W_dec) * G_aux).sum() + f.pow(2).sum()
+
+    torch.testing.assert_close(fused, dense)
+    for a, b in zip(torch.autograd.grad(fused, leaves), torch.autograd.grad(dense, leaves)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_normalisation_folded_on_save(tmp_path, arch):
+    x, _ = sparse_data(512, 24, 48, 3, scale=37.0, offset=5.0)  # raw activations far from unit scale
+    sae = SparseAutoencoder(architecture=arch, d_in=24, d_sae=64, k=4, seed=1)
+    sae.initialise(x)
+    assert abs(float(sae.input_scale) - (24 / x.pow(2).sum(1).mean()).sqrt()) < 1e-4
+    opt = torch.optim.Adam(sae.parameters(), 1e-2)
+    for _ in range(5):  # move every weight away from its initial value
+        loss, _ = sae.loss(x * sae.input_scale)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    sae.eval()
+    meta = Store(make_store(tmp_path / "s.h5", x.view(-1, 1, 4, 6).numpy())).meta
+    loaded = load_local(sae.save(tmp_path / "ckpt", meta))
+    assert float(loaded.input_scale) == 1.0 and loaded.hparams.architecture == arch
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), sae(x), rtol=1e-5, atol=1e-5 * x.abs().max().item())
+        torch.testing.assert_close(loaded.encode(x), sae.encode(x), rtol=1e-5, atol=1e-5)
+
+
+def test_auxk_revives_dead_latents():
+    x, _ = sparse_data(4096, 32, 24, 3, seed=2)
+    x[:, 16:] = 0  # the data lives in the first 16 dimensions
+
+    def train(alpha: float) -> tuple[float, float]:
+        sae = SparseAutoencoder(d_in=32, d_sae=32, k=3, auxk_alpha=alpha, k_aux=16, dead_after_tokens=512,
+                                input_norm="none", b_dec_init="mean", seed=0)
+        sae.initialise(x)
+        with torch.no_grad():  # latents 8..31 look only at the empty dimensions: they (almost) never win
+            sae.W_enc[8:, :16] = 0
+            sae.W_enc[8:] /= sae.W_enc[8:].norm(dim=1, keepdim=True)
+            sae.b_enc[8:] = 0.01
+        opt = torch.optim.Adam(sae.parameters(), 5e-3)
+        for _ in range(200):
+            loss, _ = sae.loss(x[torch.randint(0, len(x), (256,))])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            return (sae.encode(x) > 0).any(0)[8:].float().mean().item(), fve(x, sae(x)).item()
+
+    alive_without, fve_without = train(0.0)
+    alive_with, fve_with = train(1 / 32)
+    assert alive_without <= 0.3 and alive_with >= 0.8, (alive_without, alive_with)
+    assert fve_with > fve_without + 0.05
+
+
+def test_recovers_known_sparse_dictionary():
+    torch.manual_seed(0)
+    x, atoms = sparse_data(32768, 32, 48, 3, seed=3)
+    sae = SparseAutoencoder(d_in=32, d_sae=96, k=3, lr=3e-3, warmup_steps=20, token_budget=len(x) * 8,
+                            dead_after_tokens=4096, seed=0)
+    rows = InMemoryRows(x.numpy(), -np.ones(len(x), np.int64), np.arange(len(x)))
+    loader = torch.utils.data.DataLoader(rows, sampler=EpochBatches(len(x), 512, shuffle=True), batch_size=None)
+    sae.initialise(x[:4096])
+    quiet_trainer(max_epochs=8).fit(sae, loader)
+    W = sae.W_dec.detach() / sae.W_dec.detach().norm(dim=1, keepdim=True)
+    best = (atoms @ W.T).max(1).values
+    assert best.mean() >= 0.95, best
+    assert int(sae.tokens_seen) == len(x) * 8
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_every_architecture_trains_and_round_trips(tmp_path, arch):
+    x, _ = sparse_data(2048, 24, 40, 3, seed=4, scale=5.0, offset=1.0)
+    path = make_store(tmp_path / "acts.h5", x.view(-1, 2, 3, 4).numpy())  # 2 layers x 3 heads x d_head 4
+    dm = StoreDataModule(path, layers=[1], heads=[0, 2], batch_size=256)  # d_in = 1 * 2 * 4
+    sae = SparseAutoencoder(architecture=arch, expansion=4, k=3, lr=1e-2, warmup_steps=2, seed=0)
+    quiet_trainer(max_steps=40, val_check_interval=20, check_val_every_n_epoch=None, num_sanity_val_steps=0).fit(sae, datamodule=dm)
+    assert sae.d_in == 8 and sae.d_sae == 32 and sae.layers == [1] and sae.heads == [0, 2]
+    n_train = len(dm.split_rows["train"])
+    sizes = [min(256, n_train - i) for i in range(0, n_train, 256)] * 10
+    assert sae.global_step == 40 and int(sae.tokens_seen) == sum(sizes[:40])
+    batches = lambda: (b["z"] for b in dm.test_dataloader())
+    metrics = evaluate(sae, batches())
+    assert metrics["fve"] > 0.3 and 0 < metrics["l0"] < 32, metrics
+    loaded = load_local(sae.save(tmp_path / "ckpt"))
+    assert loaded.layers == [1] and loaded.heads == [0, 2]
+    again = evaluate(loaded, batches())
+    for key in ("fve", "l0", "mse", "dead_frac"):
+        assert again[key] == pytest.approx(metrics[key], rel=1e-4, abs=1e-6)
+
+
+def test_token_budget_stops_training(tmp_path):
+    x, _ = sparse_data(1250, 8, 16, 2)  # 1000 training rows
+    dm = StoreDataModule(make_store(tmp_path / "a.h5", x.view(-1, 1, 2, 4).numpy()), batch_size=100)
+    sae = SparseAutoencoder(expansion=2, k=2, token_budget=1000)
+    quiet_trainer(max_epochs=50, limit_val_batches=0).fit(sae, datamodule=dm)
+    assert int(sae.tokens_seen) == 1000 and sae.global_step == 10
+
+
+def test_splice_replaces_only_the_chosen_heads_and_identity_recovers_everything():
+    model = tiny_model("llama")  # 6 heads x d_head 8
+    batches = token_batches([[5, 9, 12, 40, 7, 3, 22], [8, 1, 4, 4, 90]], batch_size=2)
+    seen = []
+    with splice(model, 1, [2], lambda z: seen.append(z.shape) or torch.zeros_like(z)):
+        with torch.no_grad():
+            model(input_ids=batches[0][0])
+    assert seen == [(2 * 7, 8)]
+
+    class Identity(torch.nn.Module):
+        layers, heads = [1], None
+
+        def forward(self, z):
+            return z
+
+    out = ce_loss_recovered(model, Identity(), batches, mean_input=torch.zeros(48))
+    assert out["ce_spliced"] == pytest.approx(out["ce_clean"], abs=1e-6)
+    assert out["ce_zero_ablation"] != pytest.approx(out["ce_clean"], abs=1e-3)
+    assert out["ce_recovered_zero"] == pytest.approx(1.0, abs=1e-4)
+    single = ce_loss_recovered(model, Identity(), batches, mean_input=torch.zeros(8), heads=[3])
+    assert single["ce_recovered_zero"] == pytest.approx(1.0, abs=1e-4)
+    assert single["ce_zero_ablation"] != pytest.approx(out["ce_zero_ablation"], abs=1e-6)
