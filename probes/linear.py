@@ -212,7 +212,7 @@ class SplitEval:
     def _bind(self, dm) -> tuple[str, int]:
         """Record where the data came from; (loss, number of outputs) for its labels."""
         self.meta, self.layers, self.heads = dm.meta, dm.model_layers, dm.heads
-        if self.trainer.world_size > 1 and not any(p.requires_grad for p in self.parameters()):
+        if hasattr(self.trainer.strategy, "configure_ddp") and not any(p.requires_grad for p in self.parameters()):
             # Data-parallel (DDP): the solvers sum statistics over ranks themselves; torch's DDP wrapper has no
             # gradients to synchronise and refuses such modules, so Lightning runs them unwrapped (as in eval).
             self.trainer.strategy.configure_ddp = lambda: None
