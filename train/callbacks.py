@@ -1,4 +1,6 @@
-"""What a training run leaves behind, as a Lightning callback shared by probes and SAEs.
+"""What a training run leaves behind, as Lightning callbacks shared by probes and SAEs.
+
+:class:`SaveLast` keeps ``checkpoints/last.ckpt`` (for exact resume) up to date at every epoch end.
 
 :class:`ExportRun` writes, into ``out``::
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -68,6 +71,21 @@ def write_head_table(scores: dict[str, np.ndarray], folder: Path, layers: list[i
         writer.writeheader()
         writer.writerows(rows)
     (folder / "heads.json").write_text(json.dumps({"heads": rows, "metrics": metrics}, indent=1, default=float))
+
+
+class SaveLast(L.Callback):
+    """Write ``<dirpath>/last.ckpt`` (Lightning's full training state) at every epoch end, atomically.
+
+    Unlike ModelCheckpoint it also saves for solvers that take no optimizer steps (global_step stays 0)."""
+
+    def __init__(self, dirpath: str):
+        self.path = Path(dirpath) / "last.ckpt"
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        trainer.save_checkpoint(tmp)
+        if trainer.is_global_zero:
+            os.replace(tmp, self.path)
 
 
 class ExportRun(L.Callback):

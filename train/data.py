@@ -172,11 +172,14 @@ class StoreDataModule(L.LightningDataModule):
         batch_size: rows per batch; 0 means the whole split in one batch (full-batch optimisers).
         in_memory: keep activations in memory; ``None`` decides from ``memory_limit_gb``.
         num_workers: DataLoader workers (streaming mode shards blocks across them).
+        shuffle_buffer: rows mixed at once when streaming.
+        block_chunks: HDF5 chunks per streamed block (blocks are read whole, in shuffled order).
+        seed: data order seed (the order is a function of seed and epoch).
     """
 
     def __init__(self, path: str, layers: list[int] | None = None, heads: list[int] | None = None,
                  batch_size: int = 0, in_memory: bool | None = None, memory_limit_gb: float = 4.0,
-                 num_workers: int = 0, shuffle_buffer: int = 32768, seed: int = 0):
+                 num_workers: int = 0, shuffle_buffer: int = 32768, block_chunks: int = 8, seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
         self.path, self.layers, self.heads, self.batch_size = path, layers, heads, batch_size
@@ -185,6 +188,7 @@ class StoreDataModule(L.LightningDataModule):
             self.meta = store.meta
             self.split_rows = {s: store.rows(s) for s in ("train", "val", "test")}
             L_, H, D = store.shape[1:]
+            self.block_rows = block_chunks * (store.file["z"].chunks or (CHUNK_ROWS,))[0]
             nbytes = len(store) * (len(layers) if layers else L_) * (len(heads) if heads else H) * D * store.file["z"].dtype.itemsize
         self.in_memory = nbytes <= memory_limit_gb * 2**30 if in_memory is None else in_memory
         self._cache: dict[str, InMemoryRows] = {}
@@ -243,7 +247,7 @@ class StoreDataModule(L.LightningDataModule):
             return EpochLoader(self.split(name), sampler=sampler, batch_size=None, num_workers=self.num_workers,
                                persistent_workers=self.num_workers > 0, epoch_of=epoch_of)
         ds = StreamingRows(self.path, rows, bs, self.layers, self.heads, shuffle, self.seed,
-                           buffer_rows=self.shuffle_buffer)
+                           block_rows=self.block_rows, buffer_rows=self.shuffle_buffer)
         return EpochLoader(ds, batch_size=None, num_workers=self.num_workers, epoch_of=epoch_of)
 
     def train_dataloader(self) -> DataLoader:

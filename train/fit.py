@@ -17,11 +17,10 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 
-from train.callbacks import ExportRun
+from train.callbacks import ExportRun, SaveLast
 from train.data import StoreDataModule
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -63,8 +62,7 @@ class HeadprobeCLI(LightningCLI):
             trainer_cfg["logger"] = make_logger(cfg.logger, out, cfg.project)
         trainer_cfg["default_root_dir"] = str(out)
         extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
-        extra += [ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0, every_n_epochs=1),
-                  ExportRun(str(out), when="test" if cfg.test else "fit")]
+        extra += [SaveLast(str(out / "checkpoints")), ExportRun(str(out), when="test" if cfg.test else "fit")]
         return self._instantiate_trainer(trainer_cfg, extra)
 
 

@@ -1,0 +1,169 @@
+"""Probes: the batched Newton solver against scikit-learn, head selection, controls, metrics, checkpoints."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.metrics import roc_auc_score
+
+from extract.store import StoreMeta, StoreWriter
+from probes.checkpoint import load_local, save_checkpoint
+from probes.linear import LinearProbes, control_labels, fit_newton
+from probes.metrics import auroc, bootstrap_ci
+from probes.sparse import SparseProbe, ksparse_sweep
+from train.data import StoreDataModule
+
+
+def write_store(path: Path, z: np.ndarray, labels: np.ndarray, split: np.ndarray, label_names=("no", "yes"),
+                label_kind: str = "class", token_id: np.ndarray | None = None) -> Path:
+    """A finished store holding z (N, L, H, D) with the given labels and splits (one example = one group)."""
+    N, Ln, H, D = z.shape
+    meta = StoreMeta(model_id="synthetic", weights_hash="0" * 16, architecture="llama", hook_point="o_proj.input",
+                     n_layers=Ln, layers=list(range(Ln)), n_heads=H, n_kv_heads=H, d_head=D, d_model=H * D,
+                     dtype="float32", position_rule="last", padding_side="right", bos=True, task="synthetic",
+                     stage="KR", label_names=list(label_names), label_kind=label_kind, dataset_hash="x",
+                     n_examples=N, n_rows=N, has_writes=False, headprobe_version="test", created="now")
+    writer = StoreWriter(path, meta, np.int64 if label_kind == "class" else np.float32, resume=False)
+    rows = np.arange(N)
+    writer.write_block(N, {"z": z.astype(np.float32), "label": labels, "split": split.astype(np.int8),
+                           "group": rows, "example_id": rows, "position": np.zeros(N, np.int32),
+                           "token_id": rows % 7 if token_id is None else token_id})
+    return writer.finish()
+
+
+def planted(n: int = 600, shape=(3, 4, 8), heads=((0, 1), (1, 2), (2, 3)), seed: int = 0):
+    """Gaussian z with heads of very different scales; the label is written into the chosen heads."""
+    rng = np.random.default_rng(seed)
+    Ln, H, D = shape
+    scale = 10.0 ** rng.uniform(-1.5, 0.5, size=(Ln, H))
+    z = rng.normal(size=(n, Ln, H, D)) * scale[None, :, :, None]
+    y = rng.integers(0, 2, n)
+    for l, h in heads:
+        z[:, l, h, 0] += (2 * y - 1) * 1.5 * scale[l, h]
+    split = rng.choice(3, size=n, p=[0.6, 0.2, 0.2])
+    return z, y, split
+
+
+def fit(module: L.LightningModule, path: Path, epochs: int = 30, **data) -> L.Trainer:
+    trainer = L.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=StoreDataModule(str(path), **data))
+    return trainer
+
+
+# --- the solver against sklearn ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("loss", ["logistic", "softmax", "ridge"])
+def test_newton_matches_sklearn_per_probe(loss):
+    rng = np.random.default_rng(1)
+    N, P, D = 300, 5, 6
+    x = rng.normal(size=(N, P, D)) * np.logspace(-2, 1, P)[None, :, None]
+    if loss == "ridge":
+        y = x[:, 0] @ rng.normal(size=D) + rng.normal(size=N)
+    else:
+        y = rng.integers(0, 3 if loss == "softmax" else 2, N)
+    W, info = fit_newton(torch.from_numpy(x), torch.from_numpy(y)[:, None].double(), loss, n_classes=3, tol=1e-10)
+    assert info["steps"] < 30
+    for p in range(P):
+        if loss == "ridge":
+            ref = Ridge(alpha=1.0).fit(x[:, p], y)
+            coef, intercept = ref.coef_[:, None], np.atleast_1d(ref.intercept_)
+        else:
+            ref = LogisticRegression(C=1.0, tol=1e-10, max_iter=10000).fit(x[:, p], y)
+            coef, intercept = ref.coef_.T, ref.intercept_
+        w, b = W[0, p, :-1].numpy(), W[0, p, -1].numpy()
+        if loss == "softmax":  # softmax intercepts are defined up to a shift
+            b = b - b.mean() + intercept.mean()
+        np.testing.assert_allclose(w, coef, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(b, intercept, rtol=1e-4, atol=1e-6)
+
+
+# --- head selection on planted data --------------------------------------------------------------------------------
+def test_group_lasso_and_per_head_probes_rank_the_planted_heads_first(tmp_path):
+    heads = [(0, 1), (1, 2), (2, 3)]
+    z, y, split = planted(heads=heads)
+    path = write_store(tmp_path / "planted.h5", z, y, split)
+    chosen = {l * 4 + h for l, h in heads}
+
+    probes = LinearProbes(controls=["control"])
+    fit(probes, path)
+    acc = probes.tables["val"]["acc"][0]  # (L, H)
+    assert set(np.argsort(-acc.ravel(), kind="stable")[:3]) == chosen
+    assert acc.ravel()[sorted(chosen)].min() > 0.85
+    control = probes.tables["val"]["acc"][1]
+    assert (acc - control).ravel()[sorted(chosen)].min() > 0.2  # selectivity of the planted heads
+
+    sparse = SparseProbe(penalty="group_lasso", alpha=0.05, inner_steps=100)
+    fit(sparse, path, epochs=10)
+    norms = sparse.group_norm().numpy().ravel()
+    assert set(np.argsort(-norms, kind="stable")[:3]) == chosen
+    assert (norms > 0).sum() < norms.size  # whole heads were dropped, exactly
+    assert sparse.summary["val/acc"] > 0.9
+
+
+def test_l1_and_elastic_net_give_exact_zeros(tmp_path):
+    z, y, split = planted()
+    path = write_store(tmp_path / "planted.h5", z, y, split)
+    for penalty in ("l1", "elastic_net"):
+        probe = SparseProbe(penalty=penalty, alpha=0.05, inner_steps=100)
+        fit(probe, path, epochs=5)
+        assert (probe.W == 0).float().mean() > 0.5
+        assert probe.summary["val/acc"] > 0.9
+
+
+def test_ksparse_finds_the_signal_dimension():
+    z, y, split = planted()
+    N, Ln, H, D = z.shape
+    x = torch.from_numpy(z.reshape(N, Ln * H, D))
+    out = ksparse_sweep(x, torch.from_numpy(y), torch.from_numpy(split == 0), torch.from_numpy(split == 1), [1, 4])
+    assert out[1]["index"][1, 0] == 0  # planted head (0, 1) is probe 1, its signal in dimension 0 and out[1]["val_acc"][1] > 0.85
+    assert out[4]["val_acc"].shape == (Ln * H,)
+
+
+# --- controls and metrics ------------------------------------------------------------------------------------------
+def test_control_labels():
+    rng = np.random.default_rng(0)
+    labels, split, types = rng.integers(0, 2, 200), rng.integers(0, 3, 200), rng.integers(0, 10, 200)
+    ctl = control_labels(labels, split, types, "control", seed=3)
+    for t in np.unique(types):
+        assert len(np.unique(ctl[types == t])) == 1  # one label per word type
+    shuf = control_labels(labels, split, types, "shuffled", seed=3)
+    for s in range(3):
+        assert np.bincount(shuf[split == s], minlength=2).tolist() == np.bincount(labels[split == s], minlength=2).tolist()
+    assert (shuf != labels).any()
+
+
+def test_auroc_and_bootstrap():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, (100, 3))
+    s = rng.normal(size=(100, 3)) + y * np.array([0.0, 1.0, 3.0])
+    s[:10, 0] = s[10:20, 0]  # ties
+    ours = auroc(torch.from_numpy(s), torch.from_numpy(y)).numpy()
+    np.testing.assert_allclose(ours, [roc_auc_score(y[:, i], s[:, i]) for i in range(3)], atol=1e-12)
+    correct = rng.random((400, 2)) < np.array([0.6, 0.9])
+    lo, hi = bootstrap_ci(correct.astype(float))
+    assert (lo < correct.mean(0)).all() and (correct.mean(0) < hi).all() and (hi - lo < 0.12).all()
+
+
+# --- checkpoints ----------------------------------------------------------------------------------------------------
+def test_checkpoints_round_trip(tmp_path):
+    z, y, split = planted()
+    path = write_store(tmp_path / "planted.h5", z, y, split)
+    for module, epochs in ((LinearProbes(controls=[]), 30), (LinearProbes(scope="layer", controls=[]), 30),
+                           (SparseProbe(inner_steps=20), 2)):
+        fit(module, path, epochs=epochs)
+        folder = save_checkpoint(tmp_path / type(module).__name__, module.checkpoint_tensors(),
+                                 module.checkpoint_config(), module.checkpoint_metrics())
+        loaded = load_local(folder)
+        zz = torch.from_numpy(z[:50]).float()
+        np.testing.assert_allclose(loaded(zz).double().numpy(), module(zz).double().numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_unlabelled_store_is_refused(tmp_path):
+    z, y, split = planted(n=60)
+    path = write_store(tmp_path / "u.h5", z, -np.ones_like(y), split, label_names=(), label_kind="none")
+    with pytest.raises(ValueError, match="no labels"):
+        fit(LinearProbes(), path)

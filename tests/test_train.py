@@ -1,0 +1,140 @@
+"""`headprobe train`: the store DataModule, the CLI, the offline W&B run, exact resume."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from probes.checkpoint import load_local
+from tests.test_probes import planted, write_store
+from train.data import StoreDataModule
+from train.fit import MODELS, TrainError, expand_short_form, run
+from train.loggers import read_offline_run
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    z, y, split = planted(n=700)
+    return write_store(tmp_path_factory.mktemp("store") / "planted.h5", z, y, split)
+
+
+def epoch_rows(dm: StoreDataModule, epoch: int) -> np.ndarray:
+    loader = dm.train_dataloader()
+    loader.epoch_of = lambda: epoch  # what the trainer's epoch count gives inside fit
+    return np.concatenate([b["row"].numpy() for b in loader])
+
+
+# --- data ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_datamodule_epochs_cover_the_split_in_an_order_fixed_by_seed_and_epoch(store, in_memory):
+    orders = {}
+    for workers in (0, 2):
+        dm = StoreDataModule(str(store), batch_size=32, in_memory=in_memory, num_workers=workers,
+                             shuffle_buffer=256, block_chunks=1, seed=1)  # 3 blocks of 256 rows
+        train = dm.split_rows["train"]
+        for epoch in (0, 1):
+            rows = epoch_rows(dm, epoch)
+            assert sorted(rows.tolist()) == sorted(train.tolist())  # every train row once
+            orders[workers, epoch] = rows
+        assert not np.array_equal(orders[workers, 0], orders[workers, 1])
+        assert np.array_equal(epoch_rows(dm, 1), orders[workers, 1])  # same (seed, epoch): same order
+    if in_memory:  # the in-memory order does not depend on the number of workers
+        assert np.array_equal(orders[0, 0], orders[2, 0])
+    batch = next(iter(StoreDataModule(str(store), batch_size=0, in_memory=in_memory).val_dataloader()))
+    assert batch["z"].dtype == torch.float32 and batch["z"].shape[1:] == (3, 4, 8)
+
+
+# --- CLI ----------------------------------------------------------------------------------------------------------
+def test_short_form_maps_names_to_configs(monkeypatch):
+    args = expand_short_form(["linear", "--data.path", "x.h5"])
+    assert args[0] == "--config" and args[1].endswith("train/configs/linear.yaml") and args[2:] == ["--data.path", "x.h5"]
+    assert expand_short_form(["--config", "my.yaml"]) == ["--config", "my.yaml"]
+    monkeypatch.setitem(MODELS, "sae", ("probes.not_there", "sae.yaml"))
+    with pytest.raises(TrainError, match="probes.not_there"):
+        expand_short_form(["sae"])
+    assert expand_short_form(["linear"])[1].endswith("linear.yaml")  # other subcommands still work
+
+
+def headprobe(args: list[str], home: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(home), NETRC=str(home / "no-netrc"))
+    return subprocess.run([sys.executable, "-m", "train.cli", "train", *args], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_print_config_and_overrides(store, tmp_path):
+    res = headprobe(["linear", "--data.path", str(store), "--model.l2", "0.5", "--print_config"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "class_path: probes.linear.LinearProbes" in res.stdout and "l2: 0.5" in res.stdout
+
+
+def test_train_run_leaves_checkpoint_tables_heatmap_and_an_offline_wandb_run(store, tmp_path):
+    out, home = tmp_path / "run", tmp_path / "home"
+    home.mkdir()
+    res = headprobe(["linear", "--data.path", str(store), "--out", str(out), "--model.controls", "[control]"], home)
+    assert res.returncode == 0, res.stderr[-3000:]
+    # no credentials -> offline, and every W&B file under the run folder
+    assert not [p for p in home.rglob("*") if "wandb" in p.name]
+    run_dir = next((out / "wandb").glob("offline-run-*"))
+    logged = read_offline_run(run_dir)
+    keys = set().union(*logged["history"])
+    assert {"val/acc_max", "val/acc_mean", "test/acc_max", "val/selectivity_control_max"} <= keys
+    image = next(h for h in logged["history"] if "heatmap/_type" in h)
+    assert image["heatmap/_type"] == "images/separated"
+    assert all((run_dir / "files" / f).is_file() for f in image["heatmap/filenames"])
+    assert logged["config"]["cli"]["model"]["class_path"] == "probes.linear.LinearProbes"
+    assert any(name.startswith("LinearProbes-synthetic") for name in logged["artifacts"])
+    # the run folder in the project's formats
+    probes = load_local(out / "checkpoint")
+    assert probes.checkpoint_config_loaded.task == "synthetic" and probes.checkpoint_config_loaded.layers == [0, 1, 2]
+    table = (out / "heads.csv").read_text().splitlines()
+    assert len(table) == 1 + 12 and "val/acc" in table[0] and "test/auroc" in table[0]
+    best = max(json.loads((out / "heads.json").read_text())["heads"], key=lambda r: r["val/acc"])
+    assert (best["layer"], best["head"]) in {(0, 1), (1, 2), (2, 3)}
+    assert (out / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# --- exact resume ---------------------------------------------------------------------------------------------------
+class CrashAt(L.Callback):
+    """Simulates a killed run: raises when epoch ``epoch`` starts."""
+
+    def __init__(self, epoch: int = 2):
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, module):
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError("killed")
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(store, tmp_path):
+    # minibatch proximal steps on shuffled, streamed data read by 2 workers: the result depends on the data order
+    common = ["sparse", "--data.path", str(store), "--data.batch_size", "32", "--data.in_memory", "false",
+              "--data.num_workers", "2", "--data.shuffle_buffer", "64", "--data.block_chunks", "1", "--model.momentum", "false",
+              "--model.inner_steps", "1", "--model.lr", "0.05", "--model.tol", "0", "--trainer.max_epochs", "4",
+              "--logger", "none"]
+    run(expand_short_form([*common, "--out", str(tmp_path / "straight")]))
+    crash = '--trainer.callbacks+={"class_path": "tests.test_train.CrashAt", "init_args": {"epoch": 2}}'
+    with pytest.raises(RuntimeError, match="killed"):
+        run(expand_short_form([*common, "--out", str(tmp_path / "resumed"), crash]))
+    assert not (tmp_path / "resumed" / "checkpoint").exists()
+    run(expand_short_form([*common, "--out", str(tmp_path / "resumed"), "--resume", "true"]))
+    a = load_file(tmp_path / "straight" / "checkpoint" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "checkpoint" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6)
+    ma = json.loads((tmp_path / "straight" / "checkpoint" / "metrics.json").read_text())
+    mb = json.loads((tmp_path / "resumed" / "checkpoint" / "metrics.json").read_text())
+    for key in ("val/loss", "val/acc", "test/loss", "test/acc"):
+        assert abs(ma[key] - mb[key]) <= 1e-6
+    # and the data order matters: another data seed ends elsewhere
+    run(expand_short_form([*common, "--out", str(tmp_path / "other"), "--data.seed", "7"]))
+    c = load_file(tmp_path / "other" / "checkpoint" / "model.safetensors")
+    assert float((a["weight"] - c["weight"]).abs().max()) > 1e-4
