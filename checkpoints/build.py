@@ -20,7 +20,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 RELEASE = "v1"
-SAE_LAYER, SAE_EXAMPLES, SAE_TOKENS = 15, 1500, 400_000
+SAE_LAYER, SAE_EXAMPLES, SAE_TOKENS = 15, 500, 300_000
 
 
 @dataclass
@@ -72,6 +72,29 @@ def build(job: Job, hub: Path, release: str) -> Path:
     return folder
 
 
+KEY_METRICS = ("val/acc_mean", "val/acc_max", "val/acc", "val/heads_selected", "val/fve", "val/l0")
+
+
+def write_readme(hub: Path) -> Path:
+    """checkpoints/README.md: one row per registry entry, with its key metrics and reproducing command."""
+    from probes.hub import Registry
+
+    registry = Registry.open(hub)
+    lines = ["# Shipped checkpoints", "",
+             "Trained on the default model (SmolLM2-135M-Instruct, `smollm2-135m`) by `python checkpoints/build.py`;",
+             "load one with `probes.load(\"<id>\")` (offline; every file is checked against `registry.json`).",
+             "Each checkpoint's `config.json` and `README.md` hold the exact commands that reproduce it (run them in",
+             "an empty folder). The format and the hub are described in docs/checkpoints.md.", "",
+             "| id | class | task (stage) | size | val metrics |", "|---|---|---|---|---|"]
+    for ref, e in registry.entries.items():
+        shown = ", ".join(f"{k} {e.metrics[k]:.3g}" for k in KEY_METRICS if k in e.metrics)
+        lines.append(f"| `{ref}` | {e.cls} | {e.task} ({e.stage or '-'}) | {e.size_bytes / 1e6:.2f} MB | {shown} |")
+    lines += ["", "Commands:", ""]
+    lines += [f"- `{ref}`: `{e.command}`" for ref, e in registry.entries.items()]
+    (hub / "README.md").write_text("\n".join(lines) + "\n")
+    return hub / "README.md"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", default="", help="comma-separated checkpoint names (default: all)")
@@ -85,6 +108,7 @@ def main() -> None:
     os.chdir(args.work)
     for job in todo:
         build(job, hub, args.release)
+    write_readme(hub)
 
 
 if __name__ == "__main__":

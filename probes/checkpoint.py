@@ -34,9 +34,12 @@ class CheckpointError(RuntimeError):
 
 
 def register(cls: type) -> type:
-    """Class decorator: make ``cls`` loadable by name. It must define ``from_checkpoint(config, tensors)``."""
+    """Class decorator: make ``cls`` loadable by name. It must define ``from_checkpoint(config, tensors)``; it
+    gets :meth:`PretrainedMixin.from_pretrained` unless it has its own."""
     if not callable(getattr(cls, "from_checkpoint", None)):
         raise TypeError(f"{cls.__name__} needs a from_checkpoint(config, tensors) classmethod to be registered")
+    if not hasattr(cls, "from_pretrained"):
+        cls.from_pretrained = classmethod(PretrainedMixin.from_pretrained.__func__)
     CLASSES[cls.__name__] = cls
     return cls
 

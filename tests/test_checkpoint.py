@@ -126,10 +126,21 @@ def test_unknown_class_and_bad_config_are_clear(tmp_path):
         load_local(tmp_path)
 
 
-def test_register_needs_from_checkpoint():
+def test_register_needs_from_checkpoint_and_adds_from_pretrained(tmp_path):
     with pytest.raises(TypeError, match="from_checkpoint"):
         register(type("NoLoader", (), {}))
     assert CLASSES["HeadScorer"] is HeadScorer
+
+    @register
+    class Plain:
+        @classmethod
+        def from_checkpoint(cls, config, tensors):
+            return cls()
+
+    make_checkpoint(tmp_path / "ck")
+    assert isinstance(HeadScorer.from_pretrained(tmp_path / "ck"), HeadScorer)
+    with pytest.raises(CheckpointError, match="holds a HeadScorer, not a Plain"):
+        Plain.from_pretrained(tmp_path / "ck")
 
 
 def test_incompatible_activations_are_refused_naming_both(tmp_path):
