@@ -97,7 +97,7 @@ class AblationResult:
     mode: str
     clean: float  # metric without ablation
     top: float  # metric with the top-k heads ablated
-    top_ci: tuple[float, float]  # 95% bootstrap CI over examples
+    top_ci: tuple[float, float]  # 95% bootstrap CI over examples (a point for a scalar metric)
     random: list[float]  # metric with k random heads ablated, one per draw
     random_mean: float
     random_ci: tuple[float, float]  # 95% t-interval of the mean over draws
@@ -131,14 +131,14 @@ def causal_check(model: nn.Module, metric: Callable[[nn.Module], np.ndarray], to
                  seed: int = 0) -> AblationResult:
     """Ablate ``top_heads`` and, ``n_draws`` times, as many random other heads; compare the task metric.
 
-    ``metric(model)`` runs the task and returns one value per example (higher = better); it is called with the
-    ablation hooks in place.
+    ``metric(model)`` runs the task and returns one value per example, or one scalar (higher = better); it is
+    called with the ablation hooks in place. The top heads' CI is a bootstrap over examples (none for a scalar).
     """
     layout = head_layout(model)
     k = len(top_heads)
     clean = float(np.mean(metric(model)))
     with HeadAblation(model, top_heads, mode, means):
-        top_values = np.asarray(metric(model), dtype=np.float64)
+        top_values = np.atleast_1d(np.asarray(metric(model), dtype=np.float64))
     rng = np.random.default_rng(seed)
     others = [(l, h) for l in range(layout.n_layers) for h in range(layout.n_heads) if (l, h) not in set(top_heads)]
     draws, random_values = [], []

@@ -20,10 +20,14 @@ map (:mod:`probes.stage_map`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from scipy.stats import norm, rankdata
+
+
+STAGE_CODES = ("KR", "ICI", "LR", "EP")
 
 
 @dataclass
@@ -214,26 +218,27 @@ def sae_head_importance(shares: np.ndarray, auroc: np.ndarray, tie_threshold: np
     return importance, np.full_like(importance, weight.sum() / shares.shape[1])
 
 
-def sae_evidence(task: str, stage: str, layer_acts: dict[int, tuple[np.ndarray, np.ndarray]],
-                 labels: np.ndarray, n_layers: int, n_heads: int, layers: list[int] | None = None,
-                 alpha: float = 0.01) -> Evidence:
-    """Evidence from SAEs on some layers: ``layer_acts[layer] = (feature activations (N, F), W_dec (F, H*D))``.
-
-    Rows of layers without an SAE stay NaN (no evidence).
-    """
-    layers = list(range(n_layers)) if layers is None else layers
+def sae_evidence(task: str, stage: str, saes: list[tuple[np.ndarray, np.ndarray, list[int]]], labels: np.ndarray,
+                 layers: list[int], n_heads: int, alpha: float = 0.01) -> Evidence:
+    """Evidence from SAEs: ``saes`` holds (latent activations (N, F), W_dec (F, n_layers_in * H * D), its model
+    layers) per SAE, on the task's rows (labels (N,)). ``layers`` are the rows of the evidence; rows no SAE reads
+    stay NaN (no evidence). An SAE over several layers splits its decoder into (layer, head) blocks."""
     score = np.full((len(layers), n_heads), np.nan)
     null = np.full_like(score, np.nan)
     tied = {}
-    n_features = sum(np.shape(acts)[1] for acts, _ in layer_acts.values())
-    for layer, (acts, W_dec) in layer_acts.items():
+    n_features = sum(np.shape(acts)[1] for acts, _, _ in saes)
+    for acts, W_dec, sae_layers in saes:
         auroc, tau = feature_ties(acts, labels, alpha, n_tests=n_features)
-        slot = layers.index(layer)
-        score[slot], null[slot] = sae_head_importance(decoder_head_shares(W_dec, n_heads), auroc, tau)
-        tied[layer] = {"n_tied": int((feature_strength(auroc) > tau).sum()),
-                       "best_auroc": float(auroc[np.argmax(feature_strength(auroc))])}
+        shares = decoder_head_shares(W_dec, len(sae_layers) * n_heads)  # (F, L' * H)
+        importance, even = sae_head_importance(shares, auroc, tau)
+        rows = [layers.index(layer) for layer in sae_layers]
+        score[rows] = importance.reshape(len(sae_layers), n_heads)
+        null[rows] = even.reshape(len(sae_layers), n_heads)
+        strength = feature_strength(auroc)
+        tied[",".join(map(str, sae_layers))] = {"n_tied": int((strength > tau).sum()), "n_features": len(auroc),
+                                                "best_auroc": float(auroc[np.argmax(strength)])}
     return Evidence(task, stage, "sae", score, null, layers, metric="share-weighted tied-feature strength",
-                    extra={"layers": tied})
+                    extra={"saes": tied})
 
 
 def linear_evidence(task: str, stage: str, val_acc: np.ndarray, control_acc: np.ndarray, layers: list[int],
@@ -253,3 +258,112 @@ def sparse_evidence(task: str, stage: str, weights: np.ndarray | torch.Tensor,
     score = group_norms(weights)
     null = null_threshold(group_norms(control_weights), alpha) if control_weights is not None else 0.0
     return Evidence(task, stage, "sparse", score, null, layers, metric="group norm")
+
+
+# --- from checkpoints ------------------------------------------------------------------------------------------
+
+def _all_heads(a: np.ndarray, heads: list[int] | None, n_heads: int) -> np.ndarray:
+    """(L, H') over the checkpoint's heads -> (L, H) over all heads, NaN for heads it did not read."""
+    a = np.asarray(a, dtype=np.float64)
+    if heads is None:
+        return a
+    out = np.full((a.shape[0], n_heads), np.nan)
+    out[:, heads] = a
+    return out
+
+
+def _linear_from_metrics(config, metrics: dict, n_val: int | None, alpha: float) -> Evidence:
+    split = "val" if "val" in metrics else "test"
+    table = metrics.get(split, {})
+    key = "acc" if "acc" in table else "r2"
+    if key not in table:
+        raise ValueError(f"linear probe checkpoint for task {config.task!r} has no per-head {split} metrics in "
+                         f"metrics.json: export it after validation (headprobe train runs it)")
+    values = np.asarray(table[key], dtype=np.float64)  # (K, L, G): the task, then each control
+    width = len(config.heads) if config.heads else config.n_heads
+    if values.shape[2] != width:
+        raise ValueError(f"linear probe for task {config.task!r} was trained per layer (scope=layer): retrain with "
+                         f"scope=head to attribute heads")
+    prefix = f"{split}/selectivity_"
+    controls = [k[len(prefix):].rsplit("_max", 1)[0] for k in metrics if k.startswith(prefix)]
+    if values.shape[0] < 2 or not controls:
+        raise ValueError(f"linear probe for task {config.task!r} has no control probes: retrain with controls "
+                         f"(e.g. controls: [control, shuffled]) so there is a null to compare heads with")
+    null_from = "shuffled" if "shuffled" in controls else controls[0]
+    full = lambda a: _all_heads(a, config.heads, config.n_heads)
+    ev = linear_evidence(config.task, config.stage, full(values[0]), full(values[1 + controls.index(null_from)]),
+                         list(config.layers), alpha, n_val)
+    ev.metric = f"{split} {'accuracy' if key == 'acc' else 'R^2'} (null from the {null_from} control)"
+    ev.extra["selectivity"] = {c: (values[0] - values[1 + i]).tolist() for i, c in enumerate(controls)}
+    return ev
+
+
+def _sae_evidence_on_stores(saes: list[tuple[Path, object, dict]], stores: list, alpha: float, max_rows: int,
+                            batch: int = 4096) -> list[Evidence]:
+    """One evidence per labelled store, from every SAE (folder, config, tensors) on the store's rows; SAEs on other
+    layers are pooled into the same evidence (one Bonferroni family over all their latents)."""
+    import probes.sae  # noqa: F401  (registers the class)
+    from probes.checkpoint import load_local
+
+    modules = [(load_local(folder), config, tensors) for folder, config, tensors in saes]
+    out = []
+    for store in stores:
+        meta = store.meta
+        if meta.label_kind != "class" or meta.stage not in STAGE_CODES:
+            continue
+        labels = store.labels
+        rows = np.flatnonzero(labels >= 0)
+        if len(rows) > max_rows:
+            rows = np.sort(np.random.default_rng(0).choice(rows, max_rows, replace=False))
+        items = []
+        for sae, config, tensors in modules:
+            config.check_compatible(meta)
+            slots = [meta.layers.index(layer) for layer in config.layers]
+            z = store.activations(rows, layers=slots, heads=config.heads)  # (N, L', H', D)
+            with torch.no_grad():
+                acts = torch.cat([sae.encode(torch.from_numpy(z[i:i + batch])) for i in range(0, len(z), batch)])
+            W_dec = tensors["W_dec"].double().view(-1, len(config.layers), len(config.heads or range(meta.n_heads)),
+                                                   meta.d_head)
+            if config.heads:  # blocks of heads the SAE does not read are empty (share 0)
+                full = torch.zeros(W_dec.shape[0], W_dec.shape[1], meta.n_heads, meta.d_head, dtype=W_dec.dtype)
+                full[:, :, config.heads] = W_dec
+                W_dec = full
+            items.append((acts.numpy(), W_dec.flatten(1).numpy(), list(config.layers)))
+        layers = sorted({layer for _, _, ls in items for layer in ls})
+        ev = sae_evidence(meta.task, meta.stage, items, labels[rows], layers, meta.n_heads, alpha)
+        ev.extra["checkpoints"] = [str(folder) for folder, _, _ in saes]
+        out.append(ev)
+    return out
+
+
+def evidence_from_checkpoints(folders: list[str | Path], stores: list | None = None, alpha: float = 0.01,
+                              max_rows: int = 20000) -> list[Evidence]:
+    """The evidence a set of checkpoints gives about the heads, one per (task, artifact kind).
+
+    LinearProbes: per-head val accuracy against its shuffled-label (or control-task) probes. SparseProbe: group
+    norms (null 0: any head the group lasso kept). SparseAutoencoder: one evidence per labelled store in
+    ``stores`` (:class:`extract.store.Store`) from the same model, every SAE's latents computed on the store's
+    rows and SAEs on different layers pooled.
+    """
+    from probes.checkpoint import read_checkpoint
+
+    out, saes = [], []
+    for folder in map(Path, folders):
+        config, tensors, metrics = read_checkpoint(folder)
+        if config.cls == "SparseAutoencoder":
+            saes.append((folder, config, tensors))
+        elif config.stage not in STAGE_CODES:
+            continue
+        elif config.cls == "LinearProbes":
+            same = [s for s in stores or [] if s.meta.task == config.task and s.meta.weights_hash == config.weights_hash]
+            out.append(_linear_from_metrics(config, metrics, len(same[0].rows("val")) if same else None, alpha))
+        elif config.cls == "SparseProbe":
+            norms = tensors["group_norm"].double().numpy() if "group_norm" in tensors else group_norms(tensors["weight"])
+            out.append(Evidence(config.task, config.stage, "sparse", _all_heads(norms, config.heads, config.n_heads),
+                                0.0, list(config.layers), metric="group norm (standardised inputs; null: any kept head)"))
+        else:
+            raise ValueError(f"{folder}: cannot attribute a {config.cls} checkpoint (known: LinearProbes, SparseProbe, "
+                             f"SparseAutoencoder)")
+    if saes:
+        out += _sae_evidence_on_stores(saes, stores or [], alpha, max_rows)
+    return out

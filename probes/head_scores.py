@@ -113,3 +113,12 @@ def head_types(scores: dict[str, np.ndarray], threshold: float = TYPE_THRESHOLD)
         for layer, head in zip(*np.nonzero(scores[name] > threshold)):
             out.setdefault((int(layer), int(head)), []).append(name)
     return out
+
+
+def rank_agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rho between two per-head maps (L, H) over the heads where both are finite."""
+    from scipy.stats import spearmanr
+
+    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    ok = np.isfinite(a) & np.isfinite(b)
+    return float(spearmanr(a[ok], b[ok]).statistic)

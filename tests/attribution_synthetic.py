@@ -22,9 +22,10 @@ class SyntheticTask:
     val: np.ndarray
 
 
-def make_tasks(n: int = 600, amplitude: float = 2.0, seed: int = 0) -> list[SyntheticTask]:
+def make_tasks(n: int = 600, amplitude: float = 2.0, flip: float = 0.15, seed: int = 0) -> list[SyntheticTask]:
     """Per-head z as a sparse code over head-local atoms (shared by all tasks) plus small noise; each task's binary
-    label switches on a task-specific atom in every planted head of its stage (label 1: present)."""
+    label switches on a task-specific atom in every planted head of its stage (present for label 1), each head
+    independently wrong for a ``flip`` share of rows (so heads of one stage complement each other)."""
     rng = np.random.default_rng(seed)
     unit = lambda *shape: (lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True))(rng.normal(size=(*shape, D)))
     atoms = unit(L, H, 4)  # (L, H, atoms, D), the "model's" features
@@ -36,7 +37,8 @@ def make_tasks(n: int = 600, amplitude: float = 2.0, seed: int = 0) -> list[Synt
         z += 0.2 * rng.normal(size=z.shape)
         y = rng.integers(0, 2, n)
         for layer, head in PLANTED[stage]:
-            z[:, layer, head] += np.outer(y * amplitude, label_atoms[name][layer, head])
+            on = y ^ (rng.random(n) < flip)
+            z[:, layer, head] += np.outer(on * amplitude, label_atoms[name][layer, head])
         perm = rng.permutation(n)
         out.append(SyntheticTask(name, stage, z, y, perm[: n * 2 // 3], perm[n * 2 // 3:]))
     return out

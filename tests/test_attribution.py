@@ -116,12 +116,12 @@ def sae_evidences(tasks):
             for layer in LAYERS}
     out = []
     for t in tasks:
-        acts = {}
+        per_sae = []
         for layer, sae in saes.items():
             per_head, bias = direct_feature_attribution(torch.as_tensor(t.z[:, layer], dtype=torch.float32),
                                                         sae["W_enc"], sae["b_enc"], sae["b_dec"])
-            acts[layer] = (topk_activations(per_head.sum(1) + bias, 4).numpy(), sae["W_dec"].numpy())
-        out.append(sae_evidence(t.name, t.stage, acts, t.labels, n_layers=L, n_heads=H))
+            per_sae.append((topk_activations(per_head.sum(1) + bias, 4).numpy(), sae["W_dec"].numpy(), [layer]))
+        out.append(sae_evidence(t.name, t.stage, per_sae, t.labels, LAYERS, n_heads=H))
     return out
 
 

@@ -1,0 +1,192 @@
+"""``headprobe attribute``: trained probes and SAEs -> heads -> reasoning stages, with modeling-free cross-checks.
+
+    headprobe attribute runs/default --out runs/default/attribution
+    headprobe attribute ckpt/linear-capitals ckpt/sae-l15 --stores capitals.h5 --out attr --head-scores --ablate 8
+
+Writes into ``--out``: ``stage_map.png``, ``stage_scores.csv``, ``stage_map.json``, ``stage_map.md`` and
+``report.md``; with ``--head-scores`` also ``head_types.csv`` (attention-pattern scores of every head) and the
+Spearman rho of every evidence against them; with ``--ablate K`` ``ablation.json`` (each task's top-K heads
+mean-ablated against K random heads, with CIs).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from probes.attribution import Evidence, evidence_from_checkpoints
+from probes.stage_map import STAGES, build_stage_map, markdown_section, write_stage_map
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="+", type=Path, help="checkpoint folders, or run folders to search for checkpoints "
+                                                        "and stores")
+    p.add_argument("--out", type=Path, required=True, help="folder for the stage map and the report")
+    p.add_argument("--stores", nargs="*", type=Path, default=[], help="labelled HDF5 stores to tie SAE latents to tasks")
+    p.add_argument("--alpha", type=float, default=0.01, help="family-wise level of the nulls (Bonferroni over heads)")
+    p.add_argument("--top", type=int, default=8, help="heads listed per stage in the report")
+    p.add_argument("--reduce", choices=["mean", "max"], default="mean", help="pooling over a stage's evidence")
+    p.add_argument("--head-scores", action="store_true", help="also score previous-token, duplicate-token and "
+                                                                 "induction heads from attention patterns")
+    p.add_argument("--ablate", type=int, default=0, metavar="K", help="ablate each task's top-K heads against K "
+                                                                       "random heads")
+    p.add_argument("--ablation", choices=["mean", "zero"], default="mean")
+    p.add_argument("--draws", type=int, default=10, help="random-head draws per task")
+    p.add_argument("--examples", type=int, default=64, help="task examples per ablation metric")
+    p.add_argument("--model", default=None, help="model for the cross-checks (default: the checkpoints' model)")
+
+
+def find_inputs(paths: list[Path]) -> tuple[list[Path], list[Path]]:
+    """Checkpoint folders and .h5 stores named by, or found under, ``paths``."""
+    checkpoints, stores = [], []
+    for path in paths:
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist: pass checkpoint folders or a run folder")
+        if path.is_file() and path.suffix == ".h5":
+            stores.append(path)
+        elif (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+            checkpoints.append(path)
+        elif path.is_dir():
+            checkpoints += sorted(c.parent for c in path.rglob("model.safetensors") if (c.parent / "config.json").is_file())
+            stores += sorted(path.rglob("*.h5"))
+    if not checkpoints:
+        raise ValueError(f"no checkpoint found in {', '.join(map(str, paths))}: pass folders holding config.json and "
+                         f"model.safetensors (train some with `headprobe train`)")
+    return checkpoints, stores
+
+
+def task_ranking(evidence: list[Evidence], task: str) -> tuple[list[int], np.ndarray]:
+    """(layers, (L, H) ranking score) of one task: mean over its evidence of excess / max excess, with the raw
+    score (scaled to [0, 1e-3]) breaking ties among heads below the null."""
+    mine = [ev for ev in evidence if ev.task == task]
+    layers = sorted({layer for ev in mine for layer in ev.layers})
+    total = np.zeros((len(layers), mine[0].score.shape[1]))
+    for ev in mine:
+        rows = [layers.index(layer) for layer in ev.layers]
+        ex = ev.excess()
+        s = np.nan_to_num(ev.score, nan=np.nanmin(ev.score))
+        span = s.max() - s.min()
+        total[rows] += (ex / ex.max() if ex.max() > 0 else ex) + 1e-3 * ((s - s.min()) / span if span > 0 else 0)
+    return layers, total / len(mine)
+
+
+def top_heads(evidence: list[Evidence], task: str, k: int) -> list[tuple[int, int]]:
+    layers, score = task_ranking(evidence, task)
+    order = np.argsort(-score, axis=None, kind="stable")[:k]
+    return [(layers[i], int(h)) for i, h in zip(*np.unravel_index(order, score.shape))]
+
+
+def head_type_section(scores: dict[str, np.ndarray], evidence: list[Evidence], stage_map) -> str:
+    from probes.head_scores import HEAD_TYPE_STAGE, TYPE_THRESHOLD, head_types, rank_agreement
+
+    out = ["## Attention-pattern cross-check", "",
+           f"Scores on [BOS, r1..r50, r1..r50] (TransformerLens 'mul' score; a head is typed above {TYPE_THRESHOLD}). "
+           "The survey puts previous-token and duplicate-token heads in ICI and induction heads in LR.", "",
+           "| head | type(s) | scores (prev / dup / ind) | taxonomy stage | stage in the map |", "|---|---|---|---|---|"]
+    typed = head_types(scores)
+    for (layer, head), types in sorted(typed.items()):
+        vals = " / ".join(f"{scores[t][layer, head]:.2f}" for t in ("previous_token", "duplicate_token", "induction"))
+        got = ""
+        if layer in stage_map.layers:
+            d = stage_map.dominant[stage_map.layers.index(layer), head]
+            got = STAGES[d] if d >= 0 else "none"
+        out.append(f"| L{layer}.H{head} | {', '.join(types)} | {vals} | "
+                   f"{', '.join(sorted({HEAD_TYPE_STAGE[t] for t in types}))} | {got} |")
+    out += ["", "Spearman rho over heads between each evidence's score and the pattern scores:", "",
+            "| evidence | stage | previous-token | duplicate-token | induction |", "|---|---|---|---|---|"]
+    for ev in evidence:
+        rows = ev.layers
+        rhos = [rank_agreement(ev.score, scores[t][rows]) for t in ("previous_token", "duplicate_token", "induction")]
+        out.append(f"| {ev.task}/{ev.source} | {ev.stage} | " + " | ".join(f"{r:.2f}" for r in rhos) + " |")
+    return "\n".join(out + [""])
+
+
+def ablation_section(results: dict[str, dict]) -> str:
+    out = ["## Causal check: ablating each task's top heads", "",
+           "| task | k | mode | clean | top-k ablated | random k ablated (mean, 95% CI) | top hurts more |",
+           "|---|---|---|---|---|---|---|"]
+    for task, r in results.items():
+        out.append(f"| {task} | {r['k']} | {r['mode']} | {r['clean']:.3f} | {r['top']:.3f} | {r['random_mean']:.3f} "
+                   f"[{r['random_ci'][0]:.3f}, {r['random_ci'][1]:.3f}] | {'yes' if r['hurts_more'] else 'no'} |")
+    return "\n".join(out + [""])
+
+
+def run_ablations(loaded, evidence: list[Evidence], k: int, mode: str, draws: int, n_examples: int) -> dict[str, dict]:
+    import torch
+
+    from extract.tasks import TASKS
+    from extract.tasks.metrics import model_metric
+    from probes.ablation import causal_check, head_means
+
+    results = {}
+    for task_name in sorted({ev.task for ev in evidence}):
+        task = TASKS.get(task_name)
+        if task is None or getattr(task, "metric", "none") == "none":
+            print(f"attribute: {task_name}: no model metric, skipping the ablation")
+            continue
+        examples = task.examples(0)
+        pick = np.sort(np.random.default_rng(0).choice(len(examples), min(n_examples, len(examples)), replace=False))
+        examples = [examples[i] for i in pick]
+        ids = [list(ex.token_ids) if ex.token_ids is not None else loaded.tokenizer(ex.text)["input_ids"]
+               for ex in examples]
+        width = max(map(len, ids))
+        batch = {"input_ids": torch.tensor([x + [0] * (width - len(x)) for x in ids]),
+                 "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])}
+        means = head_means(loaded.model, [batch]) if mode == "mean" else None
+        res = causal_check(loaded.model, lambda m: model_metric(loaded, task, examples)["metric"],
+                           top_heads(evidence, task_name, k), n_draws=draws, mode=mode, means=means)
+        results[task_name] = res.to_dict()
+        print(f"attribute: {task_name}: clean {res.clean:.3f}, top-{k} ablated {res.top:.3f}, random "
+              f"{res.random_mean:.3f} [{res.random_ci[0]:.3f}, {res.random_ci[1]:.3f}]")
+    return results
+
+
+def run(args: argparse.Namespace) -> None:
+    from extract.store import Store
+
+    checkpoints, found = find_inputs(args.paths)
+    stores = [Store(p) for p in dict.fromkeys(found + list(args.stores))]
+    evidence = evidence_from_checkpoints(checkpoints, stores, args.alpha)
+    print(f"attribute: {len(checkpoints)} checkpoints, {len(stores)} stores: "
+          f"{', '.join(f'{e.task}/{e.source}' for e in evidence) or 'no labelled task'}")
+    if not evidence:
+        raise ValueError("no checkpoint spoke to a task with a stage (KR, ICI, LR, EP); for SAEs pass labelled "
+                         "stores with --stores")
+    stage_map = build_stage_map(evidence, args.reduce)
+    paths = write_stage_map(stage_map, args.out, args.top)
+    report = [markdown_section(stage_map, args.top, image=paths["png"].name)]
+    if args.head_scores or args.ablate:
+        from extract.models import load_model
+
+        loaded = load_model(args.model or _model_of(checkpoints))
+        hashes = {json.loads((c / "config.json").read_text())["weights_hash"] for c in checkpoints}
+        if loaded.weights_hash not in hashes:
+            raise ValueError(f"{loaded.model_id} (weights {loaded.weights_hash}) is not the model the checkpoints were "
+                             f"trained on: pass that model with --model")
+        if args.head_scores:
+            from probes.head_scores import HEAD_TYPES, head_type_scores
+
+            scores = head_type_scores(loaded.model)
+            with open(args.out / "head_types.csv", "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["layer", "head", *HEAD_TYPES])
+                for layer in range(scores["induction"].shape[0]):
+                    for head in range(scores["induction"].shape[1]):
+                        w.writerow([layer, head, *(f"{scores[t][layer, head]:.4f}" for t in HEAD_TYPES)])
+            report.append(head_type_section(scores, evidence, stage_map))
+        if args.ablate:
+            results = run_ablations(loaded, evidence, args.ablate, args.ablation, args.draws, args.examples)
+            (args.out / "ablation.json").write_text(json.dumps(results, indent=1) + "\n")
+            report.append(ablation_section(results))
+    (args.out / "report.md").write_text("# Head attribution\n\n" + "\n".join(report))
+    print(f"attribute: {len(stage_map.assigned())} heads with a stage; report in {args.out / 'report.md'}")
+
+
+def _model_of(checkpoints: list[Path]) -> str:
+    ids = {json.loads((c / "config.json").read_text())["model_id"] for c in checkpoints}
+    if len(ids) != 1:
+        raise ValueError(f"checkpoints come from several models ({', '.join(sorted(ids))}): pass --model")
+    return ids.pop()

@@ -1,0 +1,68 @@
+"""Planted heads recovered through the real pipeline: stores -> LinearProbes / SparseProbe / SparseAutoencoder
+checkpoints -> evidence -> stage map, and ``headprobe attribute`` on a run folder."""
+from __future__ import annotations
+
+import csv
+
+import h5py
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from extract.store import Store
+from probes.attribution import evidence_from_checkpoints
+from probes.checkpoint import save_checkpoint
+from probes.linear import LinearProbes
+from probes.sae import SparseAutoencoder
+from probes.sparse import SparseProbe
+from probes.stage_map import build_stage_map
+from tests.attribution_synthetic import L as N_LAYERS, make_tasks, planted_map
+from tests.test_probes import write_store
+from tests.test_sae import make_store
+from train.cli import main as headprobe
+from train.data import StoreDataModule
+
+
+def trainer(**kw) -> L.Trainer:
+    return L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     num_sanity_val_steps=0, accelerator="cpu", **kw)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run folder: one labelled store per synthetic task, an unlabelled corpus store, and checkpoints."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("run")
+    tasks = make_tasks(seed=0)
+    for t in tasks:
+        split = np.zeros(len(t.labels), np.int8)
+        split[t.val] = 1
+        path = write_store(root / "stores" / f"{t.name}.h5", t.z, t.labels, split)
+        with h5py.File(path, "r+") as f:
+            f.attrs["task"], f.attrs["stage"] = t.name, t.stage
+            f.attrs["hook_point"] = "o_proj:input"  # as in the corpus store the SAEs are trained on
+        for module, epochs in ((LinearProbes(controls=["shuffled"]), 30),
+                               (SparseProbe(penalty="group_lasso", alpha=0.1, inner_steps=100), 10)):
+            trainer(max_epochs=epochs).fit(module, datamodule=StoreDataModule(str(path)))
+            save_checkpoint(root / "ckpt" / f"{type(module).__name__}-{t.name}", module.checkpoint_tensors(),
+                            module.checkpoint_config(), module.checkpoint_metrics())
+    corpus = make_store(root / "corpus.h5", np.concatenate([t.z for t in tasks]))
+    for layer in range(N_LAYERS):
+        sae = SparseAutoencoder(architecture="topk", d_sae=32, k=4, lr=1e-2, warmup_steps=2, seed=layer)
+        trainer(max_steps=200, limit_val_batches=0).fit(
+            sae, datamodule=StoreDataModule(corpus, layers=[layer], batch_size=256))
+        sae.save(root / "ckpt" / f"sae-l{layer}")
+    torch.set_num_threads(before)
+    return root
+
+
+@pytest.mark.parametrize("cls", ["LinearProbes", "SparseProbe", "sae"])
+def test_checkpoints_put_exactly_the_planted_heads_at_their_stages(run_dir, cls):
+    stores = [Store(p) for p in sorted((run_dir / "stores").glob("*.h5"))] + [Store(run_dir / "corpus.h5")]
+    evidence = evidence_from_checkpoints(sorted((run_dir / "ckpt").glob(f"{cls}*")), stores)
+    source = {"LinearProbes": "linear", "SparseProbe": "sparse", "sae": "sae"}[cls]
+    assert len(evidence) == 5 and {ev.source for ev in evidence} == {source}
+    stage_map = build_stage_map(evidence)
+    assert stage_map.assigned() == planted_map()
