@@ -229,6 +229,31 @@ def store_mean(path: str | Path, layers: list[int] | None = None, heads: list[in
     return (total / n).float()
 
 
+def evaluate_checkpoint(checkpoint: str | Path, store: str | Path, split: str = "test", max_rows: int | None = None,
+                        ce_tokens: int = 0, histogram: str | Path | None = None, model: str | None = None,
+                        loaded=None) -> dict:
+    """Metrics of a saved SAE on a store's split; with ``ce_tokens``, CE loss recovered on that many tokens."""
+    from probes.checkpoint import load_local
+
+    sae = load_local(checkpoint)
+    cfg = sae.checkpoint_config_loaded
+    with Store(store) as s:
+        cfg.check_compatible(s.meta)
+        slots = [s.meta.layers.index(layer) for layer in cfg.layers]
+    metrics = evaluate(sae, store_batches(store, split, slots, cfg.heads, max_rows=max_rows))
+    counts = metrics.pop("fire_counts")
+    if histogram:
+        density_histogram(counts, metrics["n_tokens"], histogram)
+    if ce_tokens:
+        if loaded is None:
+            from extract.models import load_model
+
+            loaded = load_model(model or cfg.model_id)
+        batches = token_batches(store_sequences(store, split, ce_tokens))
+        metrics.update(ce_loss_recovered(loaded.model, sae, batches, store_mean(store, slots, cfg.heads)))
+    return metrics
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m probes.sae_eval", description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="SAE checkpoint folder")
@@ -239,23 +264,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default=None, help="model for CE (default: the checkpoint's model_id)")
     p.add_argument("--histogram", type=Path, default=None, help="write the feature-density histogram PNG here")
     args = p.parse_args(argv)
-    from probes.checkpoint import load_local
-
-    sae = load_local(args.checkpoint)
-    cfg = sae.checkpoint_config_loaded
-    with Store(args.store) as store:
-        cfg.check_compatible(store.meta)
-        slots = [store.meta.layers.index(layer) for layer in cfg.layers]
-    metrics = evaluate(sae, store_batches(args.store, args.split, slots, cfg.heads, max_rows=args.max_rows))
-    counts = metrics.pop("fire_counts")
-    if args.histogram:
-        density_histogram(counts, metrics["n_tokens"], args.histogram)
-    if args.ce_tokens:
-        from extract.models import load_model
-
-        loaded = load_model(args.model or cfg.model_id)
-        batches = token_batches(store_sequences(args.store, args.split, args.ce_tokens))
-        metrics.update(ce_loss_recovered(loaded.model, sae, batches, store_mean(args.store, slots, cfg.heads)))
+    metrics = evaluate_checkpoint(args.checkpoint, args.store, args.split, args.max_rows, args.ce_tokens,
+                                  args.histogram, args.model)
     print(json.dumps(metrics, indent=2))
 
 
