@@ -143,6 +143,15 @@ def test_bos_is_recorded_and_kept(tmp_path, bos):
             assert (tokens == bos).all() and len(s) == sum(len(t.encode()) + 1 for t in TEXTS)
 
 
+def test_bos_detection_on_hugging_face_tokenizers():
+    from extract.extractor import prepends_special_tokens
+    from tests.test_extract_support import byte_tokenizer
+
+    with_bos, without = byte_tokenizer(bos=True), byte_tokenizer(bos=False)
+    assert with_bos("ab")["input_ids"] == [1, *without("ab")["input_ids"]]
+    assert prepends_special_tokens(with_bos) and not prepends_special_tokens(without)
+
+
 def test_unsupported_architecture_names_families_and_registry_entry(tmp_path, monkeypatch):
     from transformers import OPTConfig, OPTForCausalLM
 
