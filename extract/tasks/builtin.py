@@ -110,17 +110,21 @@ def seen_before(ids: list[int]) -> list[int]:
 
 # --- LR: latent reasoning ----------------------------------------------------------------------------------------
 
-def _arithmetic(seed: int, n: int = 300) -> list[Example]:
-    """'a + b = c' with the true sum or a sum off by 1, 2 or 10; one pair per unordered (a, b)."""
-    rng, seen, out = random.Random(seed), set(), []
-    while len(seen) < n:
+ARITHMETIC_SHOTS = "12 + 7 = 19\n31 + 25 = 56\n"  # two worked sums: without them the model is near chance
+
+
+def _arithmetic(seed: int, n: int = 200) -> list[Example]:
+    """'a + b = c' after two worked sums, with the true sum or a sum off by 1, 2 or 10; one pair per unordered
+    (a, b)."""
+    rng, seen, out = random.Random(seed), {(7, 12), (25, 31)}, []
+    while len(seen) < n + 2:
         a, b = rng.randint(1, 49), rng.randint(1, 49)
         key = (min(a, b), max(a, b))
         if key in seen:
             continue
         seen.add(key)
         wrong = a + b + rng.choice([-10, -2, -1, 1, 2, 10])
-        out += _pair(f"{a} + {b} =", str(a + b), str(wrong), f"{key[0]}+{key[1]}")
+        out += _pair(f"{ARITHMETIC_SHOTS}{a} + {b} =", str(a + b), str(wrong), f"{key[0]}+{key[1]}")
     return out
 
 
@@ -201,7 +205,7 @@ TASKS = [
     Task("repeat_tokens", "ICI", "random word runs; per token: did this token occur earlier in the context",
          ["new", "seen_before"], _repeats, position_rule="all", card="cards/repeat_tokens.md",
          token_labeler=seen_before, metric="induction"),
-    Task("arithmetic", "LR", "true/false 'a + b = c' (a, b < 50)", TRUE_FALSE, _arithmetic, card="cards/arithmetic.md"),
+    Task("arithmetic", "LR", "true/false 'a + b = c' (a, b < 50; two worked sums first)", TRUE_FALSE, _arithmetic, card="cards/arithmetic.md"),
     Task("successor", "LR", "true/false 'The day/month/letter/number after X is Y'", TRUE_FALSE, _successor,
          card="cards/successor.md"),
     Task("greater_than", "LR", "true/false 'lasted from the year 1732 to the year 17YY' (end after start)",

@@ -16,6 +16,8 @@ a lower ``metric`` under ablation means the ablated heads matter for the task. E
 """
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import torch
 
@@ -34,11 +36,13 @@ def token_logprobs(loaded: LoadedModel, seqs: list[list[int]], targets: list[np.
 
     ``targets[i]`` (n_i, K) holds token ids whose log-probability to read after each position of sequence i
     (-1: none). Returns per sequence the log-probabilities (n_i, K) (NaN where no target) and the top-1 predicted
-    token id per position (n_i,).
+    token id per position (n_i,; -1 where no sequence of the batch reads a target, if the model could skip the
+    LM head there through ``logits_to_keep``).
     """
     model = loaded.model
     device = next(model.parameters()).device
     pad = getattr(loaded.tokenizer, "pad_token_id", None) or 0
+    can_slice = "logits_to_keep" in inspect.signature(model.forward).parameters
     logp, top1 = [None] * len(seqs), [None] * len(seqs)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     for start in range(0, len(order), batch_size):
@@ -51,13 +55,21 @@ def token_logprobs(loaded: LoadedModel, seqs: list[list[int]], targets: list[np.
             n = len(seqs[i])
             ids[b, :n], mask[b, :n] = torch.tensor(seqs[i]), 1
             want[b, :n, :targets[i].shape[1]] = torch.as_tensor(targets[i])
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()  # (B, S, V)
-        lp = torch.log_softmax(logits, -1).gather(-1, want.clamp(min=0).to(device))  # (B, S, K)
-        lp = lp.masked_fill(want.to(device) < 0, float("nan")).cpu().numpy()
-        best = logits.argmax(-1).cpu().numpy()  # (B, S)
+        keep = torch.nonzero((want >= 0).any(-1).any(0))[:, 0]  # positions where some sequence reads a target
+        kwargs = {"logits_to_keep": keep.to(device)} if can_slice and len(keep) < width else {}
+        if not kwargs:
+            keep = torch.arange(width)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).logits.float()  # (B, P, V)
+        want = want[:, keep].to(device)  # (B, P, K)
+        lp = logits.gather(-1, want.clamp(min=0)) - logits.logsumexp(-1, keepdim=True)
+        lp = lp.masked_fill(want < 0, float("nan")).cpu().numpy()
+        best = logits.argmax(-1).cpu().numpy()  # (B, P)
         for b, i in enumerate(idx):
-            n = len(seqs[i])
-            logp[i], top1[i] = lp[b, :n, :targets[i].shape[1]], best[b, :n]
+            n, kk = len(seqs[i]), targets[i].shape[1]
+            logp[i], top1[i] = np.full((n, kk), np.nan, np.float32), np.full(n, -1)
+            inside = keep.numpy() < n
+            logp[i][keep.numpy()[inside]] = lp[b, inside, :kk]
+            top1[i][keep.numpy()[inside]] = best[b, inside]
     return logp, top1
 
 
