@@ -213,7 +213,7 @@ class SparseAutoencoder(L.LightningModule):
         b_dec_init: "geometric_median", "mean" or "zeros"; init_rows: training rows used for it and for the scale.
         input_norm: "expected_norm" (scale inputs to E||x||^2 = d_in) or "none".
         decoder_norm: "unit" (unit-norm rows, parallel gradient removed) or "penalty".
-        lr, betas: Adam; lr 0 picks 2e-3 / sqrt(d_sae / 4096).
+        lr, betas: Adam; lr 0 picks 4e-3 / sqrt(d_sae / 4096).
         warmup_steps: linear LR warmup; decay_start: fraction of training after which the LR decays linearly to 0.
         sparsity_warmup_steps: linear warmup of the sparsity coefficient.
         token_budget: stop after this many training tokens (0: the Trainer's max_steps / max_epochs decide).
@@ -413,8 +413,12 @@ class SparseAutoencoder(L.LightningModule):
                 loss = loss + hp.auxk_alpha * aux
                 logs["train/auxk"] = aux.detach()
         with torch.no_grad():
-            self.tokens_since_fired.add_(len(x)).masked_fill_(fired, 0)
-            self.tokens_seen.add_(len(x))
+            n_tokens = len(x)
+            if self._trainer is not None and self.trainer.world_size > 1:  # DDP: count every rank's tokens
+                fired = self.trainer.strategy.reduce(fired.int(), reduce_op="sum") > 0
+                n_tokens *= self.trainer.world_size  # training shares are equal batches
+            self.tokens_since_fired.add_(n_tokens).masked_fill_(fired, 0)
+            self.tokens_seen.add_(n_tokens)
         logs.update({"train/loss": loss.detach(), "train/fvu": fve_loss.detach(), "train/l0": l0.detach(),
                      "train/dead_frac": (self.tokens_since_fired > hp.dead_after_tokens).float().mean()})
         return loss, logs
@@ -446,6 +450,9 @@ class SparseAutoencoder(L.LightningModule):
         self._eval.update(x, self.decode(f), f)
 
     def on_validation_epoch_end(self, prefix: str = "val") -> None:
+        if self.trainer.world_size > 1:  # DDP: metrics over every rank's share of the split
+            self._eval.sum_over(lambda t: self.trainer.strategy.reduce(t.to(self.device), reduce_op="sum").cpu(),
+                                self.d_in)
         metrics = self._eval.compute()
         self.log_dict({f"{prefix}/{k}": float(v) for k, v in metrics.items() if not isinstance(v, Tensor)})
 
@@ -464,7 +471,7 @@ class SparseAutoencoder(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        lr = hp.lr or 2e-3 / math.sqrt(self.d_sae / 4096)
+        lr = hp.lr or 4e-3 / math.sqrt(self.d_sae / 4096)
         opt = torch.optim.Adam(self.parameters(), lr=lr, betas=tuple(hp.betas))
 
         def factor(step: int) -> float:

@@ -54,6 +54,18 @@ class ReconstructionStats:
         self.x_sum = xs if self.x_sum is None else self.x_sum + xs
         self.x_sq = xq if self.x_sq is None else self.x_sq + xq
 
+    def sum_over(self, reduce: Callable[[Tensor], Tensor], d_in: int) -> None:
+        """Replace every sum by ``reduce(sum)``, e.g. a sum over DDP ranks, so :meth:`compute` covers all tokens."""
+        x_sum = self.x_sum if self.x_sum is not None else torch.zeros(d_in, dtype=torch.float64)
+        x_sq = self.x_sq if self.x_sq is not None else torch.zeros(d_in, dtype=torch.float64)
+        scalars = torch.tensor([self.n, *self.sums.values()], dtype=torch.float64)
+        packed = reduce(torch.cat([self.fire_counts.double(), scalars, x_sum.double(), x_sq.double()]))
+        d_sae = len(self.fire_counts)
+        self.fire_counts = packed[:d_sae].round().long()
+        self.n = int(packed[d_sae].round())
+        self.sums = dict(zip(self.sums, packed[d_sae + 1:d_sae + 4].tolist()))
+        self.x_sum, self.x_sq = packed[d_sae + 4:d_sae + 4 + d_in], packed[d_sae + 4 + d_in:]
+
     def compute(self) -> dict:
         if self.n == 0:
             raise ValueError("no tokens were evaluated: check the split has rows")

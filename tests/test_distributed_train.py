@@ -1,6 +1,7 @@
 """Training under Lightning's DDP: `headprobe train linear --trainer.strategy ddp --trainer.devices 2` on 2 CPU
-processes (torchrun, gloo) gives the per-head probe accuracies of 1 process, and the DataModule shards the rows
-once (not again by Lightning's distributed sampler), in memory and streamed.
+processes (torchrun, gloo) gives the per-head probe accuracies of 1 process, the DataModule shards the rows once
+(not again by Lightning's distributed sampler), in memory and streamed, and an SAE's val metrics and token counts
+cover all ranks.
 
 The worker is this file run under torchrun: ``python tests/test_distributed_train.py STORE OUT``.
 """
@@ -70,6 +71,24 @@ def shard_rows(store: Path, in_memory: bool) -> dict:
             for split, loader in (("train", trainer.train_dataloader), ("val", trainer.val_dataloaders))}
 
 
+def sae_run(store: Path) -> dict:
+    """A TopK SAE for 2 epochs under DDP (2 CPU processes); the logged val metrics, the tokens it counted, and
+    the same metrics computed afresh over the whole val split with the final weights."""
+    from probes.sae import SparseAutoencoder
+    from probes.sae_eval import evaluate
+
+    dm = StoreDataModule(str(store), batch_size=128, in_memory=True)
+    sae = SparseAutoencoder(architecture="topk", expansion=4, k=8, b_dec_init="mean", dead_after_tokens=500)
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", strategy="ddp", devices=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0)
+    trainer.fit(sae, dm)
+    fresh = evaluate(sae, [dm.split("val")[np.arange(len(dm.split("val")))]["z"]])
+    return {"logged": {k: float(trainer.callback_metrics[f"val/{k}"]) for k in ("fve", "l0", "n_tokens")},
+            "fresh": {k: float(fresh[k]) for k in ("fve", "l0", "n_tokens")}, "tokens_seen": int(sae.tokens_seen),
+            "steps": trainer.global_step}
+
+
 def test_ddp_two_processes_match_one_process(tmp_path):
     from tests.test_distributed import torchrun
 
@@ -96,6 +115,11 @@ def test_ddp_two_processes_match_one_process(tmp_path):
             assert len(train0) == len(train1) and 0 < len(train0) <= n_train // 2 and len(train0) % 64 == 0
         val0, val1 = (r[mode]["val"] for r in results)
         assert not set(val0) & set(val1) and len(val0) + len(val1) == n_val, mode  # every val row exactly once
+    for r in results:  # SAE under DDP: val metrics reduced over ranks; tokens counted over ranks
+        sae = r["sae"]
+        assert sae["logged"]["n_tokens"] == sae["fresh"]["n_tokens"] == n_val
+        assert abs(sae["logged"]["fve"] - sae["fresh"]["fve"]) < 1e-5 and abs(sae["logged"]["l0"] - sae["fresh"]["l0"]) < 1e-4
+        assert sae["tokens_seen"] == 2 * (n_train // 2) * 2  # 2 epochs of both ranks' equal shares
 
 
 if __name__ == "__main__":  # worker under torchrun: python tests/test_distributed_train.py STORE OUT
@@ -103,5 +127,5 @@ if __name__ == "__main__":  # worker under torchrun: python tests/test_distribut
     store, out = Path(sys.argv[1]), Path(sys.argv[2])
     cli = probe_run(store, out, "--trainer.strategy", "ddp", "--trainer.devices", "2")
     result = {"rank": cli.trainer.global_rank, "acc": cli.model.tables["val"]["acc"][0].tolist(),
-              "memory": shard_rows(store, True), "stream": shard_rows(store, False)}
+              "memory": shard_rows(store, True), "stream": shard_rows(store, False), "sae": sae_run(store)}
     Path(f"{out}.rank{result['rank']}.json").write_text(json.dumps(result))
