@@ -95,9 +95,9 @@ def train_sparsify(train: np.ndarray, tokens: int, d_sae: int, k: int, batch: in
     """sparsify's Trainer on the cached rows; returns (its SAE, seconds)."""
     if path:
         sys.path.insert(0, path)
-    try:
-        import datasets  # noqa: F401  (sparsify imports it for its own data loading, unused here)
-    except ImportError:
+    try:  # sparsify imports Hugging Face datasets for its own data loading, which is not used here
+        from datasets import Dataset  # noqa: F401
+    except ImportError:  # (a repository folder named datasets/ can shadow the package: stub it for sparsify)
         stub = types.ModuleType("datasets")
         stub.Dataset = stub.DatasetDict = stub.load_dataset = None
         sys.modules["datasets"] = stub

@@ -84,7 +84,7 @@ class TopKSAEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, k, dead, k_aux):
         x_c = x - b_dec
-        pre = torch.addmm(b_enc, x_c, W_enc.T)  # (B, n): the only dense product
+        pre = torch.addmm(b_enc, x_c, W_enc.T).to(x.dtype)  # (B, n): the only dense product (bf16 under autocast)
         vals, idx = _select_sorted(pre, k)
         x_hat = F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum") + b_dec
         k_a = min(k_aux, len(dead)) if dead is not None else 0
