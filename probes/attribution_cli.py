@@ -146,10 +146,14 @@ def run_ablations(loaded, evidence: list[Evidence], k: int, mode: str, draws: in
 
 def run(args: argparse.Namespace) -> None:
     from extract.store import Store
+    from probes.checkpoint import CheckpointError
 
     checkpoints, found = find_inputs(args.paths)
     stores = [Store(p) for p in dict.fromkeys(found + list(args.stores))]
-    evidence = evidence_from_checkpoints(checkpoints, stores, args.alpha)
+    try:
+        evidence = evidence_from_checkpoints(checkpoints, stores, args.alpha)
+    except CheckpointError as err:
+        raise ValueError(str(err)) from None
     print(f"attribute: {len(checkpoints)} checkpoints, {len(stores)} stores: "
           f"{', '.join(f'{e.task}/{e.source}' for e in evidence) or 'no labelled task'}")
     if not evidence:

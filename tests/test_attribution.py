@@ -18,6 +18,15 @@ from tests.attribution_synthetic import (H, L, PLANTED, group_lasso, lda_accurac
 LAYERS = list(range(L))
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: extra threads only cost hand-offs on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_decoder_shares_sum_to_one_over_heads():
     g = torch.Generator().manual_seed(0)
     W = torch.randn(40, 6 * 5, generator=g)

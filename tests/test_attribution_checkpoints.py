@@ -66,3 +66,28 @@ def test_checkpoints_put_exactly_the_planted_heads_at_their_stages(run_dir, cls)
     assert len(evidence) == 5 and {ev.source for ev in evidence} == {source}
     stage_map = build_stage_map(evidence)
     assert stage_map.assigned() == planted_map()
+
+
+def test_attribute_command_on_a_run_folder(run_dir, tmp_path, capsys):
+    out = tmp_path / "attr"
+    headprobe(["attribute", str(run_dir), "--out", str(out), "--top", "3"])
+    with open(out / "stage_scores.csv") as f:
+        got = {(int(r["layer"]), int(r["head"])): r["stage"] for r in csv.DictReader(f) if r["stage"]}
+    assert got == planted_map()  # linear, sparse and SAE evidence pooled
+    report = (out / "report.md").read_text()
+    assert "## Stage map" in report and "![stage map](stage_map.png)" in report and (out / "stage_map.png").stat().st_size
+    assert "kr_a/sae" in report and "lr/sparse" in report
+    assert "14 checkpoints, 6 stores" in capsys.readouterr().out
+
+
+def test_attribute_command_errors(run_dir, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    for argv, message in [([str(tmp_path / "empty")], "no checkpoint found"),
+                          ([str(tmp_path / "missing")], "does not exist"),
+                          ([str(run_dir / "ckpt"), "--head-scores", "--model", str(tmp_path / "nomodel")],
+                           "not a model folder")]:
+        with pytest.raises(SystemExit) as exc:
+            headprobe(["attribute", *argv, "--out", str(tmp_path / "o")])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("headprobe: error:") and message in err and err.count("\n") == 1
