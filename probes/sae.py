@@ -314,7 +314,7 @@ class SparseAutoencoder(L.LightningModule):
 
     # --- the autoencoder ---------------------------------------------------------------------------------
     def _pre(self, xs: Tensor) -> Tensor:
-        return torch.addmm(self.b_enc, xs - self.b_dec, self.W_enc.T)
+        return torch.addmm(self.b_enc, xs - self.b_dec, self.W_enc.T).to(xs.dtype)  # fp32 out of a bf16 autocast
 
     def _activate(self, pre: Tensor) -> Tensor:
         """Latents (B, n) from pre-activations, as at inference."""
