@@ -168,11 +168,9 @@ def main(argv: list[str] | None = None) -> None:
     from extract.tasks import TaskError, resolve_task
 
     p = argparse.ArgumentParser(prog="torchrun ... -m extract.distributed",
-                                description="extract a task over all torchrun ranks and join the shards",
-                                conflict_handler="resolve")
+                                description="extract a task over all torchrun ranks and join the shards "
+                                            "(shares are whole --block-examples blocks)")
     add_arguments(p)
-    p.add_argument("--block-examples", type=int, default=ExtractConfig.block_examples,
-                   help="examples per committed block; shares are whole blocks")
     p.add_argument("--join-only", action="store_true",
                    help="only join existing shards (one process; pass --world-size of the extraction)")
     p.add_argument("--world-size", type=int, default=None, help="ranks of the extraction, for --join-only")
