@@ -27,7 +27,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from extract.extractor import ExtractConfig, ExtractError, extract
+from extract.extractor import ExtractConfig, ExtractError, check_output, extract
 from extract.store import StoreError, StoreMeta
 from extract.tasks import Task, assign_splits, dataset_hash
 
@@ -187,8 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = ExtractConfig(layers=args.layers, positions=args.positions, store_dtype=args.store_dtype,
                             writes=args.writes, padding_side=args.padding_side, batch_tokens=args.batch_tokens,
                             seed=args.seed, max_examples=args.max_examples, block_examples=args.block_examples)
-        if args.out.exists() and not (args.overwrite or args.resume):
-            raise ExtractError(f"{args.out} exists: pass --overwrite to replace it, or choose another --out")
+        check_output(args.out, args.resume, args.overwrite)
         if not args.join_only and not (args.resume and args.out.exists() and not args.overwrite):
             load = lambda: load_model(args.model, dtype=args.dtype, device=device, device_map=args.device_map)
             extract_share(load, task, args.out, cfg, rank, world, resume=args.resume, overwrite=args.overwrite,
