@@ -13,7 +13,8 @@ class TaskError(ValueError):
 
 def get_task(name: str) -> Task:
     if name not in TASKS:
-        raise TaskError(f"unknown task {name!r}: run `headprobe tasks` to list them, or pass a .jsonl/.csv file or hf:NAME")
+        raise TaskError(f"unknown task {name!r}: run `headprobe tasks` to list them, or pass a .jsonl/.csv file "
+                        f"or hf:NAME")
     return TASKS[name]
 
 
@@ -29,5 +30,5 @@ def resolve_task(ref: str) -> Task:
     return get_task(ref)
 
 
-__all__ = ["TASKS", "Task", "Example", "TaskError", "get_task", "resolve_task", "assign_splits", "dataset_hash", "STAGES",
-           "POSITION_RULES"]
+__all__ = ["TASKS", "Task", "Example", "TaskError", "get_task", "resolve_task", "assign_splits", "dataset_hash",
+           "STAGES", "POSITION_RULES"]
