@@ -5,13 +5,16 @@
 
 Sections (each one catches and prints its own failure, so one broken path does not hide the others):
 
-1. extraction with the model in fp32, fp16 and bf16: tokens/s and the relative error of z against fp32
-2. device_map: half of the layers on the GPU, half on the CPU (accelerate), z against one-device fp32
-3. per-head linear probes (Newton) on the GPU under Lightning, fp32 vs bf16-mixed: s per fit, val accuracy
-4. TopK SAE training on the GPU, fp32 vs bf16-mixed (and FSDP on one GPU): tokens/s and FVE
-5. DDP with one GPU (nccl process group, the DDP wrapper, rank-sharded data): a probe fit
+1. capture (torch + transformers only): z of every head at the last token with the model in fp32, fp16, bf16:
+   tokens/s and the relative error of z against fp32
+2. extract: the same through the real extractor and HDF5 store (needs h5py)
+3. device_map: half of the model on the GPU, half mapped to the CPU (accelerate): z and W_O against one device
+4. probes: per-head linear probes (Newton) under Lightning, fp32 vs bf16-mixed: s per fit, val accuracy
+5. sae: TopK SAE training, fp32 vs bf16-mixed, and FSDP on one GPU: tokens/s and train FVE
+6. ddp: DDP with one GPU (nccl process group, rank-sharded data): a probe fit
 
-Needs only torch, transformers, lightning, accelerate and this repository; nothing is downloaded. Everything is
+Sections 1 and 3 need only torch, transformers and accelerate; the others also the project's dependencies
+(h5py, lightning). Nothing is downloaded. Everything is
 written under a temporary folder that is removed at the end. Prints one table row per measurement.
 """
 from __future__ import annotations
@@ -111,6 +114,69 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
+def hooks_module():
+    """extract.hooks (torch only), loaded from its file if the package's other dependencies (h5py) are missing."""
+    try:
+        import extract.hooks as hooks
+    except ImportError:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("headprobe_hooks", ROOT / "extract" / "hooks.py")
+        hooks = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(hooks)
+    return hooks
+
+
+def bare_model(args, dtype: str, device):
+    """The model alone (torch + transformers): the local folder, else the random Llama."""
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    if args.model:
+        from transformers import AutoModelForCausalLM
+        return AutoModelForCausalLM.from_pretrained(args.model, dtype=torch_dtype).eval().to(device)
+    return random_llama(args.layers, args.heads, args.d_head).to(torch_dtype).to(device)
+
+
+def capture_z(model, ids: torch.Tensor, batch: int, hooks) -> tuple[torch.Tensor, float]:
+    """z (N, L, H, D) float32 of every layer at the last position of each row of ids (N, S), and the wall time
+    of the timed pass (after one warm-up batch)."""
+    n_layers = len(hooks.out_projections(model))
+    device = next(model.parameters()).device
+    out = []
+    with hooks.HeadCapture(model, list(range(n_layers))) as cap, torch.inference_mode():
+        for timed in (False, True):
+            sync()
+            t0 = time.perf_counter()
+            for i in range(0, len(ids) if timed else batch, batch):
+                x = ids[i:i + batch].to(device)
+                cap.select(torch.arange(len(x), device=device), torch.full((len(x),), x.shape[1] - 1, device=device))
+                try:
+                    model.base_model(input_ids=x, use_cache=False)
+                except hooks.StopForward:
+                    pass
+                if timed:
+                    out.append(cap.z.float().cpu())
+            sync()
+    return torch.cat(out), time.perf_counter() - t0
+
+
+@section("capture")
+def check_capture(args, tmp: Path, dev) -> None:
+    """HeadCapture on the bare model, needing only torch and transformers."""
+    hooks = hooks_module()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 256 if args.model else 32000, (args.sequences, args.seq_len), generator=g)
+    batch = max(1, args.batch_tokens // args.seq_len)
+    ref = None
+    for dtype in ("fp32", "fp16", "bf16"):
+        model = bare_model(args, dtype, dev)
+        z, wall = capture_z(model, ids, batch, hooks)
+        ref = z if ref is None else ref
+        row("capture", f"model {dtype}", f"{ids.numel() / wall:,.0f} tok/s",
+            f"z rel. error vs fp32 {rel_err(z.numpy(), ref.numpy()):.2e}; finite {bool(torch.isfinite(z).all())}")
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 @section("extract")
 def check_extraction(args, tmp: Path, dev) -> None:
     from extract import ExtractConfig, Store, extract
@@ -138,36 +204,33 @@ def check_extraction(args, tmp: Path, dev) -> None:
 
 @section("device_map")
 def check_device_map(args, tmp: Path, dev) -> None:
+    """Half of the model's memory on cuda:0, the rest mapped to the CPU by accelerate: every head still captured,
+    and W_O (for --writes) gathered on the input device."""
     from accelerate import dispatch_model, infer_auto_device_map
 
-    from extract import ExtractConfig, Store, extract
-
-    task = random_task(64, 128, 256 if args.model else 32000)
-    one = loaded_model(args, "fp32", dev)
-    results = {}
-    for writes in (False, True):
-        with Store(extract(one, task, tmp / f"dm_one_{writes}.h5", ExtractConfig(store_dtype="fp32", writes=writes),
-                           progress=False)) as s:
-            results[writes] = s.activations(name="write" if writes else "z")
+    hooks = hooks_module()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 256 if args.model else 32000, (64, 128), generator=g)
+    one = bare_model(args, "fp32", dev)
+    z1, _ = capture_z(one, ids, 32, hooks)
+    w1 = hooks.output_weights(one, list(range(len(hooks.out_projections(one)))))[0].cpu()
     del one
-    split = loaded_model(args, "fp32", "cpu")
-    size = sum(p.numel() * p.element_size() for p in split.model.parameters())
-    device_map = infer_auto_device_map(split.model, max_memory={0: size // 2, "cpu": 4 * size},
-                                       no_split_module_classes=split.model._no_split_modules)
-    split.model = dispatch_model(split.model, device_map=device_map)
+    split = bare_model(args, "fp32", "cpu")
+    size = sum(p.numel() * p.element_size() for p in split.parameters())
+    device_map = infer_auto_device_map(split, max_memory={0: size // 2, "cpu": 4 * size},
+                                       no_split_module_classes=split._no_split_modules)
+    split = dispatch_model(split, device_map=device_map)
     on_cpu = sum(d == "cpu" for d in device_map.values())
     setting = f"{len(device_map) - on_cpu} modules cuda:0, {on_cpu} cpu"
-    for writes in (False, True):
-        try:
-            with Store(extract(split, task, tmp / f"dm_split_{writes}.h5", ExtractConfig(store_dtype="fp32",
-                               writes=writes), progress=False)) as s:
-                got = s.activations(name="write" if writes else "z")
-            row("device_map", setting, f"{rel_err(got, results[writes]):.2e}",
-                f"{'writes' if writes else 'z'} rel. error vs one device, {got.shape[1]} layers x {got.shape[2]} heads"
-                f"{'' if writes else ' (accelerate runs CPU-mapped modules on cuda:0, weights in CPU memory)'}")
-        except Exception as err:  # noqa: BLE001 - e.g. offloaded (meta) weights for --writes
-            row("device_map", f"{setting}, {'writes' if writes else 'z'}", "FAILED",
-                f"{type(err).__name__}: {str(err).splitlines()[0][:120]}")
+    z2, _ = capture_z(split, ids, 32, hooks)
+    row("device_map", setting, f"{rel_err(z2.numpy(), z1.numpy()):.2e}",
+        f"z rel. error vs one device, {z2.shape[1]} layers x {z2.shape[2]} heads (accelerate runs CPU-mapped "
+        f"modules on cuda:0, weights in CPU memory)")
+    try:
+        w2 = hooks.output_weights(split, list(range(len(hooks.out_projections(split)))))[0].cpu()
+        row("device_map", f"{setting}, W_O", f"{rel_err(w2.numpy(), w1.numpy()):.2e}", "W_O of every head vs one device")
+    except Exception as err:  # noqa: BLE001 - offloaded weights live on the meta device
+        row("device_map", f"{setting}, W_O", "FAILED", f"{type(err).__name__}: {str(err).splitlines()[0][:120]}")
 
 
 def planted_store(tmp: Path) -> Path:
@@ -268,7 +331,8 @@ def main() -> None:
     p.add_argument("--sae-batch", type=int, default=4096)
     p.add_argument("--sae-steps", type=int, default=60)
     p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--only", nargs="*", default=None, help="sections to run (extract device_map probes sae ddp)")
+    p.add_argument("--only", nargs="*", default=None,
+                   help="sections to run (capture extract device_map probes sae ddp)")
     p.add_argument("--cpu", action="store_true", help="dry run of the same code on the CPU (small sizes advised)")
     args = p.parse_args()
     global ACCEL
@@ -283,8 +347,8 @@ def main() -> None:
           f"{torch.cuda.is_available() and torch.cuda.is_bf16_supported()}; "
           f"model {args.model or f'random Llama {args.layers}x{args.heads}x{args.d_head}'}")
     tmp = Path(tempfile.mkdtemp(prefix="gpu_check_"))
-    checks = {"extract": check_extraction, "device_map": check_device_map, "probes": check_probes, "sae": check_sae,
-              "ddp": check_ddp}
+    checks = {"capture": check_capture, "extract": check_extraction, "device_map": check_device_map,
+              "probes": check_probes, "sae": check_sae, "ddp": check_ddp}
     if args.cpu:
         checks.pop("device_map")  # needs a GPU
     try:
