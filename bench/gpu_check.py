@@ -273,7 +273,7 @@ def check_sae(args, tmp: Path, dev) -> None:
     from train.data import StoreDataModule
 
     loaded = loaded_model(args, "bf16", dev)
-    layer = len(loaded.model.base_model.layers) // 2
+    layer = len(hooks_module().out_projections(loaded.model)) // 2
     task = random_task(args.sae_sequences, args.seq_len, 256 if args.model else 32000, positions="all")
     store = extract(loaded, task, tmp / "sae.h5", ExtractConfig(layers=[layer]), progress=False)
     del loaded
