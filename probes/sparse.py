@@ -127,12 +127,15 @@ class SparseProbe(SplitEval, L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> None:
         hp = self.hparams
         x, y = self._std(batch["z"]), batch["label"]
-        if float(self.step_size) == 0:
-            self.step_size.fill_(1.0 / self._lipschitz(x))
+        if float(self.step_size) == 0:  # DDP: the ranks' mean bound, which bounds the pooled batch's (convexity)
+            lipschitz = self._sum_over_ranks(torch.tensor(self._lipschitz(x), dtype=torch.float64))
+            self.step_size.fill_(self.trainer.world_size / float(lipschitz))
         lr = float(self.step_size)
         for _ in range(hp.inner_steps):
             point_W, point_b = (self.V, self.Vb) if hp.momentum else (self.W, self.b)
             gW, gb = self._grad(x, y, point_W, point_b)
+            if self.trainer.world_size > 1:  # DDP: the gradient of all ranks' (equal-sized) batches
+                gW, gb = (g / self.trainer.world_size for g in self._sum_over_ranks((gW, gb)))
             W_new = prox(point_W - lr * gW, hp.penalty, lr * hp.alpha, hp.l1_ratio)
             b_new = point_b - lr * gb
             if hp.momentum:
