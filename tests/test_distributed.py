@@ -149,3 +149,13 @@ def test_torchrun_two_gloo_processes_equal_one_process(tmp_path, tiny_folder):
     assert "from 2 shard(s)" in stdout
     assert shard_path(out, 0, 2).exists() and shard_path(out, 1, 2).exists()
     assert_same_store(ref, out)
+
+
+def test_device_map_load_captures_every_head(tmp_path, tiny_folder):
+    """load_model(device_map=...) goes through accelerate's placement; the hooks still see every head (on one CPU
+    here: bench/gpu_check.py checks a model split between GPU and CPU)."""
+    task, cfg = get_task("capitals"), ExtractConfig(max_examples=40, writes=True)
+    plain = extract(load_model(str(tiny_folder)), task, tmp_path / "plain.h5", cfg, progress=False)
+    mapped = load_model(str(tiny_folder), device_map="auto")
+    assert next(mapped.model.parameters()).device.type == "cpu"
+    assert_same_store(plain, extract(mapped, task, tmp_path / "mapped.h5", cfg, progress=False))
