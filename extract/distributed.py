@@ -150,10 +150,14 @@ def join_shards(out: str | Path, task: Task, cfg: ExtractConfig, world: int, ove
 def _rendezvous(backend: str, timeout_h: float) -> tuple[int, int, int]:
     """(rank, world, local rank) from torchrun's environment; initialises the process group if world > 1."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if world > 1:
+        import torch
         import torch.distributed as dist
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)  # nccl's barrier runs on this process's GPU
         dist.init_process_group(backend, timeout=timedelta(hours=timeout_h))
-    return rank, world, int(os.environ.get("LOCAL_RANK", 0))
+    return rank, world, local_rank
 
 
 def _barrier(world: int) -> None:
