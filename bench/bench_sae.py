@@ -149,8 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sparsify-path", default=None, help="folder where eai-sparsify was pip-installed (--target)")
     p.add_argument("--skip-sparsify", action="store_true")
     p.add_argument("--ce-tokens", type=int, default=8192, help="held-out tokens for CE loss recovered (0: skip)")
-    p.add_argument("--head", type=int, default=None, help="head for the single-head SAE (default: the one whose "
-                                                         "zero-ablation costs most CE is not searched: head 0)")
+    p.add_argument("--head", type=int, default=0, help="head of the single-head SAE")
     p.add_argument("--out", type=Path, default=Path("bench/results/sae"))
     args = p.parse_args(argv)
 
@@ -186,14 +185,15 @@ def main(argv: list[str] | None = None) -> None:
         ce = ce_loss_recovered(loaded.model, sae, seqs, mean_all, layer=layer, heads=None)
         print(json.dumps({"ce_layer": layer, **{k: round(v, 4) for k, v in ce.items()}}), flush=True)
         results.append({"ce_all_heads": ce})
-        head = args.head or 0
+        head = args.head
         h_train, h_test = load_rows(args.store, head)
         h_sae, h_sec = train_headprobe(h_train, args.tokens, 8 * h_train.shape[1], 8, args.batch, args.seed)
         hm = evaluate(h_sae, batches(h_test))
         results.append(summary(f"headprobe head {head} (d_sae {8 * h_train.shape[1]}, k 8)", int(h_sae.tokens_seen),
                                h_sec, hm))
         h_mean = torch.from_numpy(h_train.astype(np.float64).mean(0)).float()
-        ce_h = ce_loss_recovered(loaded.model, h_sae, seqs, h_mean, layer=layer, heads=[head])
+        ce_h = ce_loss_recovered(loaded.model, h_sae, seqs, h_mean, layer=layer, heads=[head],
+                                 ce_clean=ce["ce_clean"])
         print(json.dumps({"ce_layer": layer, "head": head, **{k: round(v, 4) for k, v in ce_h.items()}}), flush=True)
         results.append({"ce_single_head": ce_h})
     (args.out / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")

@@ -204,11 +204,13 @@ def lm_loss(model: torch.nn.Module, batches: list[tuple[Tensor, Tensor]]) -> flo
 
 
 def ce_loss_recovered(model: torch.nn.Module, sae, batches: list[tuple[Tensor, Tensor]], mean_input: Tensor,
-                      layer: int | None = None, heads: list[int] | None = None) -> dict:
+                      layer: int | None = None, heads: list[int] | None = None,
+                      ce_clean: float | None = None) -> dict:
     """CE with the SAE reconstruction spliced in, against the clean model and zero-/mean-ablation.
 
     ``mean_input`` (d_in,) is the mean SAE input (raw z of the same heads) over training tokens. ``layer`` and
-    ``heads`` default to those the SAE was trained on (it must read one layer).
+    ``heads`` default to those the SAE was trained on (it must read one layer). ``ce_clean``: the clean model's
+    CE on the same batches, if already known.
     """
     layers = sae.layers if layer is None else [layer]
     if layers is None or len(layers) != 1:
@@ -216,7 +218,7 @@ def ce_loss_recovered(model: torch.nn.Module, sae, batches: list[tuple[Tensor, T
                          "spliced into one forward)")
     heads = sae.heads if heads is None else heads
     mean_input = mean_input.flatten().float()
-    out = {"ce_clean": lm_loss(model, batches)}
+    out = {"ce_clean": lm_loss(model, batches) if ce_clean is None else ce_clean}
     variants = {"spliced": lambda z: sae(z.float()),
                 "zero_ablation": torch.zeros_like,
                 "mean_ablation": lambda z: mean_input.to(z.device).expand(len(z), -1)}
@@ -225,7 +227,8 @@ def ce_loss_recovered(model: torch.nn.Module, sae, batches: list[tuple[Tensor, T
             out[f"ce_{name}"] = lm_loss(model, batches)
     for ablation in ("zero", "mean"):
         gap = out[f"ce_{ablation}_ablation"] - out["ce_clean"]
-        out[f"ce_recovered_{ablation}"] = (out[f"ce_{ablation}_ablation"] - out["ce_spliced"]) / gap if gap else float("nan")
+        recovered = out[f"ce_{ablation}_ablation"] - out["ce_spliced"]
+        out[f"ce_recovered_{ablation}"] = recovered / gap if gap else float("nan")
     return out
 
 

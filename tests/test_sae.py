@@ -143,7 +143,8 @@ def test_every_architecture_trains_and_round_trips(tmp_path, arch):
     path = make_store(tmp_path / "acts.h5", x.view(-1, 2, 3, 4).numpy())  # 2 layers x 3 heads x d_head 4
     dm = StoreDataModule(path, layers=[1], heads=[0, 2], batch_size=256)  # d_in = 1 * 2 * 4
     sae = SparseAutoencoder(architecture=arch, expansion=4, k=3, lr=1e-2, warmup_steps=2, seed=0)
-    quiet_trainer(max_steps=40, val_check_interval=20, check_val_every_n_epoch=None, num_sanity_val_steps=0).fit(sae, datamodule=dm)
+    trainer = quiet_trainer(max_steps=40, val_check_interval=20, check_val_every_n_epoch=None, num_sanity_val_steps=0)
+    trainer.fit(sae, datamodule=dm)
     assert sae.d_in == 8 and sae.d_sae == 32 and sae.layers == [1] and sae.heads == [0, 2]
     n_train = len(dm.split_rows["train"])
     sizes = [min(256, n_train - i) for i in range(0, n_train, 256)] * 10
