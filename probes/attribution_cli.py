@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ablation", choices=["mean", "zero"], default="mean")
     p.add_argument("--draws", type=int, default=10, help="random-head draws per task")
     p.add_argument("--examples", type=int, default=64, help="task examples per ablation metric")
+    p.add_argument("--metric", choices=["auto", "accuracy"], default="auto",
+                   help="ablation metric: auto = the continuous one (choice: log-prob margin of the right answer; "
+                        "induction: log-prob of copied tokens), accuracy = the share the model gets right")
     p.add_argument("--model", default=None, help="model for the cross-checks (default: the checkpoints' model)")
 
 
@@ -106,15 +109,19 @@ def head_type_section(scores: dict[str, np.ndarray], evidence: list[Evidence], s
 
 def ablation_section(results: dict[str, dict]) -> str:
     out = ["## Causal check: ablating each task's top heads", "",
-           "| task | k | mode | clean | top-k ablated | random k ablated (mean, 95% CI) | top hurts more |",
-           "|---|---|---|---|---|---|---|"]
+           "| task | metric | k | mode | clean | top-k ablated | random k ablated (mean, 95% CI) | top hurts more |",
+           "|---|---|---|---|---|---|---|---|"]
     for task, r in results.items():
-        out.append(f"| {task} | {r['k']} | {r['mode']} | {r['clean']:.3f} | {r['top']:.3f} | {r['random_mean']:.3f} "
+        out.append(f"| {task} | {r['metric']} | {r['k']} | {r['mode']} | {r['clean']:.3f} | {r['top']:.3f} | {r['random_mean']:.3f} "
                    f"[{r['random_ci'][0]:.3f}, {r['random_ci'][1]:.3f}] | {'yes' if r['hurts_more'] else 'no'} |")
     return "\n".join(out + [""])
 
 
-def run_ablations(loaded, evidence: list[Evidence], k: int, mode: str, draws: int, n_examples: int) -> dict[str, dict]:
+CONTINUOUS = {"choice": "margin", "induction": "copy_logprob"}
+
+
+def run_ablations(loaded, evidence: list[Evidence], k: int, mode: str, draws: int, n_examples: int,
+                  metric: str = "auto") -> dict[str, dict]:
     import torch
 
     from extract.tasks import TASKS
@@ -136,10 +143,11 @@ def run_ablations(loaded, evidence: list[Evidence], k: int, mode: str, draws: in
         batch = {"input_ids": torch.tensor([x + [0] * (width - len(x)) for x in ids]),
                  "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])}
         means = head_means(loaded.model, [batch]) if mode == "mean" else None
-        res = causal_check(loaded.model, lambda m: model_metric(loaded, task, examples)["metric"],
+        key = CONTINUOUS.get(task.metric, "metric") if metric == "auto" else "metric"
+        res = causal_check(loaded.model, lambda m: model_metric(loaded, task, examples)[key],
                            top_heads(evidence, task_name, k), n_draws=draws, mode=mode, means=means)
-        results[task_name] = res.to_dict()
-        print(f"attribute: {task_name}: clean {res.clean:.3f}, top-{k} ablated {res.top:.3f}, random "
+        results[task_name] = {**res.to_dict(), "metric": key, "n_examples": len(examples)}
+        print(f"attribute: {task_name} ({key}): clean {res.clean:.3f}, top-{k} ablated {res.top:.3f}, random "
               f"{res.random_mean:.3f} [{res.random_ci[0]:.3f}, {res.random_ci[1]:.3f}]")
     return results
 
@@ -182,7 +190,8 @@ def run(args: argparse.Namespace) -> None:
                         w.writerow([layer, head, *(f"{scores[t][layer, head]:.4f}" for t in HEAD_TYPES)])
             report.append(head_type_section(scores, evidence, stage_map))
         if args.ablate:
-            results = run_ablations(loaded, evidence, args.ablate, args.ablation, args.draws, args.examples)
+            results = run_ablations(loaded, evidence, args.ablate, args.ablation, args.draws, args.examples,
+                                    args.metric)
             (args.out / "ablation.json").write_text(json.dumps(results, indent=1) + "\n")
             report.append(ablation_section(results))
     (args.out / "report.md").write_text("# Head attribution\n\n" + "\n".join(report))

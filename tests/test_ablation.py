@@ -8,6 +8,7 @@ import torch
 from extract.hooks import HeadCapture, head_layout, out_projections, spec_for
 from probes.ablation import HeadAblation, causal_check, head_means
 from tests.conftest import tiny_model
+from tests.test_extract_support import one_thread  # noqa: F401  (autouse: tiny tensors run faster on one thread)
 
 
 def logits(model, ids, mask=None):
@@ -112,3 +113,20 @@ def test_ablation_refuses_bad_heads():
         HeadAblation(model, [(0, 0)], "mean")
     with pytest.raises(ValueError, match="mode"):
         HeadAblation(model, [(0, 0)], "resample")
+
+
+def test_ablations_of_a_task_through_its_model_metric():
+    from probes.attribution import Evidence
+    from probes.attribution_cli import ablation_section, run_ablations, top_heads
+    from tests.conftest import tiny_loaded
+
+    loaded = tiny_loaded("llama")
+    score = np.full((3, 6), 0.5)
+    score[2, 4], score[0, 1], score[1, 3] = 0.9, 0.8, 0.6  # above the null: 2.4, then 0.1; 1.3 below it
+    evidence = [Evidence("capitals", "KR", "linear", score, 0.7, [0, 1, 2])]
+    assert top_heads(evidence, "capitals", 3) == [(2, 4), (0, 1), (1, 3)]
+    results = run_ablations(loaded, evidence, k=2, mode="mean", draws=3, n_examples=8)
+    r = results["capitals"]
+    assert r["metric"] == "margin" and r["k"] == 2 and r["top_heads"] == [(2, 4), (0, 1)] and len(r["random"]) == 3
+    assert r["top"] != r["clean"]  # the tiny model's answer margins move when its heads are replaced
+    assert "| capitals | margin | 2 | mean |" in ablation_section(results)

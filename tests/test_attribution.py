@@ -12,19 +12,11 @@ from sklearn.metrics import roc_auc_score
 from probes.attribution import (decoder_head_shares, direct_feature_attribution, feature_task_auroc, feature_ties,
                                 group_norms, linear_evidence, sae_evidence, sparse_evidence)
 from probes.stage_map import STAGES, build_stage_map, write_stage_map
+from tests.test_extract_support import one_thread  # noqa: F401  (autouse: tiny tensors run faster on one thread)
 from tests.attribution_synthetic import (H, L, PLANTED, group_lasso, lda_accuracy, make_tasks, planted_map,
                                          topk_activations, topk_sae)
 
 LAYERS = list(range(L))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: extra threads only cost hand-offs on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_decoder_shares_sum_to_one_over_heads():
