@@ -9,7 +9,7 @@ Prints, for the same length-sorted, padded batches of the ``capitals`` task:
 and the throughput ratios extract/(a) (goal >= 1.2) and extract/(b) (goal >= 0.9). Each mode runs ``--rounds``
 times, interleaved, and the fastest round counts (other processes only ever slow a round down).
 Then peak RSS (ru_maxrss) of an extraction of N and of 10N examples, each in a fresh subprocess (goal: < 10%
-growth), and the time of a model load from the safetensors cache.
+growth), the time of a model load from the safetensors cache, and scattered-row read speed of the store.
 """
 from __future__ import annotations
 
@@ -68,6 +68,42 @@ def rss_child(n: int, model: str, device: str) -> None:
                       "import_s": import_s, "first_load_s": load_s}))
 
 
+def read_speed(rows: int, picks: int = 1024) -> None:
+    """Scattered-row reads of a (rows, 30, 9, 64) fp16 store: Store.activations vs h5py point reads."""
+    import h5py
+
+    from extract.store import Store, StoreMeta, StoreWriter
+
+    rng = np.random.default_rng(0)
+    shape = (30, 9, 64)
+    meta = StoreMeta(model_id="synthetic", weights_hash="0", architecture="llama", hook_point="-", n_layers=30,
+                     layers=list(range(30)), n_heads=9, n_kv_heads=3, d_head=64, d_model=576, dtype="float16",
+                     position_rule="all", padding_side="right", bos=False, task="synthetic", stage="",
+                     label_names=[], label_kind="none", dataset_hash="0", n_examples=rows, n_rows=rows,
+                     has_writes=False, headprobe_version="bench", created="-")
+    with tempfile.TemporaryDirectory() as tmp:
+        writer = StoreWriter(Path(tmp) / "r.h5", meta, np.int64, resume=False)
+        for start in range(0, rows, 1024):
+            n = min(1024, rows - start)
+            writer.write_block(n, {"z": rng.standard_normal((n, *shape)).astype(np.float16),
+                                   **{k: np.zeros(n, dt) for k, dt in (("token_id", np.int32), ("position", np.int32),
+                                      ("group", np.int64), ("split", np.int8), ("label", np.int64))},
+                                   "example_id": np.arange(start, start + n)})
+        path = writer.finish()
+        idx = rng.choice(rows, picks, replace=False)
+        mb = picks * np.prod(shape) * 2 / 1e6
+        with Store(path) as store, h5py.File(path, "r") as f:
+            store.activations(rows=idx)  # warm the page cache
+            t0 = time.perf_counter()
+            store.activations(rows=idx, dtype=np.float16)
+            t_store = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            f["z"][np.sort(idx)]
+            t_fancy = time.perf_counter() - t0
+    print(f"scattered reads, {picks} of {rows} rows ({mb:.0f} MB): Store.activations {mb / t_store:6.0f} MB/s, "
+          f"h5py point selection {mb / t_fancy:6.0f} MB/s ({t_fancy / t_store:.1f}x slower)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
@@ -76,6 +112,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice); on a "
                    "shared machine 1 thread is often faster than 2")
+    p.add_argument("--read-rows", type=int, default=8192, help="rows of the synthetic store for the read test")
     p.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.threads:
@@ -138,6 +175,7 @@ def main() -> None:
               f"{rss[n]['import_s']:.2f} s, then load_model {rss[n]['first_load_s']:.2f} s)")
     small, large = rss[args.n]["maxrss_mb"], rss[10 * args.n]["maxrss_mb"]
     print(f"peak RSS growth N -> 10N: {100 * (large / small - 1):+.1f}%  (goal < 10%)")
+    read_speed(args.read_rows)
 
 
 if __name__ == "__main__":

@@ -255,8 +255,8 @@ class Store:
                     heads: list[int] | None = None, dtype=np.float32, name: str = "z") -> np.ndarray:
         """(R, L', H', D) activations of the given rows (in the given order), layer slots and heads.
 
-        ``layers`` are indices into ``meta.layers`` (storage slots). Scattered rows are read as whole chunk
-        ranges and picked in memory, which is an order of magnitude faster than HDF5 point selection.
+        ``layers`` are indices into ``meta.layers`` (storage slots). Scattered rows are read as a few contiguous
+        slabs and picked in memory (see :meth:`_gather`), ~20x faster than HDF5 point selection.
         """
         ds = self.file[name]
         if rows is None or isinstance(rows, slice):
@@ -270,23 +270,33 @@ class Store:
         return out.astype(dtype, copy=False)
 
     @staticmethod
-    def _gather(ds: h5py.Dataset, rows: np.ndarray, max_span_chunks: int = 8) -> np.ndarray:
+    def _gather(ds: h5py.Dataset, rows: np.ndarray, call_bytes: int = 1 << 19) -> np.ndarray:
+        """Rows in the order asked, read as few contiguous slabs.
+
+        Sorted rows closer than ``call_bytes / row_bytes`` apart share one slab: reading the rows between them
+        costs less than another HDF5 call (~0.7 ms each, the price of point selection). A slab spans at most
+        8 chunks, so memory stays bounded.
+        """
         if rows.size == 0:
             return np.empty((0, *ds.shape[1:]), ds.dtype)
         if rows.min() < 0 or rows.max() >= ds.shape[0]:
             raise StoreError(f"row indices must lie in 0..{ds.shape[0] - 1}")
-        chunk = ds.chunks[0] if ds.chunks else CHUNK_ROWS
+        row_bytes = ds.dtype.itemsize * int(np.prod(ds.shape[1:]))
+        max_gap = max(1, call_bytes // row_bytes)
+        max_rows = 8 * (ds.chunks[0] if ds.chunks else CHUNK_ROWS)
         order = np.argsort(rows, kind="stable")
         srt = rows[order]
         out = np.empty((len(rows), *ds.shape[1:]), ds.dtype)
-        cid = srt // chunk
-        # Break the sorted rows into spans of consecutive chunks (at most max_span_chunks each).
-        starts = np.flatnonzero(np.r_[True, (np.diff(cid) > 1) | (cid[1:] // max_span_chunks != cid[:-1] // max_span_chunks)])
-        ends = np.r_[starts[1:], len(srt)]
-        for s, e in zip(starts, ends):
-            lo, hi = srt[s], srt[e - 1] + 1
-            slab = ds[lo:hi]
-            out[order[s:e]] = slab[srt[s:e] - lo]
+        breaks = np.flatnonzero(np.diff(srt) > max_gap) + 1
+        for run in np.split(np.arange(len(srt)), breaks):
+            s = 0
+            while s < len(run):  # cut long runs so one slab holds at most max_rows rows
+                lo = srt[run[s]]
+                e = s + int(np.searchsorted(srt[run[s:]], lo + max_rows))
+                hi = srt[run[e - 1]] + 1
+                slab = ds[lo:hi]
+                out[order[run[s:e]]] = slab[srt[run[s:e]] - lo]
+                s = e
         return out
 
     def iter_blocks(self, block_rows: int = 16 * CHUNK_ROWS, rows: np.ndarray | None = None,
