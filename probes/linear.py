@@ -57,52 +57,56 @@ def loss_terms(eta: Tensor, y: Tensor, loss: str) -> tuple[Tensor, Tensor, Tenso
     return -(logp * onehot).sum(-1), mu - onehot, A
 
 
-def newton_stats(x: Tensor, y: Tensor, W: Tensor, loss: str, chunk_elems: int = 1 << 25,
-                 hessian_dtype=torch.float32) -> tuple[Tensor, Tensor, Tensor]:
+def newton_stats(x: Tensor, y: Tensor, W: Tensor, loss: str, hessian: bool = True, chunk_elems: int = 1 << 24,
+                 hessian_dtype=torch.float32) -> tuple[Tensor, Tensor, Tensor | None]:
     """Objective terms of one batch at weights W, summed over rows.
 
     x (N, P, F) activations, y (N, K) labels of K label sets (task + controls), W (K, P, F + 1, C) with the
-    intercept in the last row. Returns loss (K, P), gradient (K, P, F + 1, C) and Hessian
-    (K, P, (F + 1) C, (F + 1) C). Loss and gradient are computed in W's dtype; the Hessian (the N F^2 cost) in
-    ``hessian_dtype``: an inexact Hessian only slows the final digits of Newton's convergence, not its optimum.
-    Work is chunked over probes to bound memory.
+    intercept in the last row. Returns loss (K, P), gradient (K, P, F + 1, C) and, if ``hessian``, the Hessian
+    (K, P, (F + 1) C, (F + 1) C). Loss and gradient are exact in W's dtype; the Hessian (the N F^2 cost) is a
+    batched matrix product in ``hessian_dtype``: an inexact Hessian slows only the last digits of Newton's
+    convergence, not where it converges. Work is chunked over probes so each chunk stays in cache.
     """
     N, P, Fd = x.shape
     K, C = W.shape[0], W.shape[-1]
     dtype = W.dtype
     loss_sum = W.new_zeros(K, P)
     grad = torch.zeros_like(W)
-    hess = W.new_zeros(K, P, (Fd + 1) * C, (Fd + 1) * C)
-    step = max(1, chunk_elems // max(1, N * K * (Fd + 1) * C))
+    hess = W.new_zeros(K, P, (Fd + 1) * C, (Fd + 1) * C) if hessian else None
+    step = max(1, chunk_elems // max(1, N * (Fd + 1) * max(K, C)))
     yk = y.T.to(dtype)[:, None, :]  # (K, 1, N)
     for p0 in range(0, P, step):
         p1 = min(P, p0 + step)
-        xh = torch.cat([x[:, p0:p1].to(hessian_dtype), x.new_ones(N, p1 - p0, 1, dtype=hessian_dtype)], -1)
-        xh = xh.transpose(0, 1).contiguous()  # (Pc, N, F + 1)
-        xa = xh.to(dtype)
-        eta = torch.einsum("pnf,kpfc->kpnc", xa, W[:, p0:p1])  # (K, Pc, N, C)
+        xa = torch.cat([x[:, p0:p1].to(dtype), x.new_ones(N, p1 - p0, 1, dtype=dtype)], -1).transpose(0, 1)
+        xa = xa.contiguous()  # (Pc, N, F + 1)
+        eta = xa @ W[:, p0:p1]  # (K, Pc, N, C)
         l_, r, A = loss_terms(eta, yk, loss)
         loss_sum[:, p0:p1] = l_.sum(-1)
-        grad[:, p0:p1] = torch.einsum("pnf,kpnc->kpfc", xa, r)
+        grad[:, p0:p1] = xa.transpose(-1, -2) @ r
+        if not hessian:
+            continue
+        xh = xa.to(hessian_dtype)
         if C == 1:
             h = (xh * A[..., 0, 0, None].to(hessian_dtype)).transpose(-1, -2) @ xh  # (K, Pc, F + 1, F + 1)
         else:
             h = torch.einsum("pnf,kpnce,png->kpfcge", xh, A.to(hessian_dtype), xh)
-        hess[:, p0:p1] = h.reshape(K, p1 - p0, (Fd + 1) * C, (Fd + 1) * C)
+        hess[:, p0:p1] = h.reshape(K, p1 - p0, (Fd + 1) * C, (Fd + 1) * C).to(dtype)
     return loss_sum, grad, hess
 
 
-def penalised(loss_sum: Tensor, grad: Tensor, hess: Tensor, W: Tensor, l2: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Add l2 / 2 * ||w||^2 (not the intercept) to objective, gradient and Hessian; a tiny ridge keeps the
-    softmax intercepts (shift-invariant) solvable."""
-    K, P, F1, C = W.shape
+def penalised(loss_sum: Tensor, grad: Tensor, W: Tensor, l2: float) -> tuple[Tensor, Tensor]:
+    """Add l2 / 2 * ||w||^2 (not the intercept) to the objective (K, P) and gradient (K, P, F1, C)."""
     w = W[:, :, :-1]
-    obj = loss_sum + 0.5 * l2 * w.pow(2).sum((-1, -2))
     g = grad.clone()
     g[:, :, :-1] += l2 * w
-    diag = torch.full((F1, C), float(l2), dtype=W.dtype, device=W.device)
+    return loss_sum + 0.5 * l2 * w.pow(2).sum((-1, -2)), g
+
+
+def penalised_hessian(hess: Tensor, F1: int, C: int, l2: float) -> Tensor:
+    """Hessian plus the L2 term; a tiny ridge on the intercepts keeps softmax (shift-invariant) solvable."""
+    diag = torch.full((F1, C), float(l2), dtype=hess.dtype, device=hess.device)
     diag[-1] = 1e-9 * max(1.0, float(hess.diagonal(dim1=-2, dim2=-1).abs().max()))
-    return obj, g, hess + torch.diag_embed(diag.reshape(-1))
+    return hess + torch.diag_embed(diag.reshape(-1))
 
 
 def newton_direction(g: Tensor, H: Tensor) -> Tensor:
@@ -117,51 +121,72 @@ def newton_direction(g: Tensor, H: Tensor) -> Tensor:
 
 
 def fit_newton(x: Tensor, y: Tensor, loss: str, n_classes: int = 2, l2: float = 1.0, tol: float = 1e-8,
-               max_steps: int = 50, dtype=torch.float64) -> tuple[Tensor, dict]:
+               max_steps: int = 50, dtype=torch.float64, hessian_steps: int = 3) -> tuple[Tensor, dict]:
     """Fit all probes on in-memory data without Lightning (used by k-sparse probing and benchmarks).
 
-    x (N, P, F), y (N, K). Returns W (K, P, F + 1, C) and {"steps", "grad"}."""
-    state = NewtonState(y.shape[1], x.shape[1], x.shape[2], n_classes if loss == "softmax" else 1, dtype)
+    x (N, P, F), y (N, K). Returns W (K, P, F + 1, C) and {"steps", "hessians", "grad"}."""
+    state = NewtonState(y.shape[1], x.shape[1], x.shape[2], n_classes if loss == "softmax" else 1, dtype,
+                        hessian_steps)
     for step in range(max_steps):
-        stats = newton_stats(x, y, state.W, loss)
+        stats = newton_stats(x, y, state.W, loss, hessian=state.wants_hessian)
         if state.update(*stats, l2=l2, n=len(x), tol=tol):
             break
-    return state.W, {"steps": step + 1, "grad": state.grad_max}
+    return state.W, {"steps": step + 1, "hessians": state.hessians, "grad": state.grad_max}
 
 
 class NewtonState:
-    """Weights W (K, P, F + 1, C), the previous accepted weights and objective, for steps spread over epochs."""
+    """Newton's method over epochs: weights W (K, P, F + 1, C), the last accepted weights and objective, and the
+    last Hessian.
 
-    def __init__(self, K: int, P: int, Fd: int, C: int, dtype=torch.float64):
+    The first ``hessian_steps`` steps use a fresh Hessian; later steps reuse the last one (a chord step: only the
+    gradient pass over the data) while that still shrinks the largest gradient at least 4x per step."""
+
+    def __init__(self, K: int, P: int, Fd: int, C: int, dtype=torch.float64, hessian_steps: int = 3):
         self.W = torch.zeros(K, P, Fd + 1, C, dtype=dtype)
         self.W_prev = torch.zeros_like(self.W)
         self.obj_prev = torch.full((K, P), math.inf, dtype=dtype)
-        self.grad_max = math.inf
+        self.H: Tensor | None = None
+        self.grad_max = self.grad_prev = math.inf
+        self.steps = self.hessians = 0
+        self.hessian_steps = hessian_steps
 
-    def update(self, loss_sum: Tensor, grad: Tensor, hess: Tensor, l2: float, n: int, tol: float) -> bool:
+    @property
+    def wants_hessian(self) -> bool:
+        return self.H is None or self.steps < self.hessian_steps or self.grad_max > 0.25 * self.grad_prev
+
+    def update(self, loss_sum: Tensor, grad: Tensor, hess: Tensor | None, l2: float, n: int, tol: float) -> bool:
         """One Newton step (or a backtrack where the objective rose); True once every probe has converged."""
-        obj, g, H = penalised(loss_sum, grad, hess, self.W, l2)
+        obj, g = penalised(loss_sum, grad, self.W, l2)
+        if hess is not None:
+            self.H = penalised_hessian(hess, self.W.shape[2], self.W.shape[3], l2)
+            self.hessians += 1
         worse = obj > self.obj_prev + 1e-12 * self.obj_prev.abs().clamp_min(1)
         ok = ~worse
-        self.grad_max = float(g[ok].abs().amax()) / n if ok.any() else math.inf
+        self.grad_prev, self.grad_max = self.grad_max, float(g[ok].abs().amax()) / n if ok.any() else math.inf
         if self.grad_max < tol and not worse.any():
             return True
-        d = newton_direction(g, H)
+        d = newton_direction(g, self.H)
         back = self.W_prev + 0.5 * (self.W - self.W_prev)
         new = torch.where(worse[..., None, None], back, self.W - d)
         self.W_prev = torch.where(worse[..., None, None], self.W_prev, self.W)
         self.obj_prev = torch.where(worse, self.obj_prev, obj)
         self.W = new
+        self.steps += 1
         return False
 
     def to(self, device) -> None:
         self.W, self.W_prev, self.obj_prev = (t.to(device) for t in (self.W, self.W_prev, self.obj_prev))
+        self.H = None if self.H is None else self.H.to(device)
 
-    def state_dict(self) -> dict[str, Tensor]:
-        return {"W": self.W, "W_prev": self.W_prev, "obj_prev": self.obj_prev}
+    def state_dict(self) -> dict:
+        return {"W": self.W, "W_prev": self.W_prev, "obj_prev": self.obj_prev, "H": self.H,
+                "counters": torch.tensor([self.steps, self.hessians]),
+                "grads": torch.tensor([self.grad_max, self.grad_prev], dtype=torch.float64)}
 
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.W, self.W_prev, self.obj_prev = state["W"], state["W_prev"], state["obj_prev"]
+    def load_state_dict(self, state: dict) -> None:
+        self.W, self.W_prev, self.obj_prev, self.H = state["W"], state["W_prev"], state["obj_prev"], state["H"]
+        self.steps, self.hessians = (int(v) for v in state["counters"])
+        self.grad_max, self.grad_prev = (float(v) for v in state["grads"])
 
 
 def init_hparams(module) -> dict:
@@ -368,8 +393,8 @@ class LinearProbes(SplitEval, L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> None:
         x = self.features(batch["z"])
         y = self._labels(batch)
-        stats = newton_stats(x, y, self.newton.W, self.hparams.loss)
-        self._acc = stats if self._acc is None else tuple(a + b for a, b in zip(self._acc, stats))
+        stats = newton_stats(x, y, self.newton.W, self.hparams.loss, hessian=self.newton.wants_hessian)
+        self._acc = stats if self._acc is None else tuple(None if a is None else a + b for a, b in zip(self._acc, stats))
         if self.hparams.loss == "logistic":
             self._mass_mean_stats(batch["z"], y[:, 0])
         self._n = getattr(self, "_n", 0) + len(x) if batch_idx else len(x)

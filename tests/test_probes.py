@@ -10,29 +10,11 @@ import torch
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.metrics import roc_auc_score
 
-from extract.store import StoreMeta, StoreWriter
 from probes.checkpoint import load_local, save_checkpoint
 from probes.linear import LinearProbes, control_labels, fit_newton
 from probes.metrics import auroc, bootstrap_ci
 from probes.sparse import SparseProbe, ksparse_sweep
-from train.data import StoreDataModule
-
-
-def write_store(path: Path, z: np.ndarray, labels: np.ndarray, split: np.ndarray, label_names=("no", "yes"),
-                label_kind: str = "class", token_id: np.ndarray | None = None) -> Path:
-    """A finished store holding z (N, L, H, D) with the given labels and splits (one example = one group)."""
-    N, Ln, H, D = z.shape
-    meta = StoreMeta(model_id="synthetic", weights_hash="0" * 16, architecture="llama", hook_point="o_proj.input",
-                     n_layers=Ln, layers=list(range(Ln)), n_heads=H, n_kv_heads=H, d_head=D, d_model=H * D,
-                     dtype="float32", position_rule="last", padding_side="right", bos=True, task="synthetic",
-                     stage="KR", label_names=list(label_names), label_kind=label_kind, dataset_hash="x",
-                     n_examples=N, n_rows=N, has_writes=False, headprobe_version="test", created="now")
-    writer = StoreWriter(path, meta, np.int64 if label_kind == "class" else np.float32, resume=False)
-    rows = np.arange(N)
-    writer.write_block(N, {"z": z.astype(np.float32), "label": labels, "split": split.astype(np.int8),
-                           "group": rows, "example_id": rows, "position": np.zeros(N, np.int32),
-                           "token_id": rows % 7 if token_id is None else token_id})
-    return writer.finish()
+from train.data import StoreDataModule, write_array_store as write_store
 
 
 def planted(n: int = 600, shape=(3, 4, 8), heads=((0, 1), (1, 2), (2, 3)), seed: int = 0):

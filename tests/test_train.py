@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from probes.checkpoint import load_local
-from tests.test_probes import planted, write_store
-from train.data import StoreDataModule
+from tests.test_probes import planted
+from train.data import StoreDataModule, write_array_store as write_store
 from train.fit import MODELS, TrainError, expand_short_form, run
 from train.loggers import read_offline_run
 
