@@ -103,7 +103,7 @@ class ExportRun(L.Callback):
         if when not in ("fit", "test"):
             raise ValueError(f"ExportRun(when={when!r}): choose fit or test")
         self.out, self.when, self.log_artifact = Path(out), when, log_artifact
-        self.command = command if command is not None else " ".join(["headprobe train", *sys.argv[1:]])
+        self.command = command if command is not None else " ".join(["headprobe", *sys.argv[1:]])
         self.exported: Path | None = None
 
     def on_fit_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:

@@ -50,8 +50,9 @@ def main(argv: list[str] | None = None) -> None:
     from extract.extractor import ExtractError
     from extract.store import StoreError
     from extract.tasks import TaskError
+    from probes.checkpoint import CheckpointError
 
-    known = (ModelLoadError, ExtractError, StoreError, TaskError, FileNotFoundError, ValueError)
+    known = (ModelLoadError, ExtractError, StoreError, TaskError, CheckpointError, FileNotFoundError, ValueError)
     try:
         module.run(args)
     except known as err:
