@@ -8,7 +8,6 @@ import torch
 from extract.hooks import HeadCapture, head_layout, out_projections, spec_for
 from probes.ablation import HeadAblation, causal_check, head_means
 from tests.conftest import tiny_model
-from tests.test_extract_support import one_thread  # noqa: F401  (autouse: tiny tensors run faster on one thread)
 
 
 def logits(model, ids, mask=None):

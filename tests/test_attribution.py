@@ -12,7 +12,6 @@ from sklearn.metrics import roc_auc_score
 from probes.attribution import (decoder_head_shares, direct_feature_attribution, feature_task_auroc, feature_ties,
                                 group_norms, linear_evidence, sae_evidence, sparse_evidence)
 from probes.stage_map import STAGES, build_stage_map, write_stage_map
-from tests.test_extract_support import one_thread  # noqa: F401  (autouse: tiny tensors run faster on one thread)
 from tests.attribution_synthetic import (H, L, PLANTED, group_lasso, lda_accuracy, make_tasks, planted_map,
                                          topk_activations, topk_sae)
 

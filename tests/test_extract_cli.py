@@ -20,7 +20,7 @@ from extract import ExtractConfig, ExtractError, Store, StoreError, extract
 from extract.models import LoadedModel, ModelLoadError, load_model, weights_fingerprint
 from extract.tasks import Example, Task, get_task
 from tests.conftest import ByteTokenizer, tiny_loaded, tiny_model
-from tests.test_extract_support import cli_process, interrupted, one_thread, run_cli, save_model_folder  # noqa: F401
+from tests.test_extract_support import cli_process, interrupted, run_cli, save_model_folder
 
 SLOW_ARGS = ["--positions", "all", "--writes", "--block-examples", "2", "--batch-tokens", "32", "--no-progress"]
 

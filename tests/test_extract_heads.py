@@ -14,7 +14,6 @@ from extract import ExtractConfig, Store, extract
 from extract.hooks import ARCHITECTURES, HookSpec, UnsupportedArchitecture, out_projections
 from extract.tasks import Example, Task
 from tests.conftest import ByteTokenizer, tiny_loaded
-from tests.test_extract_support import one_thread  # noqa: F401  (autouse fixture)
 
 TEXTS = ["a", "Paris is in France", "xy", "The capital of Peru is Lima", "hello world, again and again and again",
          "ok", "abcdefghijklmnopqrstuvwxyz", "mid length text"]

@@ -13,7 +13,7 @@ from extract import SCHEMA_VERSION, ExtractConfig, Store, StoreError, extract
 from extract.store import CHUNK_ROWS, SPLITS
 from extract.tasks import Example, Task, dataset_hash
 from tests.conftest import tiny_loaded
-from tests.test_extract_support import interrupted, one_thread  # noqa: F401  (autouse fixture)
+from tests.test_extract_support import interrupted
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda".split()
 

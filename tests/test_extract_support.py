@@ -8,15 +8,6 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 from transformers.models.llama import modeling_llama  # noqa: F401
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run ~20x faster on one thread when the machine's cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def interrupted(loaded, task, out, cfg, at_forward: int = 2) -> None:
     """Run an extraction that a KeyboardInterrupt stops at its ``at_forward``-th forward (leaves ``out``.partial)."""
     from extract import extract

@@ -8,7 +8,6 @@ import torch
 from probes.head_scores import (attention_patterns, detection_patterns, head_type_scores, head_types, pattern_scores,
                                 repeated_random_tokens)
 from tests.conftest import tiny_model
-from tests.test_extract_support import one_thread  # noqa: F401  (autouse: tiny tensors run faster on one thread)
 
 N = 10
 

@@ -14,7 +14,6 @@ from probes.checkpoint import load_local
 from probes.sae import ARCHITECTURES, SparseAutoencoder, fve, topk_sae
 from probes.sae_eval import ce_loss_recovered, evaluate, splice, token_batches
 from tests.conftest import tiny_model
-from tests.test_extract_support import one_thread  # noqa: F401  (autouse: tiny tensors run faster on one thread)
 from train.data import EpochBatches, InMemoryRows, StoreDataModule
 
 
