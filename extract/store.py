@@ -214,6 +214,7 @@ class Store:
             raise StoreError(f"{self.path} is incomplete (the extraction was interrupted): rerun it with --resume")
         self.meta = StoreMeta.from_attrs(attrs)
         self._check_datasets()
+        self._check_shards()
         self._z = self.file["z"]
 
     def _check_datasets(self) -> None:
@@ -227,6 +228,16 @@ class Store:
             if got != shape:
                 raise StoreError(f"{self.path} is damaged: dataset /{name} has shape {got}, the metadata says "
                                  f"{shape}; extract it again")
+
+    def _check_shards(self) -> None:
+        """A store joined from torchrun shards reads its rows from sibling files: refuse one with a shard missing
+        (HDF5 would silently return the fill value for the missing rows)."""
+        missing = sorted({src.file_name for name in self.file if self.file[name].is_virtual
+                          for src in self.file[name].virtual_sources()
+                          if not (self.path.parent / src.file_name).is_file()})
+        if missing:
+            raise StoreError(f"{self.path} is joined from shards and {', '.join(missing)} is missing next to it: "
+                             f"copy the shard files into {self.path.parent} (or extract again)")
 
     # --- small per-row arrays, read whole -------------------------------------------------------------
     def __len__(self) -> int:

@@ -102,6 +102,8 @@ def test_joined_shards_equal_one_process(tmp_path, tiny_folder):
     assert_same_store(ref, moved / "d.h5")
     # joining with a shard missing says which one and what to do
     (moved / shard_path("d.h5", 1, 3).name).unlink()
+    with pytest.raises(StoreError, match="shard-00001-of-00003.h5 is missing"):  # not NaN rows read silently
+        Store(moved / "d.h5")
     with pytest.raises(StoreError, match="shard-00001-of-00003.*relaunch"):
         join_shards(moved / "d.h5", task, cfg, 3, overwrite=True)
 
