@@ -82,8 +82,8 @@ def prepends_special_tokens(tokenizer) -> bool:
 def _positions(ex: Example, length: int, rule: str) -> list[int]:
     if rule == "last":
         return [length - 1]
-    if rule == "all":
-        return list(range(length))
+    if rule == "all":  # every token, less those a token labeler left without a label (None)
+        return [p for p in range(length) if ex.token_labels is None or ex.token_labels[p] is not None]
     if ex.position is None:
         raise ExtractError("position rule 'task' needs every example to name a position; use --positions last")
     pos = ex.position if ex.position >= 0 else length + ex.position
@@ -166,7 +166,8 @@ def extract(loaded: LoadedModel, task: Task, out: str | Path, config: ExtractCon
     if tokens.lengths.min() == 0:
         raise ExtractError(f"example {int(np.argmin(tokens.lengths))} of task {task.name!r} is empty: fix the data")
     if task.token_labeler is not None:  # labels that depend on the tokenization
-        examples = [replace(ex, token_labels=task.token_labeler(tokens[i].tolist())) for i, ex in enumerate(examples)]
+        examples = [replace(ex, token_labels=task.token_labeler(tokens[i].tolist(), tok))
+                    for i, ex in enumerate(examples)]
     rows_per = np.array([len(_positions(ex, int(n), rule)) for ex, n in zip(examples, tokens.lengths)])
     row_offsets = np.concatenate([[0], np.cumsum(rows_per)])
     splits = assign_splits([ex.group or str(i) for i, ex in enumerate(examples)], task.split_fractions, cfg.seed)

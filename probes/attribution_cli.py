@@ -82,8 +82,11 @@ def top_heads(evidence: list[Evidence], task: str, k: int) -> list[tuple[int, in
     return [(layers[i], int(h)) for i, h in zip(*np.unravel_index(order, score.shape))]
 
 
+TOP_SHARED = 8
+
+
 def head_type_section(scores: dict[str, np.ndarray], evidence: list[Evidence], stage_map) -> str:
-    from probes.head_scores import HEAD_TYPE_STAGE, TYPE_THRESHOLD, head_types, rank_agreement
+    from probes.head_scores import HEAD_TYPE_STAGE, TYPE_THRESHOLD, head_types, rank_agreement, top_overlap
 
     out = ["## Attention-pattern cross-check", "",
            f"Scores on [BOS, r1..r50, r1..r50] (TransformerLens 'mul' score; a head is typed above {TYPE_THRESHOLD}). "
@@ -98,12 +101,16 @@ def head_type_section(scores: dict[str, np.ndarray], evidence: list[Evidence], s
             got = STAGES[d] if d >= 0 else "none"
         out.append(f"| L{layer}.H{head} | {', '.join(types)} | {vals} | "
                    f"{', '.join(sorted({HEAD_TYPE_STAGE[t] for t in types}))} | {got} |")
-    out += ["", "Spearman rho over heads between each evidence's score and the pattern scores:", "",
-            "| evidence | stage | previous-token | duplicate-token | induction |", "|---|---|---|---|---|"]
+    out += ["", "Spearman rho over heads between each evidence's score and the pattern scores, and how many of the "
+            f"evidence's top {TOP_SHARED} heads are among the top {TOP_SHARED} induction heads:", "",
+            f"| evidence | stage | previous-token | duplicate-token | induction | induction top-{TOP_SHARED} shared |",
+            "|---|---|---|---|---|---|"]
     for ev in evidence:
         rows = ev.layers
         rhos = [rank_agreement(ev.score, scores[t][rows]) for t in ("previous_token", "duplicate_token", "induction")]
-        out.append(f"| {ev.task}/{ev.source} | {ev.stage} | " + " | ".join(f"{r:.2f}" for r in rhos) + " |")
+        shared = top_overlap(ev.score, scores["induction"][rows], TOP_SHARED)
+        out.append(f"| {ev.task}/{ev.source} | {ev.stage} | " + " | ".join(f"{r:.2f}" for r in rhos)
+                   + f" | {shared}/{TOP_SHARED} |")
     return "\n".join(out + [""])
 
 

@@ -115,6 +115,16 @@ def head_types(scores: dict[str, np.ndarray], threshold: float = TYPE_THRESHOLD)
     return out
 
 
+def top_overlap(a: np.ndarray, b: np.ndarray, k: int = 8) -> int:
+    """How many of the ``k`` heads ranked highest by map ``a`` (L, H) are among the ``k`` highest by ``b`` (NaN:
+    lowest)."""
+    def top(x: np.ndarray) -> set[int]:
+        x = np.nan_to_num(np.asarray(x, dtype=np.float64).ravel(), nan=-np.inf)
+        return set(np.argsort(-x, kind="stable")[:k].tolist())
+
+    return len(top(a) & top(b))
+
+
 def rank_agreement(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman rho between two per-head maps (L, H) over the heads where both are finite."""
     from scipy.stats import spearmanr

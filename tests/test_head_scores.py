@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from probes.head_scores import (attention_patterns, detection_patterns, head_type_scores, head_types, pattern_scores,
-                                repeated_random_tokens)
+                                rank_agreement, repeated_random_tokens, top_overlap)
 from tests.conftest import tiny_model
 
 N = 10
@@ -97,3 +97,47 @@ def test_attention_patterns_are_probabilities():
     assert a.shape == (2, 3, 4, 10, 10)
     np.testing.assert_allclose(a.sum(-1).numpy(), 1.0, atol=1e-5)
     assert torch.all(a.triu(1) == 0)  # causal
+
+
+def test_top_overlap_counts_shared_top_heads():
+    a = np.arange(12.0).reshape(3, 4)
+    b = a.copy()
+    b[2, 3], b[0, 0] = -1.0, 99.0  # a's best head drops to the bottom, its worst one goes to the top
+    assert top_overlap(a, a, 3) == 3 and top_overlap(a, b, 3) == 2 and top_overlap(a, -a, 3) == 0
+    a[2, 2] = np.nan  # NaN ranks lowest
+    assert top_overlap(a, b, 3) == 1
+
+
+@pytest.mark.slow
+def test_copy_task_probes_find_the_induction_heads_of_the_default_model(tmp_path):
+    """repeat_tokens on SmolLM2: per-head linear probes for the next word's category (val + test accuracy) against
+    the attention-pattern induction scores over all 270 heads. Measured: Spearman rho 0.31, the top-5 heads of
+    both rankings identical, AUROC 0.99 for the heads typed induction (score > 0.4). The issue's goal (rho >= 0.5)
+    is not met: heads after layer 18 read the copied word from the residual stream (accuracy 0.55-0.75) while
+    their induction scores are ~0."""
+    from sklearn.metrics import roc_auc_score
+
+    from extract.extractor import ExtractConfig, extract
+    from extract.models import load_model
+    from extract.store import Store
+    from extract.tasks import get_task
+    from probes.linear import fit_newton
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        loaded = load_model("smollm2-135m")
+        store = Store(extract(loaded, get_task("repeat_tokens"), tmp_path / "r.h5", ExtractConfig(), progress=False))
+        z = torch.from_numpy(np.asarray(store.activations(np.arange(store.shape[0]))).astype(np.float64))
+        N, L, H, D = z.shape
+        x, y = z.reshape(N, L * H, D), torch.from_numpy(store.labels).double()
+        fit, held = store.rows("train"), np.concatenate([store.rows("val"), store.rows("test")])
+        W, _ = fit_newton(x[fit], y[fit, None], "logistic")
+        logits = torch.einsum("npf,pf->np", x[held], W[0, :, :D, 0]) + W[0, :, D, 0]  # (N_held, L*H)
+        acc = ((logits > 0).double() == y[held, None]).double().mean(0).reshape(L, H).numpy()
+        induction = head_type_scores(loaded.model)["induction"]
+    finally:
+        torch.set_num_threads(threads)
+    assert top_overlap(acc, induction, 5) == 5
+    assert roc_auc_score((induction > 0.4).ravel(), acc.ravel()) > 0.95
+    assert rank_agreement(acc, induction) > 0.2  # the old 'seen before' labels gave 0.06

@@ -12,9 +12,9 @@ from extract.extractor import ExtractConfig, extract
 from extract.hooks import out_projections
 from extract.store import Store
 from extract.tasks import STAGES, TASKS, assign_splits, get_task
-from extract.tasks.builtin import DATA, seen_before
+from extract.tasks.builtin import DATA, _category_words, next_word_category
 from extract.tasks.metrics import choice_metric, model_metric
-from tests.conftest import tiny_loaded
+from tests.conftest import ByteTokenizer, tiny_loaded
 from train.cli import main as headprobe
 
 LABELLED = [name for name, task in TASKS.items() if task.stage]
@@ -84,14 +84,32 @@ def test_same_seed_same_store_bytes(tmp_path):
     assert contents(paths[0])["z"] != contents(other)["z"]
 
 
-def test_repeat_tokens_labels_every_token_from_its_ids(tmp_path):
+def test_repeat_tokens_labels_each_copied_word_by_the_next_words_category(tmp_path):
+    """Byte tokens (a word is several tokens): a row only at the last token of each copied word whose successor
+    pair occurred before, labelled by that successor's category; every other token has no row."""
     task = get_task("repeat_tokens")
+    examples = task.examples(0)[:3]
     store = Store(extract(tiny_loaded("llama"), task, tmp_path / "r.h5", ExtractConfig(max_examples=3),
                           progress=False))
-    ids, ex_id, labels = store.column("token_id"), store.column("example_id"), store.labels
-    for e in range(3):
-        assert labels[ex_id == e].tolist() == seen_before(ids[ex_id == e].tolist())
+    category = _category_words()
+    ex_id, pos, labels = store.column("example_id"), store.column("position"), store.labels
+    for e, ex in enumerate(examples):
+        words = ex.text.split()
+        n = len(words) // 2
+        assert words[:n] == words[n:] and len(set(words[:n])) == n
+        ends = np.cumsum([len(w) + 1 for w in words]) - 1  # BOS + bytes: the last byte of word k is at ends[k]
+        # the first word has no leading space, so its pair with the second word is only found in the copy
+        copied = range(n + 1, 2 * n - 1)
+        assert pos[ex_id == e].tolist() == [int(ends[k]) for k in copied]
+        assert labels[ex_id == e].tolist() == [category[words[k + 1]] for k in copied]
     assert 0 < labels.mean() < 1
+
+
+def test_next_word_category_needs_an_earlier_pair():
+    tok = ByteTokenizer()
+    ids = tok(" cat bread cat rice cat bread")["input_ids"]  # "cat" is followed by "rice" once, then "bread" again
+    labels = next_word_category(ids, tok)
+    assert [(p, y) for p, y in enumerate(labels) if y is not None] == [(len(" cat bread cat rice cat") - 1, 1)]
 
 
 def test_choice_metric_matches_a_direct_logit_difference():

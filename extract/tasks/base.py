@@ -22,7 +22,8 @@ class Example:
     """One prompt. Give ``text`` or pre-tokenised ``token_ids``.
 
     ``position`` is the token index to read under the "task" rule (negative counts from the end).
-    ``token_labels`` gives a label per token under the "all" rule (else every row gets ``label``).
+    ``token_labels`` gives a label per token under the "all" rule (else every row gets ``label``); a token whose
+    label is None gets no row.
     ``choice`` is what the model itself is asked, for measuring its own performance (see ``metrics.py``):
     ``{"prompt": str, "candidates": [str, ...], "answer": index of the right candidate}``.
     """
@@ -32,7 +33,7 @@ class Example:
     group: str = ""
     position: int | None = None
     token_ids: list[int] | None = None
-    token_labels: list[int] | None = None
+    token_labels: list[int | None] | None = None
     choice: dict | None = None
 
 
@@ -48,7 +49,7 @@ class Task:
     card: str = ""  # path of the dataset card, relative to the repository's datasets/
     split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
     extra: dict = field(default_factory=dict)
-    token_labeler: Callable[[list[int]], list[int]] | None = None  # token ids -> a label per token
+    token_labeler: Callable[[list[int], object], list[int | None]] | None = None  # (ids, tokenizer) -> label per token
     metric: str = "choice"  # how the model's own performance is measured: "choice", "induction" or "none"
 
     def examples(self, seed: int = 0) -> list[Example]:

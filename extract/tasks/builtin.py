@@ -79,33 +79,51 @@ def _ioi(seed: int, n: int = 300) -> list[Example]:
     return out
 
 
-def _words() -> list[str]:
-    return (DATA / "words/common_words.txt").read_text().split()
+COPY_CATEGORIES = ["animal", "food"]
 
 
-def _repeats(seed: int, n: int = 150) -> list[Example]:
-    """Random word sequences in which copied runs of earlier words alternate with fresh words; every token is
-    labelled by whether the same token occurred earlier in the context (see ``seen_before``)."""
-    rng, words, out = random.Random(seed), _words(), []
+def _category_words() -> dict[str, int]:
+    """word -> category index (``COPY_CATEGORIES``) of ``datasets/words/categories.csv``."""
+    return {r["word"]: COPY_CATEGORIES.index(r["category"]) for r in _read_csv("words/categories.csv")}
+
+
+def _repeats(seed: int, n: int = 200) -> list[Example]:
+    """Random sequences of 12-20 distinct animal and food words, then the same words again. Labels come from the
+    token ids (``next_word_category``): only the copy is labelled, by the category of the next word."""
+    rng, words, out = random.Random(seed), sorted(_category_words()), []
     for i in range(n):
-        pool = rng.sample(words, 40)
-        first, fresh = pool[:rng.randint(8, 14)], iter(pool[14:])
-        seq = list(first)
-        while len(seq) < 32:
-            start = rng.randrange(len(first) - 3)
-            seq += first[start:start + rng.randint(3, 5)]
-            seq += [next(fresh) for _ in range(rng.randint(2, 4))]
-        out.append(Example(text=" ".join(seq), group=f"seq{i}"))
+        first = rng.sample(words, rng.randint(12, 20))
+        out.append(Example(text=" ".join(first + first), group=f"seq{i}"))
     return out
 
 
-def seen_before(ids: list[int]) -> list[int]:
-    """1 where the token occurred earlier in the sequence, else 0."""
-    seen, out = set(), []
-    for t in ids:
-        out.append(int(t in seen))
-        seen.add(t)
-    return out
+def next_word_category(ids: list[int], tokenizer) -> list[int | None]:
+    """Per token: the category of the next word where the (this word, next word) pair occurred earlier in the
+    context, read at this word's last token; None (no row) elsewhere.
+
+    In a random word sequence neither this word nor the ones before it tell the next word's category; only the
+    earlier occurrence of this word, followed by the next one, does: the label is what an induction head copies.
+    Words are found in ``ids`` by their own tokenization " word" (longest match first), for any tokenizer.
+    """
+    category = _category_words()
+    encoded = tokenizer([" " + w for w in category], add_special_tokens=False)["input_ids"]
+    lexicon = {tuple(ids_w): c for ids_w, c in zip(encoded, category.values())}
+    sizes = sorted({len(k) for k in lexicon}, reverse=True)
+    found, p = [], 0  # (last token index, word ids, category) of every word in the sequence
+    while p < len(ids):
+        key = next((tuple(ids[p:p + k]) for k in sizes if tuple(ids[p:p + k]) in lexicon), None)
+        if key is None:
+            p += 1
+            continue
+        found.append((p + len(key) - 1, key, lexicon[key]))
+        p += len(key)
+    labels: list[int | None] = [None] * len(ids)
+    pairs = set()
+    for (end, key, _), (_, nxt, next_category) in zip(found, found[1:]):
+        if (key, nxt) in pairs:
+            labels[end] = next_category
+        pairs.add((key, nxt))
+    return labels
 
 
 # --- LR: latent reasoning ----------------------------------------------------------------------------------------
@@ -202,9 +220,9 @@ TASKS = [
          card="cards/city_country.md"),
     Task("ioi", "ICI", "indirect object: is the IO the first or the second name (read at the last token)",
          ["io_first", "io_second"], _ioi, card="cards/ioi.md"),
-    Task("repeat_tokens", "ICI", "random word runs; per token: did this token occur earlier in the context",
-         ["new", "seen_before"], _repeats, position_rule="all", card="cards/repeat_tokens.md",
-         token_labeler=seen_before, metric="induction"),
+    Task("repeat_tokens", "ICI", "random animal/food words, then again; per copied word: the next word's category",
+         COPY_CATEGORIES, _repeats, position_rule="all", card="cards/repeat_tokens.md",
+         token_labeler=next_word_category, metric="induction"),
     Task("arithmetic", "LR", "true/false 'a + b = c' (a, b < 50; two worked sums first)", TRUE_FALSE, _arithmetic,
          card="cards/arithmetic.md"),
     Task("successor", "LR", "true/false 'The day/month/letter/number after X is Y'", TRUE_FALSE, _successor,
