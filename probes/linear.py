@@ -9,11 +9,13 @@ differ ~100x). The objective per probe is sklearn's::
 
 with loss = log-loss (logistic: binary, softmax: multiclass) or squared error / 2 (ridge, = sklearn Ridge(alpha=l2)).
 
-Each training epoch is one Newton step: batches (the whole split with ``batch_size=0``, or streamed minibatches)
-add up the gradient and Hessian at the current weights, and the last batch of the epoch solves for the step. A
-probe whose objective went up is halved back towards its previous weights instead (a backtracking line search
-spread over epochs), so streaming data needs no second pass. Training stops when every probe's gradient is below
-``tol`` (mean-loss scale); 3-6 epochs are typical.
+Streamed minibatches: each training epoch is one Newton step; the batches add up the gradient and Hessian at the
+current weights, and the last batch of the epoch solves for the step. A probe whose objective went up is halved
+back towards its previous weights instead (a backtracking line search spread over epochs), so streaming data needs
+no second pass. The whole split in one batch (``batch_size=0``, in memory): the epoch takes every Newton step on
+that batch, so training is one epoch. Training stops when every probe's gradient is below ``tol`` (mean-loss
+scale); 6-8 steps are typical, the first 3 with a fresh Hessian and the rest reusing the last one (chord steps,
+a pass over the data without the N F^2 Hessian product).
 
 Controls (Hewitt & Liang 2019) are extra probes on the same activations with other labels, solved in the same
 batch: ``control`` gives every word type (the token at the row, or the example group) a random label drawn from
@@ -57,7 +59,7 @@ def loss_terms(eta: Tensor, y: Tensor, loss: str) -> tuple[Tensor, Tensor, Tenso
     return -(logp * onehot).sum(-1), mu - onehot, A
 
 
-def newton_stats(x: Tensor, y: Tensor, W: Tensor, loss: str, hessian: bool = True, chunk_elems: int = 1 << 24,
+def newton_stats(x: Tensor, y: Tensor, W: Tensor, loss: str, hessian: bool = True, chunk_bytes: int = 1 << 22,
                  hessian_dtype=torch.float32) -> tuple[Tensor, Tensor, Tensor | None]:
     """Objective terms of one batch at weights W, summed over rows.
 
@@ -65,33 +67,49 @@ def newton_stats(x: Tensor, y: Tensor, W: Tensor, loss: str, hessian: bool = Tru
     intercept in the last row. Returns loss (K, P), gradient (K, P, F + 1, C) and, if ``hessian``, the Hessian
     (K, P, (F + 1) C, (F + 1) C). Loss and gradient are exact in W's dtype; the Hessian (the N F^2 cost) is a
     batched matrix product in ``hessian_dtype``: an inexact Hessian slows only the last digits of Newton's
-    convergence, not where it converges. Work is chunked over probes so each chunk stays in cache.
+    convergence, not where it converges. Probes are processed in chunks of about ``chunk_bytes`` of activations,
+    copied once per chunk into a (Pc, N, F + 1) buffer that stays in cache for all the products.
     """
     N, P, Fd = x.shape
     K, C = W.shape[0], W.shape[-1]
-    dtype = W.dtype
+    F1, dtype = Fd + 1, W.dtype
     loss_sum = W.new_zeros(K, P)
     grad = torch.zeros_like(W)
-    hess = W.new_zeros(K, P, (Fd + 1) * C, (Fd + 1) * C) if hessian else None
-    step = max(1, chunk_elems // max(1, N * (Fd + 1) * max(K, C)))
-    yk = y.T.to(dtype)[:, None, :]  # (K, 1, N)
+    hess = W.new_zeros(K, P, F1 * C, F1 * C) if hessian else None
+    step = max(1, min(P, chunk_bytes // max(1, N * F1 * W.element_size())))
+    buf = torch.ones(step, N, F1, dtype=dtype)  # the last column (ones) is the intercept's feature
+    yk = y.T.to(dtype)  # (K, N)
     for p0 in range(0, P, step):
         p1 = min(P, p0 + step)
-        xa = torch.cat([x[:, p0:p1].to(dtype), x.new_ones(N, p1 - p0, 1, dtype=dtype)], -1).transpose(0, 1)
-        xa = xa.contiguous()  # (Pc, N, F + 1)
-        eta = xa @ W[:, p0:p1]  # (K, Pc, N, C)
+        xa = buf[: p1 - p0]  # (Pc, N, F + 1)
+        xa[..., :Fd].copy_(x[:, p0:p1].transpose(0, 1))
+        Wc = W[:, p0:p1].permute(1, 2, 0, 3).reshape(p1 - p0, F1, K * C)
+        eta = (xa @ Wc).view(p1 - p0, N, K, C).transpose(1, 2)  # (Pc, K, N, C)
         l_, r, A = loss_terms(eta, yk, loss)
-        loss_sum[:, p0:p1] = l_.sum(-1)
-        grad[:, p0:p1] = xa.transpose(-1, -2) @ r
+        loss_sum[:, p0:p1] = l_.sum(-1).T
+        g = xa.transpose(1, 2) @ r.transpose(1, 2).reshape(p1 - p0, N, K * C)  # (Pc, F + 1, K C)
+        grad[:, p0:p1] = g.view(p1 - p0, F1, K, C).permute(2, 0, 1, 3)
         if not hessian:
             continue
-        xh = xa.to(hessian_dtype)
+        xh = xa.to(hessian_dtype)[:, None]  # (Pc, 1, N, F + 1)
         if C == 1:
-            h = (xh * A[..., 0, 0, None].to(hessian_dtype)).transpose(-1, -2) @ xh  # (K, Pc, F + 1, F + 1)
+            h = (xh * A[..., 0].to(hessian_dtype)).transpose(-1, -2) @ xh  # (Pc, K, F + 1, F + 1)
         else:
-            h = torch.einsum("pnf,kpnce,png->kpfcge", xh, A.to(hessian_dtype), xh)
-        hess[:, p0:p1] = h.reshape(K, p1 - p0, (Fd + 1) * C, (Fd + 1) * C).to(dtype)
+            h = torch.einsum("pnf,pknce,png->pkfcge", xh[:, 0], A.to(hessian_dtype), xh[:, 0])
+        hess[:, p0:p1] = h.reshape(p1 - p0, K, F1 * C, F1 * C).transpose(0, 1)
     return loss_sum, grad, hess
+
+
+def probe_logits(x: Tensor, W: Tensor, chunk_bytes: int = 1 << 24) -> Tensor:
+    """Logits (N, K, P, C) of activations x (N, P, F) under weights W (K, P, F + 1, C), in W's dtype; x is
+    converted a chunk of probes at a time."""
+    N, P, Fd = x.shape
+    out = W.new_empty(N, W.shape[0], P, W.shape[-1])
+    step = max(1, chunk_bytes // max(1, N * Fd * W.element_size()))
+    for p0 in range(0, P, step):
+        xc, Wc = x[:, p0:p0 + step].to(W.dtype), W[:, p0:p0 + step]
+        out[:, :, p0:p0 + step] = torch.einsum("npf,kpfc->nkpc", xc, Wc[:, :, :-1]) + Wc[:, :, -1]
+    return out
 
 
 def penalised(loss_sum: Tensor, grad: Tensor, W: Tensor, l2: float) -> tuple[Tensor, Tensor]:
@@ -298,6 +316,7 @@ class LinearProbes(SplitEval, L.LightningModule):
         scope: "head" (one probe per layer and head) or "layer" (one probe per layer over all its heads).
         l2: L2 penalty on the summed loss (sklearn's 1 / C; ITI uses C = 1).
         tol: stop when every probe's gradient of the mean loss is below this.
+        max_steps: stop after this many Newton steps (whatever the epoch count).
         controls: control label sets fitted alongside ("control", "shuffled").
         control_by: what a control-task "word type" is: a store column ("token_id", "group", "example_id").
         top_k: heads that get bootstrap confidence intervals; n_boot: bootstrap resamples.
@@ -307,9 +326,9 @@ class LinearProbes(SplitEval, L.LightningModule):
     """
 
     def __init__(self, loss: str = "auto", scope: str = "head", l2: float = 1.0, tol: float = 1e-8,
-                 controls: list[str] = ["control", "shuffled"], control_by: str = "token_id", top_k: int = 16,
-                 n_boot: int = 1000, seed: int = 0, dtype: str = "float64", n_layers: int = 0, n_groups: int = 0,
-                 n_features: int = 0, n_classes: int = 0):
+                 max_steps: int = 50, controls: list[str] = ["control", "shuffled"], control_by: str = "token_id",
+                 top_k: int = 16, n_boot: int = 1000, seed: int = 0, dtype: str = "float64", n_layers: int = 0,
+                 n_groups: int = 0, n_features: int = 0, n_classes: int = 0):
         super().__init__()
         if scope not in ("head", "layer"):
             raise ValueError(f"unknown scope {scope!r}: choose head or layer")
@@ -366,9 +385,7 @@ class LinearProbes(SplitEval, L.LightningModule):
 
     def _logits_all(self, z: Tensor) -> Tensor:
         """(B, L, H, D) -> (B, K, P, C) logits of every label set."""
-        W = self.newton.W
-        x = self.features(z).to(W.dtype)
-        return torch.einsum("npf,kpfc->nkpc", x, W[:, :, :-1]) + W[:, :, -1]
+        return probe_logits(self.features(z), self.newton.W)
 
     def forward(self, z: Tensor) -> Tensor:
         """Task logits (B, L, G, C) for activations z (B, L, H, D)."""
@@ -385,7 +402,7 @@ class LinearProbes(SplitEval, L.LightningModule):
     def on_test_start(self) -> None:
         self.newton.to(self.device)
 
-    # --- training: one Newton step per epoch --------------------------------------------------------------------
+    # --- training: one Newton step per epoch, or all of them when the epoch is one batch -----------------------
     def on_train_epoch_start(self) -> None:
         self._acc = None
         self._mm = None
@@ -393,25 +410,39 @@ class LinearProbes(SplitEval, L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> None:
         x = self.features(batch["z"])
         y = self._labels(batch)
-        stats = newton_stats(x, y, self.newton.W, self.hparams.loss, hessian=self.newton.wants_hessian)
-        self._acc = stats if self._acc is None else tuple(None if a is None else a + b for a, b in zip(self._acc, stats))
         if self.hparams.loss == "logistic":
             self._mass_mean_stats(batch["z"], y[:, 0])
-        self._n = getattr(self, "_n", 0) + len(x) if batch_idx else len(x)
-        if self.trainer.is_last_batch:  # under DDP every rank steps with the sums over all ranks' rows
-            self._acc, self._mm = self._sum_over_ranks(self._acc), self._sum_over_ranks(self._mm)
-            self._n = int(self._sum_over_ranks(self._n))
-            done = self.newton.update(*self._acc, l2=self.hparams.l2, n=self._n, tol=self.hparams.tol)
-            self.log("train/grad_max", self.newton.grad_max, prog_bar=True)
-            self.log("train/objective", float(self.newton.obj_prev[0].mean()) / self._n)
+        self._n = self._n + len(x) if batch_idx else len(x)
+        # An epoch of one batch (the whole split in memory) takes every Newton step on it: the data is already here.
+        whole = self.trainer.num_training_batches == 1
+        while True:
+            stats = newton_stats(x, y, self.newton.W, self.hparams.loss, hessian=self.newton.wants_hessian)
+            self._acc = stats if self._acc is None else tuple(None if a is None else a + b
+                                                              for a, b in zip(self._acc, stats))
+            if not self.trainer.is_last_batch or self._newton_step() or not whole:
+                return
+
+    def _newton_step(self) -> bool:
+        """The step from this epoch's sums (under DDP, summed over all ranks' rows); True when training stops."""
+        if self._mm is not None:
+            self._mm = self._sum_over_ranks(self._mm)
             self._finish_mass_mean()
-            if done:
-                self.trainer.should_stop = True
+            self._mm = None
+        acc, self._acc = self._sum_over_ranks(self._acc), None
+        n = int(self._sum_over_ranks(self._n))
+        done = self.newton.update(*acc, l2=self.hparams.l2, n=n, tol=self.hparams.tol)
+        self.log("train/grad_max", self.newton.grad_max, prog_bar=True)
+        self.log("train/objective", float(self.newton.obj_prev[0].mean()) / n)
+        self.log("train/newton_steps", float(self.newton.steps))
+        if done or self.newton.steps >= self.hparams.max_steps:
+            self.trainer.should_stop = True
+            return True
+        return False
 
     def _mass_mean_stats(self, z: Tensor, y: Tensor) -> None:
-        z = z.double()
-        pos = (y == 1).double()
-        s = (torch.einsum("n,nlhd->lhd", pos, z), torch.einsum("n,nlhd->lhd", 1 - pos, z), pos.sum(), (1 - pos).sum())
+        pos = (y == 1).to(z.dtype)
+        sums = (torch.stack([pos, 1 - pos]) @ z.flatten(1)).double().view(2, *z.shape[1:])  # one pass over z
+        s = (sums[0], sums[1], pos.double().sum(), (1 - pos).double().sum())
         self._mm = s if self._mm is None else tuple(a + b for a, b in zip(self._mm, s))
 
     def _finish_mass_mean(self) -> None:
@@ -432,8 +463,8 @@ class LinearProbes(SplitEval, L.LightningModule):
         z = batch["z"]
         entry = {"logits": self._logits_all(z).cpu(), "y": self._labels(batch).cpu()}
         if self.mass_mean is not None:
-            entry["proj"] = (torch.einsum("nlhd,lhd->nlh", z.double(), self.mass_mean["direction"])
-                             - self.mass_mean["threshold"]).cpu()
+            proj = torch.einsum("nlhd,lhd->nlh", z, self.mass_mean["direction"].to(z.dtype))
+            entry["proj"] = (proj.double() - self.mass_mean["threshold"]).cpu()
         return entry
 
     def _evaluate(self, split: str, outs: list[dict]) -> None:
