@@ -13,27 +13,10 @@ from extract import ExtractConfig, Store, StoreError, extract, load_model
 from extract.distributed import extract_share, join_shards, shard_path, shares
 from extract.store import StoreWriter
 from extract.tasks import get_task
-from tests.conftest import tiny_model
+from tests.conftest import save_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = ("token_id", "example_id", "position", "label", "group", "split")
-
-
-def save_tiny_llama(folder: Path) -> Path:
-    """A tiny random Llama and a byte-level tokenizer (BOS added) saved as a folder load_model reads offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    tiny_model("llama").save_pretrained(folder)
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{ch: i + 3 for i, ch in enumerate(alphabet)}}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                            pad_token="<pad>").save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ class SAESettings:
     batch_size: int = 4096
     tokens: int = 1_200_000  # training budget (passes over the corpus = tokens / corpus rows)
     corpus_examples: int | None = None  # None: the whole corpus task
+    ce_tokens: int = 2048  # held-out tokens for CE loss recovered (4 forwards of the model each)
 
 
 @dataclass
@@ -46,6 +47,7 @@ class RunConfig:
     sparse_alpha: float | None = None  # group-lasso strength of the sparse probes (None: train/configs/sparse.yaml)
     top_k: int = 8  # heads per task for the causal ablation check
     ablation_draws: int = 5  # random-head draws to compare against
+    ablation_examples: int = 64  # task examples per ablation metric
     sae: SAESettings = field(default_factory=SAESettings)
     progress: bool = True
 
@@ -113,6 +115,10 @@ class Pipeline:
         self.tasks = [get_task(n) for n in names]
         self._loaded = None
         os.environ.setdefault("WANDB_RUN_GROUP", f"headprobe-run-{self.out.name}")
+        if cfg.logger == "wandb":  # offline without credentials; wandb's cache and config stay under --out
+            from train.loggers import wandb_environment
+
+            wandb_environment(self.out / "wandb")
 
     @property
     def loaded(self):
@@ -176,26 +182,31 @@ class Pipeline:
                  "--data.batch_size", str(s.batch_size)]
         self.steps("sae", {"store": self.steps.key_of("extract/corpus"), "extra": extra, "seed": cfg.seed},
                    lambda: self._train("sae", self.store("corpus"), self.run_dir("sae", f"layer{s.layer}"), extra))
-        self.steps("sae/eval", {"sae": self.steps.key_of("sae")}, self.evaluate_sae)
+        self.steps("sae/eval", {"sae": self.steps.key_of("sae"), "ce_tokens": s.ce_tokens}, self.evaluate_sae)
 
     def evaluate_sae(self) -> dict:
         from probes.sae_eval import evaluate_checkpoint
 
         folder = self.run_dir("sae", f"layer{self.cfg.sae.layer}")
         return evaluate_checkpoint(folder / "checkpoint", self.store("corpus"), split="test",
-                                   histogram=folder / "density.png", ce_tokens=8192, loaded=self.loaded)
+                                   histogram=folder / "density.png", ce_tokens=self.cfg.sae.ce_tokens,
+                                   loaded=self.loaded)
 
     # --- 3. attribution and cross-checks ----------------------------------------------------------------------------
     def attribute(self) -> dict:
         import argparse
 
-        from probes.attribution_cli import run as attribute
+        from probes.attribution_cli import add_arguments, run as attribute
 
-        args = argparse.Namespace(
-            paths=[self.out / "runs"], stores=[self.store(t.name) for t in self.tasks], out=self.out / "attribution",
-            alpha=0.01, top=8, reduce="mean", head_scores=True, ablate=self.cfg.top_k, ablation="mean",
-            draws=self.cfg.ablation_draws, examples=64, model=self.cfg.model)
-        args.out.mkdir(parents=True, exist_ok=True)
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)  # the same defaults as `headprobe attribute`
+        out = self.out / "attribution"
+        stores = [str(self.store(t.name)) for t in self.tasks]
+        args = parser.parse_args([str(self.out / "runs"), "--stores", *stores,
+                                  "--out", str(out), "--head-scores", "--ablate", str(self.cfg.top_k),
+                                  "--draws", str(self.cfg.ablation_draws), "--examples",
+                                  str(self.cfg.ablation_examples), "--model", self.cfg.model])
+        out.mkdir(parents=True, exist_ok=True)
         attribute(args)
         return {}
 
@@ -204,7 +215,8 @@ class Pipeline:
         self.extract_all()
         self.train_all()
         keys = {name: self.steps.key_of(name) for name in self.steps.done()}
-        self.steps("attribute", keys, self.attribute)
+        ablation = {"top_k": self.cfg.top_k, "draws": self.cfg.ablation_draws, "examples": self.cfg.ablation_examples}
+        self.steps("attribute", {**keys, **ablation}, self.attribute)
         report = self.steps("report", {"inputs": keys, "attribute": self.steps.key_of("attribute")},
                             lambda: {"path": str(build_report(self))})
         print(self.steps.table())

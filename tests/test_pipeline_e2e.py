@@ -1,0 +1,111 @@
+"""``headprobe run`` end to end on a tiny random Llama: every step, every report artefact, a cached second run, and
+the page rendered in headless Chromium with every image loaded."""
+import json
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from probes.checkpoint import load_local
+from tests.conftest import save_tiny_llama
+from train.loggers import read_offline_run
+from train.pipeline import Pipeline, RunConfig, SAESettings
+from train.report import images_in
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def tiny_config(model: Path, out: Path) -> RunConfig:
+    return RunConfig(model=str(model), out=str(out), max_examples=40, logger="wandb", ablation_draws=2,
+                     ablation_examples=16, progress=False,
+                     sae=SAESettings(layer=1, d_sae=96, k=4, batch_size=256, tokens=8192, corpus_examples=40,
+                                     ce_tokens=256))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> tuple[Pipeline, Path, float]:
+    root = tmp_path_factory.mktemp("e2e")
+    model = save_tiny_llama(root / "tiny-llama")
+    pipeline = Pipeline(tiny_config(model, root / "run"))
+    t0 = time.perf_counter()
+    page = pipeline.run()
+    return pipeline, page, time.perf_counter() - t0
+
+
+def test_every_step_ran_and_every_artefact_is_written(finished_run):
+    p, page, seconds = finished_run
+    assert seconds < 120, f"the tiny end-to-end run took {seconds:.0f} s"
+    names = [t.name for t in p.tasks]
+    assert len(names) == 9 and all(status == "ran" for _, status, _ in p.steps.summary)
+    assert {f"{kind}/{t}" for kind in ("extract", "linear", "sparse") for t in names} <= set(p.steps.done())
+    assert {"extract/corpus", "sae", "sae/eval", "attribute", "report"} <= set(p.steps.done())
+
+    for t in names:  # a loadable checkpoint with metrics per task and kind, and each linear probe's heatmap
+        for kind in ("linear", "sparse"):
+            folder = p.run_dir(kind, t)
+            assert load_local(folder / "checkpoint").checkpoint_config_loaded.task == t
+            assert json.loads((folder / "checkpoint" / "metrics.json").read_text())
+        assert (p.run_dir("linear", t) / "heatmap.png").read_bytes().startswith(PNG)
+    sae = load_local(p.run_dir("sae", "layer1") / "checkpoint")
+    assert sae.W_dec.shape == (96, 6 * 8)
+
+    attr = p.out / "attribution"
+    stage_map = json.loads((attr / "stage_map.json").read_text())
+    assert stage_map and (attr / "stage_scores.csv").read_text().count("\n") > 18  # 3 layers x 6 heads + header
+    assert (attr / "head_types.csv").is_file()
+    ablation = json.loads((attr / "ablation.json").read_text())
+    assert set(ablation) == set(names)  # every task has a model metric to ablate
+    assert all({"clean", "top", "random_mean"} <= set(r) for r in ablation.values())
+
+    # W&B wrote an offline run per training, with its metrics
+    runs = sorted(p.out.rglob("offline-run-*"))
+    assert len(runs) == 2 * 9 + 1
+    for run in runs:  # one run per training (not every training logging into the first), each with metrics
+        assert any(k.startswith(("val/", "train/")) for row in read_offline_run(run)["history"] for k in row), run
+
+
+def test_report_holds_every_section_and_image(finished_run):
+    p, page, _ = finished_run
+    md = (page.parent / "report.md").read_text()
+    for heading in ("## Stage map", "## Probes per task", "## Per-task probe accuracy", "## Sparse autoencoder",
+                    "### Latents and the heads that write them", "## Run"):
+        assert heading in md, heading
+    for t in p.tasks:
+        assert f"| {t.name} | {t.stage} |" in md and f"heatmap_{t.name}.png" in md
+    assert re.search(r"\| fve \| -?\d", md) and re.search(r"\| ce_spliced \| \d", md)
+    assert "Spearman" in md and "random" in md  # the pattern-score cross-check and the ablation comparison
+    images = images_in(md)
+    assert len(images) >= 11
+    for img in images:
+        assert (page.parent / img).read_bytes().startswith(PNG), img
+    html = page.read_text()
+    assert html.count("<img") == len(images) and "<table>" in html
+
+
+def test_second_run_is_cached_and_does_not_load_the_model(finished_run):
+    p, page, _ = finished_run
+    before = page.stat().st_mtime_ns
+    again = Pipeline(p.cfg)
+    t0 = time.perf_counter()
+    assert again.run() == page
+    assert time.perf_counter() - t0 < 10
+    assert all(status == "cached" for _, status, _ in again.steps.summary)
+    assert again._loaded is None and page.stat().st_mtime_ns == before
+
+
+def test_chromium_loads_every_image_of_the_page(finished_run, tmp_path):
+    _, page, _ = finished_run
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert browser, "Debian's chromium is needed for this test: apt-get install -y chromium"
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom", page.as_uri()]
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+    total = re.search(r'data-images-total="(\d+)"', dom)
+    loaded = re.search(r'data-images-loaded="(\d+)"', dom)
+    assert total and loaded, f"the page's load handler did not run: {dom[:300]}"
+    assert int(total.group(1)) == len(images_in((page.parent / "report.md").read_text()))
+    assert int(loaded.group(1)) == int(total.group(1))
