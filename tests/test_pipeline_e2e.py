@@ -12,7 +12,7 @@ import pytest
 from probes.checkpoint import load_local
 from tests.conftest import save_tiny_llama
 from train.loggers import read_offline_run
-from train.pipeline import Pipeline, RunConfig, SAESettings
+from train.pipeline import Pipeline, RunConfig, SAESettings, Steps
 from train.report import images_in
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -109,3 +109,14 @@ def test_chromium_loads_every_image_of_the_page(finished_run, tmp_path):
     assert total and loaded, f"the page's load handler did not run: {dom[:300]}"
     assert int(total.group(1)) == len(images_in((page.parent / "report.md").read_text()))
     assert int(loaded.group(1)) == int(total.group(1))
+
+
+def test_steps_run_once_per_settings_and_know_stale_outputs(tmp_path):
+    calls = []
+    steps = Steps(tmp_path)
+    assert steps("a", {"n": 1}, lambda: calls.append(1) or {"x": 1}) == {"x": 1}
+    assert not steps.stale("a", {"n": 1}) and steps.stale("a", {"n": 2}) and not steps.stale("b", {"n": 1})
+    again = Steps(tmp_path)  # a new run reads the markers
+    assert again("a", {"n": 1}, lambda: calls.append(2)) == {"x": 1} and calls == [1]
+    again("a", {"n": 2}, lambda: calls.append(3))
+    assert calls == [1, 3] and [s for _, s, _ in again.summary] == ["cached", "ran"]

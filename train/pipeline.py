@@ -61,7 +61,7 @@ class Steps:
         self.summary: list[tuple[str, str, float]] = []
 
     def __call__(self, name: str, key: dict, fn: Callable[[], dict | None]) -> dict:
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        digest = self.digest(key)
         marker = self.folder / f"{name.replace('/', '_')}.json"
         if marker.exists():
             saved = json.loads(marker.read_text())
@@ -74,6 +74,14 @@ class Steps:
         marker.write_text(json.dumps({"key": digest, "result": result, "seconds": seconds}, default=str))
         self.summary.append((name, "ran", seconds))
         return result
+
+    def stale(self, name: str, key: dict) -> bool:
+        """Whether ``name`` finished before with other settings (its outputs must be redone, not resumed)."""
+        return self.key_of(name) not in ("", self.digest(key))
+
+    @staticmethod
+    def digest(key: dict) -> str:
+        return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def key_of(self, name: str) -> str:
         """The settings digest a finished step ran with ("" if it has not run)."""
@@ -142,25 +150,37 @@ class Pipeline:
 
     # --- 1. extraction --------------------------------------------------------------------------------------------
     def extract_all(self) -> None:
-        from extract.extractor import ExtractConfig, extract
+        from extract.extractor import ExtractConfig
         from extract.tasks import get_task
 
         cfg = self.cfg
         for task in self._bar(self.tasks, "extract"):
             key = {"model": cfg.model, "task": task.name, "seed": cfg.seed, "max": cfg.max_examples}
-            self.steps(f"extract/{task.name}", key, lambda t=task: {"rows": _rows(extract(
-                self.loaded, t, self.store(t.name), ExtractConfig(seed=cfg.seed, max_examples=cfg.max_examples),
-                resume=True, progress=cfg.progress))})
+            config = ExtractConfig(seed=cfg.seed, max_examples=cfg.max_examples)
+            self._extract(f"extract/{task.name}", key, task, config)
         key = {"model": cfg.model, "layer": cfg.sae.layer, "n": cfg.sae.corpus_examples, "seed": cfg.seed}
-        self.steps("extract/corpus", key, lambda: {"rows": _rows(extract(
-            self.loaded, get_task("corpus"), self.store("corpus"),
-            ExtractConfig(layers=[cfg.sae.layer], seed=cfg.seed, max_examples=cfg.sae.corpus_examples),
-            resume=True, progress=cfg.progress))})
+        self._extract("extract/corpus", key, get_task("corpus"),
+                      ExtractConfig(layers=[cfg.sae.layer], seed=cfg.seed, max_examples=cfg.sae.corpus_examples))
+
+    def _extract(self, step: str, key: dict, task, config) -> None:
+        from extract.extractor import extract
+
+        stale = self.steps.stale(step, key)  # settings changed since the last run: extract again, don't resume
+        self.steps(step, key, lambda: {"rows": _rows(extract(self.loaded, task, self.store(task.name), config,
+                                                             resume=not stale, overwrite=stale,
+                                                             progress=self.cfg.progress))})
 
     # --- 2. probes and the SAE --------------------------------------------------------------------------------------
-    def _train(self, kind: str, store: Path, folder: Path, extra: list[str]) -> dict:
+    def _fit(self, step: str, key: dict, kind: str, store: Path, folder: Path, extra: list[str]) -> None:
+        """Train ``kind`` on ``store`` into ``folder`` as step ``step``, resuming an interrupted run."""
+        stale = self.steps.stale(step, key)
+        self.steps(step, key, lambda: self._train(kind, store, folder, extra, fresh=stale))
+
+    def _train(self, kind: str, store: Path, folder: Path, extra: list[str], fresh: bool) -> dict:
         from train.fit import expand_short_form, run
 
+        if fresh:  # trained before with other data or settings: start over
+            shutil.rmtree(folder, ignore_errors=True)
         resume = (folder / "checkpoints" / "last.ckpt").exists()
         argv = [kind, "--data.path", str(store), "--out", str(folder), "--logger", self.cfg.logger,
                 "--seed_everything", str(self.cfg.seed), "--resume", str(resume).lower(), *extra]
@@ -174,14 +194,14 @@ class Pipeline:
         for kind, extra in (("linear", []), ("sparse", alpha)):
             for task in self._bar(self.tasks, f"{kind} probes"):
                 key = {"store": self.steps.key_of(f"extract/{task.name}"), "extra": extra, "seed": cfg.seed}
-                self.steps(f"{kind}/{task.name}", key, lambda t=task, k=kind, e=extra: self._train(
-                    k, self.store(t.name), self.run_dir(k, t.name), e))
+                self._fit(f"{kind}/{task.name}", key, kind, self.store(task.name), self.run_dir(kind, task.name),
+                          extra)
         s = cfg.sae
         extra = ["--model.init_args.architecture", s.architecture, "--model.init_args.d_sae", str(s.d_sae),
                  "--model.init_args.k", str(s.k), "--model.init_args.token_budget", str(s.tokens),
                  "--data.batch_size", str(s.batch_size)]
-        self.steps("sae", {"store": self.steps.key_of("extract/corpus"), "extra": extra, "seed": cfg.seed},
-                   lambda: self._train("sae", self.store("corpus"), self.run_dir("sae", f"layer{s.layer}"), extra))
+        key = {"store": self.steps.key_of("extract/corpus"), "extra": extra, "seed": cfg.seed}
+        self._fit("sae", key, "sae", self.store("corpus"), self.run_dir("sae", f"layer{s.layer}"), extra)
         self.steps("sae/eval", {"sae": self.steps.key_of("sae"), "ce_tokens": s.ce_tokens}, self.evaluate_sae)
 
     def evaluate_sae(self) -> dict:
@@ -296,7 +316,8 @@ def build_report(p: Pipeline) -> Path:
     attr = p.out / "attribution"
     stage_png = _copy(attr / "stage_map.png", folder, "stage_map.png")
     attribution_md = (attr / "report.md").read_text().replace("# Head attribution", "").strip()
-    attribution_md = attribution_md.replace("](stage_map.png)", f"]({stage_png})")
+    attribution_md = "\n".join(line for line in attribution_md.splitlines() if "](stage_map.png)" not in line)
+    attribution_md = attribution_md.replace("## Stage map\n", "## Top heads per stage and their evidence\n")
     sections = [
         f"Model `{p.cfg.model}`; {len(p.tasks)} tasks over the four reasoning stages of Zheng et al. (2024). Each "
         f"head's output z was probed per task (linear probes for every head at once, a group-lasso probe choosing "
