@@ -13,9 +13,8 @@ Streamed minibatches: each training epoch is one Newton step; the batches add up
 current weights, and the last batch of the epoch solves for the step. A probe whose objective went up is halved
 back towards its previous weights instead (a backtracking line search spread over epochs), so streaming data needs
 no second pass. The whole split in one batch (``batch_size=0``, in memory): the epoch takes every Newton step on
-that batch, so training is one epoch. Training stops when every probe's gradient is below ``tol`` (mean-loss
-scale); 6-8 steps are typical, the first 3 with a fresh Hessian and the rest reusing the last one (chord steps,
-a pass over the data without the N F^2 Hessian product).
+that batch, so training is one epoch. A probe is done once its gradient is below ``tol`` (mean-loss scale); later
+steps compute only the probes not yet done. Typically 5-7 steps, with most probes done after 3-4.
 
 Controls (Hewitt & Liang 2019) are extra probes on the same activations with other labels, solved in the same
 batch: ``control`` gives every word type (the token at the row, or the example group) a random label drawn from
@@ -27,6 +26,8 @@ from __future__ import annotations
 
 import inspect
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import lightning as L
 import numpy as np
@@ -59,44 +60,70 @@ def loss_terms(eta: Tensor, y: Tensor, loss: str) -> tuple[Tensor, Tensor, Tenso
     return -(logp * onehot).sum(-1), mu - onehot, A
 
 
-def newton_stats(x: Tensor, y: Tensor, W: Tensor, loss: str, hessian: bool = True, chunk_bytes: int = 1 << 22,
-                 hessian_dtype=torch.float32) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Objective terms of one batch at weights W, summed over rows.
+def newton_stats(x: Tensor, y: Tensor, W: Tensor, loss: str, probes: Tensor | None = None,
+                 chunk_bytes: int = 1 << 21, hessian_dtype=torch.float32) -> tuple[Tensor, Tensor, Tensor]:
+    """Objective terms of one batch at weights W for the probes ``probes`` (indices, default all), summed over rows.
 
     x (N, P, F) activations, y (N, K) labels of K label sets (task + controls), W (K, P, F + 1, C) with the
-    intercept in the last row. Returns loss (K, P), gradient (K, P, F + 1, C) and, if ``hessian``, the Hessian
-    (K, P, (F + 1) C, (F + 1) C). Loss and gradient are exact in W's dtype; the Hessian (the N F^2 cost) is a
-    batched matrix product in ``hessian_dtype``: an inexact Hessian slows only the last digits of Newton's
-    convergence, not where it converges. Probes are processed in chunks of about ``chunk_bytes`` of activations,
-    copied once per chunk into a (Pc, N, F + 1) buffer that stays in cache for all the products.
+    intercept in the last row. Returns, for the Pa selected probes, loss (K, Pa), gradient (K, Pa, F + 1, C) and
+    Hessian (K, Pa, (F + 1) C, (F + 1) C). Loss and gradient are exact in W's dtype; the Hessian (the N F^2 cost)
+    is a batched matrix product in ``hessian_dtype``: an inexact Hessian slows only the last digits of Newton's
+    convergence, not where it converges.
+
+    On the CPU, probes go in chunks of about ``chunk_bytes`` of activations, each copied once into a (Pc, N, F + 1)
+    buffer that stays in cache for all its products; ``torch.get_num_threads()`` workers take chunks one at a time,
+    each computing with one thread. (Splitting every small product over threads instead makes each wait for the
+    slowest thread, which on a busy machine costs up to 10x.) The result does not depend on the thread count.
     """
     N, P, Fd = x.shape
     K, C = W.shape[0], W.shape[-1]
     F1, dtype = Fd + 1, W.dtype
-    loss_sum = W.new_zeros(K, P)
-    grad = torch.zeros_like(W)
-    hess = W.new_zeros(K, P, F1 * C, F1 * C) if hessian else None
-    step = max(1, min(P, chunk_bytes // max(1, N * F1 * W.element_size())))
-    buf = torch.ones(step, N, F1, dtype=dtype)  # the last column (ones) is the intercept's feature
+    probes = torch.arange(P, device=W.device) if probes is None else probes.to(W.device)
+    Pa = len(probes)
+    loss_sum = W.new_zeros(K, Pa)
+    grad = W.new_zeros(K, Pa, F1, C)
+    hess = W.new_zeros(K, Pa, F1 * C, F1 * C)
+    cpu = x.device.type == "cpu"
+    step = max(1, min(Pa, chunk_bytes // max(1, N * F1 * W.element_size()))) if cpu else max(Pa, 1)
     yk = y.T.to(dtype)  # (K, N)
-    for p0 in range(0, P, step):
-        p1 = min(P, p0 + step)
-        xa = buf[: p1 - p0]  # (Pc, N, F + 1)
-        xa[..., :Fd].copy_(x[:, p0:p1].transpose(0, 1))
-        Wc = W[:, p0:p1].permute(1, 2, 0, 3).reshape(p1 - p0, F1, K * C)
-        eta = (xa @ Wc).view(p1 - p0, N, K, C).transpose(1, 2)  # (Pc, K, N, C)
+    local = threading.local()
+
+    def chunk(a0: int) -> None:
+        a1 = min(Pa, a0 + step)
+        idx, Pc = probes[a0:a1], a1 - a0
+        if not hasattr(local, "xa"):  # work buffers of this thread, reused by its chunks (no page faults per chunk)
+            local.xa = x.new_ones(step, N, F1, dtype=dtype)  # the last column (ones) is the intercept's feature
+            local.xh = local.xa if dtype == hessian_dtype else x.new_ones(step, N, F1, dtype=hessian_dtype)
+            local.xs = x.new_empty(step, K, N, F1, dtype=hessian_dtype) if C == 1 else None
+        xa, xh = local.xa[:Pc], local.xh[:Pc]  # (Pc, N, F + 1)
+        for buf in {id(xa): xa, id(xh): xh}.values():
+            if cpu:
+                for i, p in enumerate(idx.tolist()):
+                    buf[i, :, :Fd].copy_(x[:, p])
+            else:
+                buf[..., :Fd].copy_(x[:, idx].transpose(0, 1))
+        # the products with few columns are written with the K C label-set outputs as rows: (Pc, K C, N)
+        Wt = W[:, idx].permute(1, 0, 3, 2).reshape(Pc, K * C, F1)
+        eta = torch.bmm(Wt, xa.transpose(1, 2)).view(Pc, K, C, N).transpose(-1, -2)  # (Pc, K, N, C)
         l_, r, A = loss_terms(eta, yk, loss)
-        loss_sum[:, p0:p1] = l_.sum(-1).T
-        g = xa.transpose(1, 2) @ r.transpose(1, 2).reshape(p1 - p0, N, K * C)  # (Pc, F + 1, K C)
-        grad[:, p0:p1] = g.view(p1 - p0, F1, K, C).permute(2, 0, 1, 3)
-        if not hessian:
-            continue
-        xh = xa.to(hessian_dtype)[:, None]  # (Pc, 1, N, F + 1)
+        loss_sum[:, a0:a1] = l_.sum(-1).T
+        g = torch.bmm(r.transpose(-1, -2).reshape(Pc, K * C, N), xa)  # (Pc, K C, F + 1)
+        grad[:, a0:a1] = g.view(Pc, K, C, F1).permute(1, 0, 3, 2)
         if C == 1:
-            h = (xh * A[..., 0].to(hessian_dtype)).transpose(-1, -2) @ xh  # (Pc, K, F + 1, F + 1)
+            xs = torch.mul(xh[:, None], A[..., 0].to(hessian_dtype), out=local.xs[:Pc])  # (Pc, K, N, F + 1)
+            h = xs.transpose(-1, -2) @ xh[:, None]  # (Pc, K, F + 1, F + 1)
         else:
-            h = torch.einsum("pnf,pknce,png->pkfcge", xh[:, 0], A.to(hessian_dtype), xh[:, 0])
-        hess[:, p0:p1] = h.reshape(p1 - p0, K, F1 * C, F1 * C).transpose(0, 1)
+            h = torch.einsum("pnf,pknce,png->pkfcge", xh, A.to(hessian_dtype), xh)
+        hess[:, a0:a1] = h.reshape(Pc, K, F1 * C, F1 * C).transpose(0, 1)
+
+    starts = range(0, Pa, step)
+    workers = min(torch.get_num_threads(), len(starts)) if cpu else 1
+    if workers <= 1:
+        for a0 in starts:
+            chunk(a0)
+    else:
+        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            list(pool.map(chunk, starts))
     return loss_sum, grad, hess
 
 
@@ -139,72 +166,78 @@ def newton_direction(g: Tensor, H: Tensor) -> Tensor:
 
 
 def fit_newton(x: Tensor, y: Tensor, loss: str, n_classes: int = 2, l2: float = 1.0, tol: float = 1e-8,
-               max_steps: int = 50, dtype=torch.float64, hessian_steps: int = 3) -> tuple[Tensor, dict]:
+               max_steps: int = 50, dtype=torch.float64) -> tuple[Tensor, dict]:
     """Fit all probes on in-memory data without Lightning (used by k-sparse probing and benchmarks).
 
-    x (N, P, F), y (N, K). Returns W (K, P, F + 1, C) and {"steps", "hessians", "grad"}."""
-    state = NewtonState(y.shape[1], x.shape[1], x.shape[2], n_classes if loss == "softmax" else 1, dtype,
-                        hessian_steps)
+    x (N, P, F), y (N, K). Returns W (K, P, F + 1, C) and {"steps", "probe_steps" (the probes solved, summed over
+    steps), "grad"}."""
+    state = NewtonState(y.shape[1], x.shape[1], x.shape[2], n_classes if loss == "softmax" else 1, dtype)
     for step in range(max_steps):
-        stats = newton_stats(x, y, state.W, loss, hessian=state.wants_hessian)
+        stats = newton_stats(x, y, state.W, loss, probes=state.active)
         if state.update(*stats, l2=l2, n=len(x), tol=tol):
             break
-    return state.W, {"steps": step + 1, "hessians": state.hessians, "grad": state.grad_max}
+    return state.W, {"steps": step + 1, "probe_steps": state.probe_steps, "grad": state.grad_max}
 
 
 class NewtonState:
-    """Newton's method over epochs: weights W (K, P, F + 1, C), the last accepted weights and objective, and the
-    last Hessian.
+    """Newton's method over epochs for P probes: weights W (K, P, F + 1, C), the last accepted weights and
+    objective, and the probes still being solved.
 
-    The first ``hessian_steps`` steps use a fresh Hessian; later steps reuse the last one (a chord step: only the
-    gradient pass over the data) while that still shrinks the largest gradient at least 4x per step."""
+    A probe leaves the active set once the gradient of every label set is below ``tol`` at accepted weights; its
+    weights then stay, and later steps compute statistics only for the active probes (a few stragglers take the
+    last steps). A probe whose objective rose is halved back towards its last accepted weights instead."""
 
-    def __init__(self, K: int, P: int, Fd: int, C: int, dtype=torch.float64, hessian_steps: int = 3):
+    def __init__(self, K: int, P: int, Fd: int, C: int, dtype=torch.float64):
         self.W = torch.zeros(K, P, Fd + 1, C, dtype=dtype)
         self.W_prev = torch.zeros_like(self.W)
         self.obj_prev = torch.full((K, P), math.inf, dtype=dtype)
-        self.H: Tensor | None = None
-        self.grad_max = self.grad_prev = math.inf
-        self.steps = self.hessians = 0
-        self.hessian_steps = hessian_steps
+        self.grad = torch.full((K, P), math.inf, dtype=dtype)  # max |gradient of the mean loss| at accepted weights
+        self.active = torch.arange(P)
+        self.steps = self.probe_steps = 0
 
     @property
-    def wants_hessian(self) -> bool:
-        return self.H is None or self.steps < self.hessian_steps or self.grad_max > 0.25 * self.grad_prev
+    def grad_max(self) -> float:
+        return float(self.grad.max())
 
-    def update(self, loss_sum: Tensor, grad: Tensor, hess: Tensor | None, l2: float, n: int, tol: float) -> bool:
-        """One Newton step (or a backtrack where the objective rose); True once every probe has converged."""
-        obj, g = penalised(loss_sum, grad, self.W, l2)
-        if hess is not None:
-            self.H = penalised_hessian(hess, self.W.shape[2], self.W.shape[3], l2)
-            self.hessians += 1
-        worse = obj > self.obj_prev + 1e-12 * self.obj_prev.abs().clamp_min(1)
-        ok = ~worse
-        self.grad_prev, self.grad_max = self.grad_max, float(g[ok].abs().amax()) / n if ok.any() else math.inf
-        if self.grad_max < tol and not worse.any():
-            return True
-        d = newton_direction(g, self.H)
-        back = self.W_prev + 0.5 * (self.W - self.W_prev)
-        new = torch.where(worse[..., None, None], back, self.W - d)
-        self.W_prev = torch.where(worse[..., None, None], self.W_prev, self.W)
-        self.obj_prev = torch.where(worse, self.obj_prev, obj)
-        self.W = new
+    def update(self, loss_sum: Tensor, grad: Tensor, hess: Tensor, l2: float, n: int, tol: float) -> bool:
+        """One Newton step (or a backtrack where the objective rose) for the active probes, from their statistics
+        (as newton_stats returns them for ``probes=self.active``); True once every probe has converged."""
+        idx = self.active.to(self.W.device)
+        W, W_prev, obj_prev = self.W[:, idx], self.W_prev[:, idx], self.obj_prev[:, idx]
+        obj, g = penalised(loss_sum, grad, W, l2)
+        worse = obj > obj_prev + 1e-12 * obj_prev.abs().clamp_min(1)  # (K, Pa)
+        gmax = g.abs().amax((-1, -2)) / n
+        self.grad[:, idx] = torch.where(worse, self.grad[:, idx], gmax)
         self.steps += 1
+        self.probe_steps += len(idx)
+        move = ~((gmax < tol) & ~worse).all(0)  # (Pa,) probes with a label set not yet converged
+        if not move.any():
+            self.active = self.active[:0]
+            return True
+        W, W_prev, obj_prev, obj, worse, g = (t[:, move] for t in (W, W_prev, obj_prev, obj, worse, g))
+        H = penalised_hessian(hess[:, move], W.shape[2], W.shape[3], l2)
+        d = newton_direction(g, H)
+        back = W_prev + 0.5 * (W - W_prev)
+        keep = worse[..., None, None]
+        moving = idx[move]
+        self.W[:, moving] = torch.where(keep, back, W - d)
+        self.W_prev[:, moving] = torch.where(keep, W_prev, W)
+        self.obj_prev[:, moving] = torch.where(worse, obj_prev, obj)
+        self.active = self.active[move.to(self.active.device)]
         return False
 
     def to(self, device) -> None:
-        self.W, self.W_prev, self.obj_prev = (t.to(device) for t in (self.W, self.W_prev, self.obj_prev))
-        self.H = None if self.H is None else self.H.to(device)
+        self.W, self.W_prev, self.obj_prev, self.grad = (t.to(device) for t in (self.W, self.W_prev, self.obj_prev,
+                                                                                 self.grad))
 
     def state_dict(self) -> dict:
-        return {"W": self.W, "W_prev": self.W_prev, "obj_prev": self.obj_prev, "H": self.H,
-                "counters": torch.tensor([self.steps, self.hessians]),
-                "grads": torch.tensor([self.grad_max, self.grad_prev], dtype=torch.float64)}
+        return {"W": self.W, "W_prev": self.W_prev, "obj_prev": self.obj_prev, "grad": self.grad,
+                "active": self.active, "counters": torch.tensor([self.steps, self.probe_steps])}
 
     def load_state_dict(self, state: dict) -> None:
-        self.W, self.W_prev, self.obj_prev, self.H = state["W"], state["W_prev"], state["obj_prev"], state["H"]
-        self.steps, self.hessians = (int(v) for v in state["counters"])
-        self.grad_max, self.grad_prev = (float(v) for v in state["grads"])
+        self.W, self.W_prev, self.obj_prev, self.grad = state["W"], state["W_prev"], state["obj_prev"], state["grad"]
+        self.active = state["active"]
+        self.steps, self.probe_steps = (int(v) for v in state["counters"])
 
 
 def init_hparams(module) -> dict:
@@ -416,9 +449,8 @@ class LinearProbes(SplitEval, L.LightningModule):
         # An epoch of one batch (the whole split in memory) takes every Newton step on it: the data is already here.
         whole = self.trainer.num_training_batches == 1
         while True:
-            stats = newton_stats(x, y, self.newton.W, self.hparams.loss, hessian=self.newton.wants_hessian)
-            self._acc = stats if self._acc is None else tuple(None if a is None else a + b
-                                                              for a, b in zip(self._acc, stats))
+            stats = newton_stats(x, y, self.newton.W, self.hparams.loss, probes=self.newton.active)
+            self._acc = stats if self._acc is None else tuple(a + b for a, b in zip(self._acc, stats))
             if not self.trainer.is_last_batch or self._newton_step() or not whole:
                 return
 
@@ -434,6 +466,7 @@ class LinearProbes(SplitEval, L.LightningModule):
         self.log("train/grad_max", self.newton.grad_max, prog_bar=True)
         self.log("train/objective", float(self.newton.obj_prev[0].mean()) / n)
         self.log("train/newton_steps", float(self.newton.steps))
+        self.log("train/active_probes", float(len(self.newton.active)))
         if done or self.newton.steps >= self.hparams.max_steps:
             self.trainer.should_stop = True
             return True
