@@ -11,7 +11,7 @@ from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.metrics import roc_auc_score
 
 from probes.checkpoint import load_local, save_checkpoint
-from probes.linear import LinearProbes, control_labels, fit_newton
+from probes.linear import LinearProbes, NewtonState, control_labels, fit_newton, newton_stats, penalised
 from probes.metrics import auroc, bootstrap_ci
 from probes.sparse import SparseProbe, ksparse_sweep
 from train.data import StoreDataModule, write_array_store as write_store
@@ -61,6 +61,75 @@ def test_newton_matches_sklearn_per_probe(loss):
             b = b - b.mean() + intercept.mean()
         np.testing.assert_allclose(w, coef, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(b, intercept, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss,C", [("logistic", 1), ("softmax", 3), ("ridge", 1)])
+def test_newton_stats_match_autograd_whatever_the_threads(loss, C):
+    """Loss, gradient and Hessian of a subset of probes, chunked one probe at a time, against autograd; 1 and 2
+    threads give identical bits."""
+    g = torch.Generator().manual_seed(0)
+    N, P, D, K = 60, 6, 4, 2
+    x = torch.randn(N, P, D, generator=g) * torch.logspace(-1, 1, P)[None, :, None]
+    y = (torch.randn(N, K, generator=g, dtype=torch.float64) if loss == "ridge"
+         else torch.randint(0, max(C, 2), (N, K), generator=g).double())
+    W = torch.randn(K, P, D + 1, C, generator=g, dtype=torch.float64) * 0.5
+    probes = torch.tensor([4, 0, 5])
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(newton_stats(x, y, W, loss, probes=probes, chunk_bytes=1))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    loss_sum, grad, hess = outs[0]
+    F = torch.nn.functional
+    objective = {"logistic": lambda eta, t: F.binary_cross_entropy_with_logits(eta[:, 0], t, reduction="sum"),
+                 "softmax": lambda eta, t: F.cross_entropy(eta, t.long(), reduction="sum"),
+                 "ridge": lambda eta, t: 0.5 * (eta[:, 0] - t).pow(2).sum()}[loss]
+    for j, p in enumerate(probes.tolist()):
+        xa = torch.cat([x[:, p].double(), torch.ones(N, 1, dtype=torch.float64)], 1)
+        for k in range(K):
+            f = lambda w: objective(xa @ w, y[:, k])
+            w = W[k, p].clone().requires_grad_()
+            value = f(w)
+            (gw,) = torch.autograd.grad(value, w)
+            hw = torch.autograd.functional.hessian(f, W[k, p]).reshape((D + 1) * C, (D + 1) * C)
+            torch.testing.assert_close(loss_sum[k, j], value.detach(), rtol=1e-10, atol=1e-10)  # softplus: x > 20 -> x
+            torch.testing.assert_close(grad[k, j], gw, rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(hess[k, j], hw, rtol=1e-5, atol=1e-5 * float(hw.abs().max()))
+
+
+def test_converged_probes_leave_the_solve_and_every_probe_meets_tol():
+    rng = np.random.default_rng(2)
+    N, P, D = 400, 12, 5
+    x = torch.from_numpy(rng.normal(size=(N, P, D)) * np.logspace(-2, 0.5, P)[None, :, None]).float()
+    strong = x[:, 3, 0].double() / x[:, 3, 0].std()  # head 3 predicts the label well and takes the most steps
+    y = (torch.from_numpy(rng.random(N)) < torch.sigmoid(4 * strong)).double()
+    y2 = torch.stack([y, torch.from_numpy(rng.integers(0, 2, N).astype(float))], 1)
+    state = NewtonState(2, P, D, 1)
+    active = []
+    while True:
+        active.append(len(state.active))
+        if state.update(*newton_stats(x, y2, state.W, "logistic", probes=state.active), l2=1.0, n=N, tol=1e-8):
+            break
+    assert active[0] == P and active[-1] < P and state.probe_steps == sum(active)  # some probes stopped early
+    loss_sum, grad, _ = newton_stats(x, y2, state.W, "logistic")  # every probe, at its final weights
+    _, g = penalised(loss_sum, grad, state.W, 1.0)
+    assert float(g.abs().amax() / N) < 1e-8
+
+
+def test_whole_split_in_one_epoch_equals_streamed_newton_epochs(tmp_path):
+    z, y, split = planted()
+    path = write_store(tmp_path / "planted.h5", z, y, split)
+    whole, streamed = LinearProbes(controls=["shuffled"]), LinearProbes(controls=["shuffled"])
+    t_whole = fit(whole, path)
+    t_streamed = fit(streamed, path, batch_size=64, in_memory=False)
+    assert t_whole.current_epoch == 1 and t_streamed.current_epoch == streamed.newton.steps > 3
+    torch.testing.assert_close(whole.newton.W, streamed.newton.W, rtol=0, atol=1e-5)  # the same optimum, to tol
+    np.testing.assert_allclose(whole.tables["val"]["acc"], streamed.tables["val"]["acc"])
 
 
 # --- head selection on planted data --------------------------------------------------------------------------------
