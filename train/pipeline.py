@@ -29,8 +29,8 @@ class SAESettings:
     d_sae: int = 4608
     k: int = 32
     batch_size: int = 4096
-    tokens: int = 1_200_000  # training budget (passes over the corpus = tokens / corpus rows)
-    corpus_examples: int | None = None  # None: the whole corpus task
+    tokens: int = 800_000  # training budget (passes over the train split = tokens / its rows)
+    corpus_examples: int | None = 2500  # corpus documents extracted (~175k tokens; None: all 4,580, ~320k)
     ce_tokens: int = 2048  # held-out tokens for CE loss recovered (4 forwards of the model each)
 
 
