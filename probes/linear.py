@@ -96,8 +96,11 @@ def newton_stats(x: Tensor, y: Tensor, W: Tensor, loss: str, probes: Tensor | No
             local.xh = local.xa if dtype == hessian_dtype else x.new_ones(step, N, F1, dtype=hessian_dtype)
             local.xs = x.new_empty(step, K, N, F1, dtype=hessian_dtype) if C == 1 else None
         xa, xh = local.xa[:Pc], local.xh[:Pc]  # (Pc, N, F + 1)
+        p0, p1 = int(idx[0]), int(idx[-1]) + 1
         for buf in {id(xa): xa, id(xh): xh}.values():
-            if cpu:
+            if p1 - p0 == Pc:  # a run of probes: one strided copy
+                buf[..., :Fd].copy_(x[:, p0:p1].transpose(0, 1))
+            elif cpu:
                 for i, p in enumerate(idx.tolist()):
                     buf[i, :, :Fd].copy_(x[:, p])
             else:

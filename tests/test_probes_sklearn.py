@@ -6,6 +6,7 @@ import lightning as L
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
+from threadpoolctl import threadpool_limits
 
 from extract.extractor import extract
 from extract.models import load_model
@@ -35,10 +36,11 @@ def test_linear_probes_agree_with_sklearn_per_head(capitals_store, capsys):
     N, Ln, H, D = z.shape
     x = z.reshape(N, Ln * H, D)
     ref, zero = [], []
-    for p in range(Ln * H):
-        clf = LogisticRegression(C=1.0, tol=1e-8, max_iter=10000).fit(x[train, p], y[train])
-        ref.append((clf.predict(x[val, p]) == y[val]).mean())
-        zero.append(not clf.coef_.any())
+    with threadpool_limits(1):  # one head's fit is too small to share; two BLAS threads stall on a busy machine
+        for p in range(Ln * H):
+            clf = LogisticRegression(C=1.0, tol=1e-8, max_iter=10000).fit(x[train, p], y[train])
+            ref.append((clf.predict(x[val, p]) == y[val]).mean())
+            zero.append(not clf.coef_.any())
     ref = np.array(ref)
     delta = np.abs(ours - ref).mean() * 100
     top = lambda a: set(np.argsort(-a, kind="stable")[:16])
