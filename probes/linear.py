@@ -28,6 +28,7 @@ import inspect
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import lightning as L
 import numpy as np
@@ -42,6 +43,21 @@ CONTROLS = ("control", "shuffled")
 
 
 # --- the batched Newton solver (shared with probes.sparse) ------------------------------------------------------
+@contextmanager
+def one_thread():
+    """Torch ops inside run on one thread (the count is restored after); yields the count from before.
+
+    The solver's many small batched ops gain nothing from a second thread, and on a busy machine every op that
+    splits over threads waits for the slowest (measured: up to 10x slower); it parallelises over probe chunks
+    instead."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(threads)
+
+
 def loss_terms(eta: Tensor, y: Tensor, loss: str) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row loss, gradient w.r.t. eta and curvature for eta (..., N, C) and labels y (..., N).
 
@@ -72,9 +88,14 @@ def newton_stats(x: Tensor, y: Tensor, W: Tensor, loss: str, probes: Tensor | No
 
     On the CPU, probes go in chunks of about ``chunk_bytes`` of activations, each copied once into a (Pc, N, F + 1)
     buffer that stays in cache for all its products; ``torch.get_num_threads()`` workers take chunks one at a time,
-    each computing with one thread. (Splitting every small product over threads instead makes each wait for the
-    slowest thread, which on a busy machine costs up to 10x.) The result does not depend on the thread count.
+    each computing with one thread (see :func:`one_thread`). The result does not depend on the thread count.
     """
+    with one_thread() as threads:
+        return _newton_stats(x, y, W, loss, probes, chunk_bytes, hessian_dtype, threads)
+
+
+def _newton_stats(x: Tensor, y: Tensor, W: Tensor, loss: str, probes: Tensor | None, chunk_bytes: int,
+                  hessian_dtype, threads: int) -> tuple[Tensor, Tensor, Tensor]:
     N, P, Fd = x.shape
     K, C = W.shape[0], W.shape[-1]
     F1, dtype = Fd + 1, W.dtype
@@ -120,7 +141,7 @@ def newton_stats(x: Tensor, y: Tensor, W: Tensor, loss: str, probes: Tensor | No
         hess[:, a0:a1] = h.reshape(Pc, K, F1 * C, F1 * C).transpose(0, 1)
 
     starts = range(0, Pa, step)
-    workers = min(torch.get_num_threads(), len(starts)) if cpu else 1
+    workers = min(threads, len(starts)) if cpu else 1
     if workers <= 1:
         for a0 in starts:
             chunk(a0)
@@ -205,6 +226,10 @@ class NewtonState:
     def update(self, loss_sum: Tensor, grad: Tensor, hess: Tensor, l2: float, n: int, tol: float) -> bool:
         """One Newton step (or a backtrack where the objective rose) for the active probes, from their statistics
         (as newton_stats returns them for ``probes=self.active``); True once every probe has converged."""
+        with one_thread():
+            return self._update(loss_sum, grad, hess, l2, n, tol)
+
+    def _update(self, loss_sum: Tensor, grad: Tensor, hess: Tensor, l2: float, n: int, tol: float) -> bool:
         idx = self.active.to(self.W.device)
         W, W_prev, obj_prev = self.W[:, idx], self.W_prev[:, idx], self.obj_prev[:, idx]
         obj, g = penalised(loss_sum, grad, W, l2)
