@@ -80,7 +80,8 @@ def newton_stats(x: Tensor, y: Tensor, W: Tensor, loss: str, probes: Tensor | No
                  chunk_bytes: int = 1 << 21, hessian_dtype=torch.float32) -> tuple[Tensor, Tensor, Tensor]:
     """Objective terms of one batch at weights W for the probes ``probes`` (indices, default all), summed over rows.
 
-    x (N, P, F) activations, y (N, K) labels of K label sets (task + controls), W (K, P, F + 1, C) with the
+    x (P, N, F) activations, probe-major (contiguous is fastest: chunks are then plain copies; pass a transposed
+    (N, P, F) view otherwise), y (N, K) labels of K label sets (task + controls), W (K, P, F + 1, C) with the
     intercept in the last row. Returns, for the Pa selected probes, loss (K, Pa), gradient (K, Pa, F + 1, C) and
     Hessian (K, Pa, (F + 1) C, (F + 1) C). Loss and gradient are exact in W's dtype; the Hessian (the N F^2 cost)
     is a batched matrix product in ``hessian_dtype``: an inexact Hessian slows only the last digits of Newton's
@@ -96,7 +97,7 @@ def newton_stats(x: Tensor, y: Tensor, W: Tensor, loss: str, probes: Tensor | No
 
 def _newton_stats(x: Tensor, y: Tensor, W: Tensor, loss: str, probes: Tensor | None, chunk_bytes: int,
                   hessian_dtype, threads: int) -> tuple[Tensor, Tensor, Tensor]:
-    N, P, Fd = x.shape
+    P, N, Fd = x.shape
     K, C = W.shape[0], W.shape[-1]
     F1, dtype = Fd + 1, W.dtype
     probes = torch.arange(P, device=W.device) if probes is None else probes.to(W.device)
@@ -105,7 +106,8 @@ def _newton_stats(x: Tensor, y: Tensor, W: Tensor, loss: str, probes: Tensor | N
     grad = W.new_zeros(K, Pa, F1, C)
     hess = W.new_zeros(K, Pa, F1 * C, F1 * C)
     cpu = x.device.type == "cpu"
-    step = max(1, min(Pa, chunk_bytes // max(1, N * F1 * W.element_size()))) if cpu else max(Pa, 1)
+    budget = chunk_bytes if cpu else max(chunk_bytes, 1 << 30)  # an accelerator wants big chunks
+    step = max(1, min(Pa, budget // max(1, N * F1 * W.element_size())))
     yk = y.T.to(dtype)  # (K, N)
     local = threading.local()
 
@@ -118,14 +120,8 @@ def _newton_stats(x: Tensor, y: Tensor, W: Tensor, loss: str, probes: Tensor | N
             local.xs = x.new_empty(step, K, N, F1, dtype=hessian_dtype) if C == 1 else None
         xa, xh = local.xa[:Pc], local.xh[:Pc]  # (Pc, N, F + 1)
         p0, p1 = int(idx[0]), int(idx[-1]) + 1
-        for buf in {id(xa): xa, id(xh): xh}.values():
-            if p1 - p0 == Pc:  # a run of probes: one strided copy
-                buf[..., :Fd].copy_(x[:, p0:p1].transpose(0, 1))
-            elif cpu:
-                for i, p in enumerate(idx.tolist()):
-                    buf[i, :, :Fd].copy_(x[:, p])
-            else:
-                buf[..., :Fd].copy_(x[:, idx].transpose(0, 1))
+        for buf in [xa] if local.xh is local.xa else [xa, xh]:
+            buf[..., :Fd].copy_(x[p0:p1] if p1 - p0 == Pc else x[idx])
         # the products with few columns are written with the K C label-set outputs as rows: (Pc, K C, N)
         Wt = W[:, idx].permute(1, 0, 3, 2).reshape(Pc, K * C, F1)
         eta = torch.bmm(Wt, xa.transpose(1, 2)).view(Pc, K, C, N).transpose(-1, -2)  # (Pc, K, N, C)
@@ -196,8 +192,9 @@ def fit_newton(x: Tensor, y: Tensor, loss: str, n_classes: int = 2, l2: float = 
     x (N, P, F), y (N, K). Returns W (K, P, F + 1, C) and {"steps", "probe_steps" (the probes solved, summed over
     steps), "grad"}."""
     state = NewtonState(y.shape[1], x.shape[1], x.shape[2], n_classes if loss == "softmax" else 1, dtype)
+    xp = x.transpose(0, 1).contiguous()  # (P, N, F): each probe's rows in one block
     for step in range(max_steps):
-        stats = newton_stats(x, y, state.W, loss, probes=state.active)
+        stats = newton_stats(xp, y, state.W, loss, probes=state.active)
         if state.update(*stats, l2=l2, n=len(x), tol=tol):
             break
     return state.W, {"steps": step + 1, "probe_steps": state.probe_steps, "grad": state.grad_max}
@@ -474,10 +471,12 @@ class LinearProbes(SplitEval, L.LightningModule):
         if self.hparams.loss == "logistic":
             self._mass_mean_stats(batch["z"], y[:, 0])
         self._n = self._n + len(x) if batch_idx else len(x)
-        # An epoch of one batch (the whole split in memory) takes every Newton step on it: the data is already here.
+        # An epoch of one batch (the whole split in memory) takes every Newton step on it: the data is already here,
+        # and worth one copy in probe-major order.
         whole = self.trainer.num_training_batches == 1
+        xp = x.transpose(0, 1).contiguous() if whole else x.transpose(0, 1)  # (P, B, F)
         while True:
-            stats = newton_stats(x, y, self.newton.W, self.hparams.loss, probes=self.newton.active)
+            stats = newton_stats(xp, y, self.newton.W, self.hparams.loss, probes=self.newton.active)
             self._acc = stats if self._acc is None else tuple(a + b for a, b in zip(self._acc, stats))
             if not self.trainer.is_last_batch or self._newton_step() or not whole:
                 return

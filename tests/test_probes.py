@@ -79,7 +79,7 @@ def test_newton_stats_match_autograd_whatever_the_threads(loss, C):
         outs = []
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            outs.append(newton_stats(x, y, W, loss, probes=probes, chunk_bytes=1))
+            outs.append(newton_stats(x.transpose(0, 1), y, W, loss, probes=probes, chunk_bytes=1))  # (P, N, D)
     finally:
         torch.set_num_threads(before)
     for a, b in zip(*outs):
@@ -109,14 +109,15 @@ def test_converged_probes_leave_the_solve_and_every_probe_meets_tol():
     strong = x[:, 3, 0].double() / x[:, 3, 0].std()  # head 3 predicts the label well and takes the most steps
     y = (torch.from_numpy(rng.random(N)) < torch.sigmoid(4 * strong)).double()
     y2 = torch.stack([y, torch.from_numpy(rng.integers(0, 2, N).astype(float))], 1)
+    xp = x.transpose(0, 1).contiguous()  # (P, N, D)
     state = NewtonState(2, P, D, 1)
     active = []
     while True:
         active.append(len(state.active))
-        if state.update(*newton_stats(x, y2, state.W, "logistic", probes=state.active), l2=1.0, n=N, tol=1e-8):
+        if state.update(*newton_stats(xp, y2, state.W, "logistic", probes=state.active), l2=1.0, n=N, tol=1e-8):
             break
     assert active[0] == P and active[-1] < P and state.probe_steps == sum(active)  # some probes stopped early
-    loss_sum, grad, _ = newton_stats(x, y2, state.W, "logistic")  # every probe, at its final weights
+    loss_sum, grad, _ = newton_stats(xp, y2, state.W, "logistic")  # every probe, at its final weights
     _, g = penalised(loss_sum, grad, state.W, 1.0)
     assert float(g.abs().amax() / N) < 1e-8
 
