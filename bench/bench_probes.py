@@ -151,7 +151,7 @@ def bench(scale: str, loop_heads: int, lightning: bool, repeats: int, blas_threa
           f"{agreement(acc_loop, acc_tight)}")
     direct = np.median(times["direct"])
     print(f"  headprobe fit_newton (no Lightning):     {median(times['direct'])}  {loop / direct:5.1f}x faster than "
-          f"the loop; {info['steps']} Newton steps, {info['probe_steps'] / P:.1f} x all heads solved; vs tight: "
+          f"the loop; {info['steps']} Newton steps, Hessians for {info['hessians'] / P:.1f} x all heads; vs tight: "
           f"{agreement(acc_new[heads], acc_tight)}")
     if lightning:
         print(f"  headprobe LinearProbes via Lightning:    {median(times['lightning'])}  "

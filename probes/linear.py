@@ -14,7 +14,8 @@ current weights, and the last batch of the epoch solves for the step. A probe wh
 back towards its previous weights instead (a backtracking line search spread over epochs), so streaming data needs
 no second pass. The whole split in one batch (``batch_size=0``, in memory): the epoch takes every Newton step on
 that batch, so training is one epoch. A probe is done once its gradient is below ``tol`` (mean-loss scale); later
-steps compute only the probes not yet done. Typically 5-7 steps, with most probes done after 3-4.
+steps compute only the probes not yet done, and a probe already near its optimum reuses its last Hessian. Typically
+5-7 steps, with most probes done after 3-4.
 
 Controls (Hewitt & Liang 2019) are extra probes on the same activations with other labels, solved in the same
 batch: ``control`` gives every word type (the token at the row, or the example group) a random label drawn from
@@ -77,34 +78,36 @@ def loss_terms(eta: Tensor, y: Tensor, loss: str) -> tuple[Tensor, Tensor, Tenso
 
 
 def newton_stats(x: Tensor, y: Tensor, W: Tensor, loss: str, probes: Tensor | None = None,
-                 chunk_bytes: int = 1 << 21, hessian_dtype=torch.float32) -> tuple[Tensor, Tensor, Tensor]:
+                 n_hessian: int | None = None, chunk_bytes: int = 1 << 21, hessian_dtype=torch.float32
+                 ) -> tuple[Tensor, Tensor, Tensor]:
     """Objective terms of one batch at weights W for the probes ``probes`` (indices, default all), summed over rows.
 
     x (P, N, F) activations, probe-major (contiguous is fastest: chunks are then plain copies; pass a transposed
     (N, P, F) view otherwise), y (N, K) labels of K label sets (task + controls), W (K, P, F + 1, C) with the
     intercept in the last row. Returns, for the Pa selected probes, loss (K, Pa), gradient (K, Pa, F + 1, C) and
-    Hessian (K, Pa, (F + 1) C, (F + 1) C). Loss and gradient are exact in W's dtype; the Hessian (the N F^2 cost)
-    is a batched matrix product in ``hessian_dtype``: an inexact Hessian slows only the last digits of Newton's
-    convergence, not where it converges.
+    the Hessian of the first ``n_hessian`` of them (default all), (K, n_hessian, (F + 1) C, (F + 1) C). Loss and
+    gradient are exact in W's dtype; the Hessian (the N F^2 cost) is a batched matrix product in
+    ``hessian_dtype``: an inexact Hessian slows only the last digits of Newton's convergence, not where it converges.
 
-    On the CPU, probes go in chunks of about ``chunk_bytes`` of activations, each copied once into a (Pc, N, F + 1)
-    buffer that stays in cache for all its products; ``torch.get_num_threads()`` workers take chunks one at a time,
+    On the CPU, probes go in chunks of about ``chunk_bytes`` of activations, each copied into (Pc, N, F + 1)
+    buffers that stay in cache for all their products; ``torch.get_num_threads()`` workers take chunks one at a time,
     each computing with one thread (see :func:`one_thread`). The result does not depend on the thread count.
     """
     with one_thread() as threads:
-        return _newton_stats(x, y, W, loss, probes, chunk_bytes, hessian_dtype, threads)
+        return _newton_stats(x, y, W, loss, probes, n_hessian, chunk_bytes, hessian_dtype, threads)
 
 
-def _newton_stats(x: Tensor, y: Tensor, W: Tensor, loss: str, probes: Tensor | None, chunk_bytes: int,
-                  hessian_dtype, threads: int) -> tuple[Tensor, Tensor, Tensor]:
+def _newton_stats(x: Tensor, y: Tensor, W: Tensor, loss: str, probes: Tensor | None, n_hessian: int | None,
+                  chunk_bytes: int, hessian_dtype, threads: int) -> tuple[Tensor, Tensor, Tensor]:
     P, N, Fd = x.shape
     K, C = W.shape[0], W.shape[-1]
     F1, dtype = Fd + 1, W.dtype
     probes = torch.arange(P, device=W.device) if probes is None else probes.to(W.device)
     Pa = len(probes)
+    nh = Pa if n_hessian is None else n_hessian
     loss_sum = W.new_zeros(K, Pa)
     grad = W.new_zeros(K, Pa, F1, C)
-    hess = W.new_zeros(K, Pa, F1 * C, F1 * C)
+    hess = W.new_zeros(K, nh, F1 * C, F1 * C)
     cpu = x.device.type == "cpu"
     budget = chunk_bytes if cpu else max(chunk_bytes, 1 << 30)  # an accelerator wants big chunks
     step = max(1, min(Pa, budget // max(1, N * F1 * W.element_size())))
@@ -120,7 +123,8 @@ def _newton_stats(x: Tensor, y: Tensor, W: Tensor, loss: str, probes: Tensor | N
             local.xs = x.new_empty(step, K, N, F1, dtype=hessian_dtype) if C == 1 else None
         xa, xh = local.xa[:Pc], local.xh[:Pc]  # (Pc, N, F + 1)
         p0, p1 = int(idx[0]), int(idx[-1]) + 1
-        for buf in [xa] if local.xh is local.xa else [xa, xh]:
+        m = min(a1, nh) - a0  # probes of this chunk that want a Hessian
+        for buf in [xa] if local.xh is local.xa or m <= 0 else [xa, xh]:
             buf[..., :Fd].copy_(x[p0:p1] if p1 - p0 == Pc else x[idx])
         # the products with few columns are written with the K C label-set outputs as rows: (Pc, K C, N)
         Wt = W[:, idx].permute(1, 0, 3, 2).reshape(Pc, K * C, F1)
@@ -129,12 +133,15 @@ def _newton_stats(x: Tensor, y: Tensor, W: Tensor, loss: str, probes: Tensor | N
         loss_sum[:, a0:a1] = l_.sum(-1).T
         g = torch.bmm(r.transpose(-1, -2).reshape(Pc, K * C, N), xa)  # (Pc, K C, F + 1)
         grad[:, a0:a1] = g.view(Pc, K, C, F1).permute(1, 0, 3, 2)
+        if m <= 0:
+            return
+        xh, A = xh[:m], A[:m]
         if C == 1:
-            xs = torch.mul(xh[:, None], A[..., 0].to(hessian_dtype), out=local.xs[:Pc])  # (Pc, K, N, F + 1)
-            h = xs.transpose(-1, -2) @ xh[:, None]  # (Pc, K, F + 1, F + 1)
+            xs = torch.mul(xh[:, None], A[..., 0].to(hessian_dtype), out=local.xs[:m])  # (m, K, N, F + 1)
+            h = xs.transpose(-1, -2) @ xh[:, None]  # (m, K, F + 1, F + 1)
         else:
             h = torch.einsum("pnf,pknce,png->pkfcge", xh, A.to(hessian_dtype), xh)
-        hess[:, a0:a1] = h.reshape(Pc, K, F1 * C, F1 * C).transpose(0, 1)
+        hess[:, a0:a0 + m] = h.reshape(m, K, F1 * C, F1 * C).transpose(0, 1)
 
     starts = range(0, Pa, step)
     workers = min(threads, len(starts)) if cpu else 1
@@ -174,15 +181,19 @@ def penalised_hessian(hess: Tensor, F1: int, C: int, l2: float) -> Tensor:
     return hess + torch.diag_embed(diag.reshape(-1))
 
 
-def newton_direction(g: Tensor, H: Tensor) -> Tensor:
-    """Solve H d = g per probe (Cholesky; LU where a Hessian is numerically indefinite). g (K, P, F1, C)."""
-    rhs = g.reshape(*g.shape[:2], -1, 1)
+def cholesky_factor(H: Tensor) -> Tensor:
+    """Cholesky factors of Hessians H (..., M, M); one that float32 rounding left numerically indefinite gets a
+    ridge (relative 1e-10, then 100x more) until it factors."""
     L_, info = torch.linalg.cholesky_ex(H)
-    d = torch.cholesky_solve(rhs, L_)
-    bad = info != 0
-    if bad.any():
-        d[bad] = torch.linalg.solve(H[bad], rhs[bad])
-    return d.reshape(g.shape)
+    ridge = 1e-10
+    while bool((info != 0).any()):
+        bad = info != 0
+        Hb = H[bad]
+        scale = ridge * Hb.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp_min(1)
+        L_[bad], info[bad] = torch.linalg.cholesky_ex(Hb + scale[:, None, None] * torch.eye(H.shape[-1], dtype=H.dtype,
+                                                                                           device=H.device))
+        ridge *= 100
+    return L_
 
 
 def fit_newton(x: Tensor, y: Tensor, loss: str, n_classes: int = 2, l2: float = 1.0, tol: float = 1e-8,
@@ -190,14 +201,15 @@ def fit_newton(x: Tensor, y: Tensor, loss: str, n_classes: int = 2, l2: float = 
     """Fit all probes on in-memory data without Lightning (used by k-sparse probing and benchmarks).
 
     x (N, P, F), y (N, K). Returns W (K, P, F + 1, C) and {"steps", "probe_steps" (the probes solved, summed over
-    steps), "grad"}."""
+    steps), "hessians" (the probes' Hessians computed), "grad"}."""
     state = NewtonState(y.shape[1], x.shape[1], x.shape[2], n_classes if loss == "softmax" else 1, dtype)
     xp = x.transpose(0, 1).contiguous()  # (P, N, F): each probe's rows in one block
     for step in range(max_steps):
-        stats = newton_stats(xp, y, state.W, loss, probes=state.active)
+        stats = newton_stats(xp, y, state.W, loss, probes=state.active, n_hessian=state.n_hessian)
         if state.update(*stats, l2=l2, n=len(x), tol=tol):
             break
-    return state.W, {"steps": step + 1, "probe_steps": state.probe_steps, "grad": state.grad_max}
+    return state.W, {"steps": step + 1, "probe_steps": state.probe_steps, "hessians": state.hessians,
+                     "grad": state.grad_max}
 
 
 class NewtonState:
@@ -206,15 +218,21 @@ class NewtonState:
 
     A probe leaves the active set once the gradient of every label set is below ``tol`` at accepted weights; its
     weights then stay, and later steps compute statistics only for the active probes (a few stragglers take the
-    last steps). A probe whose objective rose is halved back towards its last accepted weights instead."""
+    last steps). A probe whose objective rose is halved back towards its last accepted weights instead. A probe
+    whose gradient is already below ``chord_below`` (Newton's quadratic phase: its next step mostly confirms
+    convergence) reuses its last Hessian's Cholesky factor instead of computing a new Hessian (a chord step).
+    ``active`` lists the probes that want a new Hessian first: statistics come for ``active`` with Hessians for
+    its first ``n_hessian``."""
 
-    def __init__(self, K: int, P: int, Fd: int, C: int, dtype=torch.float64):
+    def __init__(self, K: int, P: int, Fd: int, C: int, dtype=torch.float64, chord_below: float = 1e-5):
         self.W = torch.zeros(K, P, Fd + 1, C, dtype=dtype)
         self.W_prev = torch.zeros_like(self.W)
         self.obj_prev = torch.full((K, P), math.inf, dtype=dtype)
         self.grad = torch.full((K, P), math.inf, dtype=dtype)  # max |gradient of the mean loss| at accepted weights
-        self.active = torch.arange(P)
-        self.steps = self.probe_steps = 0
+        self.factor: Tensor | None = None  # (K, P, (F + 1) C, (F + 1) C): Cholesky factor of each probe's last Hessian
+        self.active, self.n_hessian = torch.arange(P), P
+        self.chord_below = chord_below
+        self.steps = self.probe_steps = self.hessians = 0
 
     @property
     def grad_max(self) -> float:
@@ -222,47 +240,57 @@ class NewtonState:
 
     def update(self, loss_sum: Tensor, grad: Tensor, hess: Tensor, l2: float, n: int, tol: float) -> bool:
         """One Newton step (or a backtrack where the objective rose) for the active probes, from their statistics
-        (as newton_stats returns them for ``probes=self.active``); True once every probe has converged."""
+        (as newton_stats returns them for ``probes=self.active, n_hessian=self.n_hessian``); True once every probe
+        has converged."""
         with one_thread():
             return self._update(loss_sum, grad, hess, l2, n, tol)
 
     def _update(self, loss_sum: Tensor, grad: Tensor, hess: Tensor, l2: float, n: int, tol: float) -> bool:
-        idx = self.active.to(self.W.device)
+        idx, nh = self.active.to(self.W.device), self.n_hessian
         W, W_prev, obj_prev = self.W[:, idx], self.W_prev[:, idx], self.obj_prev[:, idx]
         obj, g = penalised(loss_sum, grad, W, l2)
         worse = obj > obj_prev + 1e-12 * obj_prev.abs().clamp_min(1)  # (K, Pa)
         gmax = g.abs().amax((-1, -2)) / n
         self.grad[:, idx] = torch.where(worse, self.grad[:, idx], gmax)
+        if nh:
+            if self.factor is None:
+                self.factor = hess.new_zeros(hess.shape[0], self.W.shape[1], *hess.shape[2:])
+            H = penalised_hessian(hess[:, :nh], W.shape[2], W.shape[3], l2)  # newton_stats may give more
+            self.factor[:, idx[:nh]] = cholesky_factor(H)
         self.steps += 1
         self.probe_steps += len(idx)
+        self.hessians += nh
         move = ~((gmax < tol) & ~worse).all(0)  # (Pa,) probes with a label set not yet converged
         if not move.any():
-            self.active = self.active[:0]
+            self.active, self.n_hessian = self.active[:0], 0
             return True
         W, W_prev, obj_prev, obj, worse, g = (t[:, move] for t in (W, W_prev, obj_prev, obj, worse, g))
-        H = penalised_hessian(hess[:, move], W.shape[2], W.shape[3], l2)
-        d = newton_direction(g, H)
+        moving = idx[move]
+        d = torch.cholesky_solve(g.reshape(*g.shape[:2], -1, 1), self.factor[:, moving]).reshape(g.shape)
         back = W_prev + 0.5 * (W - W_prev)
         keep = worse[..., None, None]
-        moving = idx[move]
         self.W[:, moving] = torch.where(keep, back, W - d)
         self.W_prev[:, moving] = torch.where(keep, W_prev, W)
         self.obj_prev[:, moving] = torch.where(worse, obj_prev, obj)
-        self.active = self.active[move.to(self.active.device)]
+        active = self.active[move.to(self.active.device)]
+        near = (self.grad[:, active.to(self.W.device)].amax(0) < self.chord_below).to(active.device)
+        self.active, self.n_hessian = torch.cat([active[~near], active[near]]), int((~near).sum())
         return False
 
     def to(self, device) -> None:
         self.W, self.W_prev, self.obj_prev, self.grad = (t.to(device) for t in (self.W, self.W_prev, self.obj_prev,
                                                                                  self.grad))
+        self.factor = None if self.factor is None else self.factor.to(device)
 
     def state_dict(self) -> dict:
         return {"W": self.W, "W_prev": self.W_prev, "obj_prev": self.obj_prev, "grad": self.grad,
-                "active": self.active, "counters": torch.tensor([self.steps, self.probe_steps])}
+                "factor": self.factor, "active": self.active,
+                "counters": torch.tensor([self.steps, self.probe_steps, self.hessians, self.n_hessian])}
 
     def load_state_dict(self, state: dict) -> None:
         self.W, self.W_prev, self.obj_prev, self.grad = state["W"], state["W_prev"], state["obj_prev"], state["grad"]
-        self.active = state["active"]
-        self.steps, self.probe_steps = (int(v) for v in state["counters"])
+        self.factor, self.active = state["factor"], state["active"]
+        self.steps, self.probe_steps, self.hessians, self.n_hessian = (int(v) for v in state["counters"])
 
 
 def init_hparams(module) -> dict:
@@ -476,7 +504,8 @@ class LinearProbes(SplitEval, L.LightningModule):
         whole = self.trainer.num_training_batches == 1
         xp = x.transpose(0, 1).contiguous() if whole else x.transpose(0, 1)  # (P, B, F)
         while True:
-            stats = newton_stats(xp, y, self.newton.W, self.hparams.loss, probes=self.newton.active)
+            stats = newton_stats(xp, y, self.newton.W, self.hparams.loss, probes=self.newton.active,
+                                 n_hessian=self.newton.n_hessian)
             self._acc = stats if self._acc is None else tuple(a + b for a, b in zip(self._acc, stats))
             if not self.trainer.is_last_batch or self._newton_step() or not whole:
                 return

@@ -102,7 +102,7 @@ def test_newton_stats_match_autograd_whatever_the_threads(loss, C):
             torch.testing.assert_close(hess[k, j], hw, rtol=1e-5, atol=1e-5 * float(hw.abs().max()))
 
 
-def test_converged_probes_leave_the_solve_and_every_probe_meets_tol():
+def test_converged_probes_leave_the_solve_chord_steps_and_every_probe_meets_tol():
     rng = np.random.default_rng(2)
     N, P, D = 400, 12, 5
     x = torch.from_numpy(rng.normal(size=(N, P, D)) * np.logspace(-2, 0.5, P)[None, :, None]).float()
@@ -114,9 +114,11 @@ def test_converged_probes_leave_the_solve_and_every_probe_meets_tol():
     active = []
     while True:
         active.append(len(state.active))
-        if state.update(*newton_stats(xp, y2, state.W, "logistic", probes=state.active), l2=1.0, n=N, tol=1e-8):
+        stats = newton_stats(xp, y2, state.W, "logistic", probes=state.active, n_hessian=state.n_hessian)
+        if state.update(*stats, l2=1.0, n=N, tol=1e-8):
             break
     assert active[0] == P and active[-1] < P and state.probe_steps == sum(active)  # some probes stopped early
+    assert state.hessians < state.probe_steps  # and near-converged ones reused their last Hessian
     loss_sum, grad, _ = newton_stats(xp, y2, state.W, "logistic")  # every probe, at its final weights
     _, g = penalised(loss_sum, grad, state.W, 1.0)
     assert float(g.abs().amax() / N) < 1e-8
