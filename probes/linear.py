@@ -154,15 +154,19 @@ def _newton_stats(x: Tensor, y: Tensor, W: Tensor, loss: str, probes: Tensor | N
     return loss_sum, grad, hess
 
 
-def probe_logits(x: Tensor, W: Tensor, chunk_bytes: int = 1 << 24) -> Tensor:
+def probe_logits(x: Tensor, W: Tensor, chunk_bytes: int = 1 << 22) -> Tensor:
     """Logits (N, K, P, C) of activations x (N, P, F) under weights W (K, P, F + 1, C), in W's dtype; x is
     converted a chunk of probes at a time."""
     N, P, Fd = x.shape
-    out = W.new_empty(N, W.shape[0], P, W.shape[-1])
+    K, C = W.shape[0], W.shape[-1]
+    out = W.new_empty(N, K, P, C)
     step = max(1, chunk_bytes // max(1, N * Fd * W.element_size()))
     for p0 in range(0, P, step):
-        xc, Wc = x[:, p0:p0 + step].to(W.dtype), W[:, p0:p0 + step]
-        out[:, :, p0:p0 + step] = torch.einsum("npf,kpfc->nkpc", xc, Wc[:, :, :-1]) + Wc[:, :, -1]
+        p1 = min(P, p0 + step)
+        xc, Wc = x[:, p0:p1].transpose(0, 1).to(W.dtype), W[:, p0:p1]  # (Pc, N, F), (K, Pc, F + 1, C)
+        Wt = Wc[:, :, :-1].permute(1, 0, 3, 2).reshape(p1 - p0, K * C, Fd)  # outputs as rows, as in newton_stats
+        eta = torch.bmm(Wt, xc.transpose(1, 2)).view(p1 - p0, K, C, N)  # (Pc, K, C, N)
+        out[:, :, p0:p1] = eta.permute(3, 1, 0, 2) + Wc[:, :, -1]
     return out
 
 
