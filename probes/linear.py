@@ -187,16 +187,18 @@ def penalised_hessian(hess: Tensor, F1: int, C: int, l2: float) -> Tensor:
 
 def cholesky_factor(H: Tensor) -> Tensor:
     """Cholesky factors of Hessians H (..., M, M); one that float32 rounding left numerically indefinite gets a
-    ridge (relative 1e-10, then 100x more) until it factors."""
+    ridge (relative 1e-10, then 100x more, up to 1e-2) until it factors."""
+    if not bool(torch.isfinite(H).all()):
+        raise ValueError("the probe Hessians hold NaN or inf: check the activations (e.g. fp16 overflow in the store)")
     L_, info = torch.linalg.cholesky_ex(H)
-    ridge = 1e-10
-    while bool((info != 0).any()):
+    eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
+    for ridge in (1e-10, 1e-8, 1e-6, 1e-4, 1e-2):
         bad = info != 0
+        if not bool(bad.any()):
+            break
         Hb = H[bad]
         scale = ridge * Hb.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp_min(1)
-        L_[bad], info[bad] = torch.linalg.cholesky_ex(Hb + scale[:, None, None] * torch.eye(H.shape[-1], dtype=H.dtype,
-                                                                                           device=H.device))
-        ridge *= 100
+        L_[bad], info[bad] = torch.linalg.cholesky_ex(Hb + scale[:, None, None] * eye)
     return L_
 
 

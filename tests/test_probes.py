@@ -124,6 +124,13 @@ def test_converged_probes_leave_the_solve_chord_steps_and_every_probe_meets_tol(
     assert float(g.abs().amax() / N) < 1e-8
 
 
+def test_non_finite_activations_are_refused_with_a_message():
+    x = torch.randn(50, 2, 3)
+    x[7, 1, 2] = float("inf")
+    with pytest.raises(ValueError, match="NaN or inf: check the activations"):
+        fit_newton(x, torch.randint(0, 2, (50, 1)).double(), "logistic")
+
+
 def test_whole_split_in_one_epoch_equals_streamed_newton_epochs(tmp_path):
     z, y, split = planted()
     path = write_store(tmp_path / "planted.h5", z, y, split)
