@@ -131,4 +131,6 @@ def rank_agreement(a: np.ndarray, b: np.ndarray) -> float:
 
     a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
     ok = np.isfinite(a) & np.isfinite(b)
+    if ok.sum() < 3 or np.ptp(a[ok]) == 0 or np.ptp(b[ok]) == 0:
+        return float("nan")  # undefined for a constant map (e.g. a sparse probe that kept no head of these)
     return float(spearmanr(a[ok], b[ok]).statistic)

@@ -1,8 +1,8 @@
 """Sparse probes over all heads at once: L1, elastic net and group lasso (one group per head), and k-sparse probing.
 
 :class:`SparseProbe` is one linear probe on the concatenated z of every stored (layer, head), on standardised
-features, with the penalty applied by proximal gradient steps (FISTA on full batches), so dropped weights and
-heads are exactly zero::
+features, with the penalty applied by proximal gradient steps (FISTA on full batches, float32, with the adaptive
+momentum restart of O'Donoghue & Candes), so dropped weights and heads are exactly zero::
 
     mean_n loss(x_n . w + b, y_n) + alpha * penalty(w)
     l1:           ||w||_1
@@ -79,7 +79,7 @@ class SparseProbe(SplitEval, L.LightningModule):
         for name, value in {"W": torch.zeros(*shape, C), "b": torch.zeros(C), "V": torch.zeros(*shape, C),
                             "Vb": torch.zeros(C), "t": torch.ones(()), "step_size": torch.tensor(float(hp.lr)),
                             "mean": torch.zeros(shape), "std": torch.ones(shape)}.items():
-            self.register_buffer(name, value.double())
+            self.register_buffer(name, value.float())
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule
@@ -97,10 +97,11 @@ class SparseProbe(SplitEval, L.LightningModule):
 
     # --- forward ------------------------------------------------------------------------------------------------
     def _std(self, z: Tensor) -> Tensor:
-        return (z.double() - self.mean) / self.std
+        return (z.float() - self.mean) / self.std
 
     def _eta(self, x: Tensor, W: Tensor, b: Tensor) -> Tensor:
-        return torch.einsum("nlhd,lhdc->nc", x, W) + b
+        """(N, L, H, D) x (L, H, D, C) -> (N, C): one matmul over the flattened heads (einsum copies x: ~8x slower)."""
+        return x.flatten(1) @ W.flatten(0, 2) + b
 
     def forward(self, z: Tensor) -> Tensor:
         """Logits (B, C) for activations z (B, L, H, D)."""
@@ -108,8 +109,9 @@ class SparseProbe(SplitEval, L.LightningModule):
 
     # --- training -----------------------------------------------------------------------------------------------
     def _grad(self, x: Tensor, y: Tensor, W: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-        _, r, _ = loss_terms(self._eta(x, W, b), y.double(), self.hparams.loss)  # r (B, C)
-        return torch.einsum("nlhd,nc->lhdc", x, r) / len(x), r.mean(0)
+        eta = self._eta(x, W, b)
+        _, r, _ = loss_terms(eta, y.to(eta.dtype), self.hparams.loss)  # r (B, C)
+        return (r.T @ x.flatten(1)).T.reshape(W.shape) / len(x), r.mean(0)
 
     def _lipschitz(self, x: Tensor) -> float:
         """Largest eigenvalue of [x, 1]^T [x, 1] / B (power iteration) times the loss's curvature bound."""
@@ -138,6 +140,9 @@ class SparseProbe(SplitEval, L.LightningModule):
                 gW, gb = (g / self.trainer.world_size for g in self._sum_over_ranks((gW, gb)))
             W_new = prox(point_W - lr * gW, hp.penalty, lr * hp.alpha, hp.l1_ratio)
             b_new = point_b - lr * gb
+            if hp.momentum and float(((point_W - W_new) * (W_new - self.W)).sum()
+                                     + ((point_b - b_new) * (b_new - self.b)).sum()) > 0:
+                self.t.fill_(1.0)  # adaptive restart: momentum points uphill, drop it (O'Donoghue & Candes 2015)
             if hp.momentum:
                 t_new = (1 + math.sqrt(1 + 4 * float(self.t) ** 2)) / 2
                 beta = (float(self.t) - 1) / t_new
@@ -198,8 +203,8 @@ class SparseProbe(SplitEval, L.LightningModule):
     @classmethod
     def from_checkpoint(cls, config: CheckpointConfig, tensors: dict[str, Tensor]) -> "SparseProbe":
         module = cls(**config.hparams)
-        module.W.copy_(tensors["weight"].double())
-        module.b.copy_(tensors["bias"].double())
+        module.W.copy_(tensors["weight"])
+        module.b.copy_(tensors["bias"])
         module.layers, module.heads = list(config.layers), config.heads
         return module.eval()
 
