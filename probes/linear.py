@@ -485,6 +485,14 @@ class LinearProbes(SplitEval, L.LightningModule):
         out = self._logits_all(z)[:, 0]
         return out.reshape(len(z), hp.n_layers, hp.n_groups, -1)
 
+    @torch.no_grad()
+    def predict(self, z: Tensor) -> Tensor:
+        """Every probe's prediction (B, L, G) for activations z (B, L, H, D): class ids, or values for ridge."""
+        out = self(z)
+        if self.hparams.loss == "ridge":
+            return out[..., 0]
+        return (out[..., 0] > 0).long() if out.shape[-1] == 1 else out.argmax(-1)
+
     def _labels(self, batch: dict) -> Tensor:
         return self.row_labels[:, batch["row"].cpu()].T.to(batch["z"].device)  # (B, K)
 

@@ -156,6 +156,10 @@ def test_group_lasso_and_per_head_probes_rank_the_planted_heads_first(tmp_path):
     assert acc.ravel()[sorted(chosen)].min() > 0.85
     control = probes.tables["val"]["acc"][1]
     assert (acc - control).ravel()[sorted(chosen)].min() > 0.2  # selectivity of the planted heads
+    val = split == 1
+    predicted = probes.predict(torch.from_numpy(z[val]).float())  # (N, L, H) class ids of every head's probe
+    np.testing.assert_allclose((predicted == torch.from_numpy(y[val])[:, None, None]).double().mean(0).numpy(), acc,
+                               atol=1e-9)
 
     sparse = SparseProbe(penalty="group_lasso", alpha=0.05, inner_steps=100)
     fit(sparse, path, epochs=10)
