@@ -108,9 +108,10 @@ def head_type_section(scores: dict[str, np.ndarray], evidence: list[Evidence], s
     for ev in evidence:
         rows = ev.layers
         rhos = [rank_agreement(ev.score, scores[t][rows]) for t in ("previous_token", "duplicate_token", "induction")]
-        shared = top_overlap(ev.score, scores["induction"][rows], TOP_SHARED)
+        few = np.size(ev.score) < 4 * TOP_SHARED  # e.g. an SAE on one layer: its top 8 of 9 heads would be trivial
+        shared = "-" if few else f"{top_overlap(ev.score, scores['induction'][rows], TOP_SHARED)}/{TOP_SHARED}"
         out.append(f"| {ev.task}/{ev.source} | {ev.stage} | " + " | ".join(f"{r:.2f}" for r in rhos)
-                   + f" | {shared}/{TOP_SHARED} |")
+                   + f" | {shared} |")
     return "\n".join(out + [""])
 
 
