@@ -18,3 +18,11 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     assert len(heads) == 5, printed
     assert all(float(acc) >= 0.9 for _, _, acc in heads), printed  # capitals is decodable from its best heads
     assert (tmp_path / "capitals.h5").is_file()
+
+
+def test_readme_images_and_links_exist():
+    text = README.read_text()
+    targets = re.findall(r"\]\(((?:docs|bench|checkpoints|datasets)/[^)\s#]+)\)", text)
+    assert "docs/default-run/img/stage_map.png" in targets
+    missing = [t for t in targets if not (README.parent / t).exists()]
+    assert not missing, f"README points at missing files: {missing}"
