@@ -58,7 +58,7 @@ class Steps:
     def __init__(self, out: Path):
         self.folder = out / ".steps"
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.summary: list[tuple[str, str, float]] = []
+        self.summary: list[tuple[str, str, float]] = []  # (step, "ran" | "cached", seconds it took when it ran)
 
     def __call__(self, name: str, key: dict, fn: Callable[[], dict | None]) -> dict:
         digest = self.digest(key)
@@ -66,7 +66,7 @@ class Steps:
         if marker.exists():
             saved = json.loads(marker.read_text())
             if saved.get("key") == digest:
-                self.summary.append((name, "cached", 0.0))
+                self.summary.append((name, "cached", float(saved.get("seconds", 0.0))))
                 return saved.get("result") or {}
         t0 = time.perf_counter()
         result = fn() or {}
@@ -92,10 +92,13 @@ class Steps:
         return [n for n, _, _ in self.summary]
 
     def table(self) -> str:
+        """Each step's status in this run and the seconds it took when it ran (for a cached step: in an earlier run)."""
         width = max(len(n) for n, _, _ in self.summary) + 2
         lines = [f"{'step':<{width}}{'status':<8}{'seconds':>9}"]
         lines += [f"{n:<{width}}{s:<8}{t:>9.1f}" for n, s, t in self.summary]
-        return "\n".join(lines + [f"{'total':<{width}}{'':<8}{sum(t for _, _, t in self.summary):>9.1f}"])
+        ran = sum(t for _, s, t in self.summary if s == "ran")
+        return "\n".join(lines + [f"{'total':<{width}}{'':<8}{sum(t for _, _, t in self.summary):>9.1f}",
+                                  f"{'this run':<{width}}{'':<8}{ran:>9.1f}"])
 
 
 def versions() -> dict[str, str]:
@@ -259,17 +262,19 @@ def _copy(src: Path, folder: Path, name: str) -> str:
 
 
 def _probe_table(p: Pipeline) -> str:
-    rows = ["| task | stage | rows | best head (val acc) | mean val acc | max selectivity | heads kept by group lasso |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| task | stage | rows | best head (val acc) | mean val acc | max selectivity (control task / shuffled "
+            "labels) | heads kept by group lasso |", "|---|---|---|---|---|---|---|"]
     for t in p.tasks:
         heads = json.loads((p.run_dir("linear", t.name) / "heads.json").read_text())["heads"]
         best = max(heads, key=lambda h: h.get("val/acc", 0))
-        sel = max(h.get("val/selectivity_control", float("nan")) for h in heads)
+        sel = [max(h.get(f"val/selectivity_{c}", float("nan")) for h in heads) for c in ("control", "shuffled")]
+        # read at one token type (e.g. always the prompt's last word), the control task has one label: no baseline
+        control = "n/a" if min(h.get("val/acc_control", 0) for h in heads) > 0.999 else f"{sel[0]:.3f}"
         sparse = json.loads((p.run_dir("sparse", t.name) / "checkpoint" / "metrics.json").read_text())
-        kept = sparse.get("heads_selected", sparse.get("val/heads_selected", "-"))
+        kept = sparse.get("heads_selected", sparse.get("val/heads_selected", float("nan")))
+        mean = sum(h["val/acc"] for h in heads) / len(heads)
         rows.append(f"| {t.name} | {t.stage} | {_rows(p.store(t.name))} | L{best['layer']}.H{best['head']} "
-                    f"({best['val/acc']:.3f}) | {sum(h['val/acc'] for h in heads) / len(heads):.3f} | {sel:.3f} | "
-                    f"{kept} |")
+                    f"({best['val/acc']:.3f}) | {mean:.3f} | {control} / {sel[1]:.3f} | {kept:.0f} |")
     return "\n".join(rows)
 
 
