@@ -4,8 +4,6 @@ and the ablation check. Prints the induction heads, the Spearman rho between the
 and the induction scores, and the ablation results; everything lands in ``--out``.
 
     python bench/bench_attribution.py --out runs/attribution-bench --tasks capitals,repeat_tokens
-
-The group-lasso probe runs only on ``--sparse-tasks`` (on an all-token task such as repeat_tokens it is slow on CPU).
 """
 from __future__ import annotations
 
@@ -43,7 +41,6 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("runs/attribution-bench"))
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--tasks", default="capitals,repeat_tokens")
-    p.add_argument("--sparse-tasks", default="capitals")
     p.add_argument("--copy-task", default="repeat_tokens")
     p.add_argument("--max-examples", type=int, default=400)
     p.add_argument("--ablate", type=int, default=8)
@@ -72,10 +69,9 @@ def main() -> None:
         probes = fit(LinearProbes(controls=["shuffled"]), store, epochs=30)
         save_checkpoint(args.out / "ckpt" / f"linear-{name}", probes.checkpoint_tensors(), probes.checkpoint_config(),
                         probes.checkpoint_metrics())
-        if name in args.sparse_tasks.split(","):
-            sparse = fit(SparseProbe(penalty="group_lasso", alpha=0.05, inner_steps=100), store, epochs=10)
-            save_checkpoint(args.out / "ckpt" / f"sparse-{name}", sparse.checkpoint_tensors(),
-                            sparse.checkpoint_config(), sparse.checkpoint_metrics())
+        sparse = fit(SparseProbe(penalty="group_lasso", alpha=0.05, inner_steps=100), store, epochs=10)
+        save_checkpoint(args.out / "ckpt" / f"sparse-{name}", sparse.checkpoint_tensors(), sparse.checkpoint_config(),
+                        sparse.checkpoint_metrics())
         acc, control = probes.tables["val"]["acc"][0], probes.tables["val"]["acc"][1]
         rows[name] = {"extract_s": t1 - t0, "probe_s": time.perf_counter() - t1, "acc": acc, "sel": acc - control}
         print(f"{name}: extracted in {t1 - t0:.0f} s, probes in {rows[name]['probe_s']:.0f} s; best head val acc "

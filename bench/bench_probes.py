@@ -132,7 +132,7 @@ def bench(scale: str, loop_heads: int, lightning: bool, repeats: int, blas_threa
     with tempfile.TemporaryDirectory() as tmp:
         path = None
         if lightning:
-            from train.data import write_array_store
+            from extract.store import write_array_store
 
             path = write_array_store(Path(tmp) / "bench.h5", z, y, split, dtype="float16")
         times = {"loop": [], "direct": [], "lightning": [], "read": []}

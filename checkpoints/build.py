@@ -3,7 +3,7 @@ and gets a linear and a sparse probe; the corpus task's layer-15 outputs get a T
 checkpoint is re-saved into ``checkpoints/<release>/<name>/`` with the exact commands that reproduce it, and
 recorded with its sha256s and metrics in ``checkpoints/registry.json``.
 
-    python checkpoints/build.py              # everything (measured: ~8 min per task on 2 heavily shared CPU cores)
+    python checkpoints/build.py              # everything
     python checkpoints/build.py --only capitals-linear,corpus-l15-topk --work /tmp/headprobe-build --hub /tmp/hub
 
 The recorded commands run in the work folder (stores in ``data/``, runs in ``runs/``).
@@ -22,9 +22,6 @@ import torch
 HERE = Path(__file__).resolve().parent
 RELEASE = "v1"
 SAE_LAYER, SAE_EXAMPLES, SAE_TOKENS = 15, 500, 300_000
-# per-job extra `headprobe train` arguments: repeat_tokens stores every position (~6k rows), where 20 group-lasso
-# epochs took over 50 minutes on the shared 2-core build machine
-TRAIN_EXTRA = {"repeat_tokens-sparse": ["--trainer.max_epochs", "4"]}
 
 
 @dataclass
@@ -43,8 +40,8 @@ def jobs() -> list[Job]:
         extract = ["extract", "--task", task.name, "--out", f"data/{task.name}.h5", "--no-progress"]
         for kind in ("linear", "sparse"):
             name = f"{task.name}-{kind}"
-            out.append(Job(name, extract, ["train", kind, "--data.path", f"data/{task.name}.h5", "--out", f"runs/{name}",
-                                           "--logger", "none", *TRAIN_EXTRA.get(name, [])]))
+            out.append(Job(name, extract, ["train", kind, "--data.path", f"data/{task.name}.h5", "--out",
+                                           f"runs/{name}", "--logger", "none"]))
     store = f"data/corpus-l{SAE_LAYER}.h5"
     out.append(Job(f"corpus-l{SAE_LAYER}-topk",
                    ["extract", "--task", "corpus", "--layers", str(SAE_LAYER), "--max-examples", str(SAE_EXAMPLES),

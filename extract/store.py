@@ -180,6 +180,31 @@ class StoreWriter:
         self.progress_path.unlink(missing_ok=True)
 
 
+def write_array_store(path: str | Path, z: np.ndarray, labels: np.ndarray | None, split: np.ndarray, *,
+                      label_names: tuple[str, ...] = ("no", "yes"), label_kind: str = "class",
+                      position_rule: str = "last", token_id: np.ndarray | None = None, dtype: str = "float32") -> Path:
+    """A finished store from arrays, for synthetic data and activations extracted elsewhere.
+
+    z (N, L, H, D); ``labels`` (N,) (None with ``label_kind="none"``) and ``split`` (N,) (0 train, 1 val, 2 test)
+    per row; one example per row (its own group); ``token_id`` is a row's word type for control tasks (default:
+    row % 7).
+    """
+    N, Ln, H, D = z.shape
+    unlabelled = label_kind == "none"
+    meta = StoreMeta(model_id="synthetic", weights_hash="0" * 16, architecture="llama", hook_point="o_proj:input",
+                     n_layers=Ln, layers=list(range(Ln)), n_heads=H, n_kv_heads=H, d_head=D, d_model=H * D,
+                     dtype=dtype, position_rule=position_rule, padding_side="right", bos=True, task="synthetic",
+                     stage="" if unlabelled else "KR", label_names=[] if unlabelled else list(label_names),
+                     label_kind=label_kind, dataset_hash="x", n_examples=N, n_rows=N, has_writes=False,
+                     headprobe_version="test", created="now")
+    writer = StoreWriter(Path(path), meta, np.float32 if label_kind == "regression" else np.int64, resume=False)
+    rows = np.arange(N)
+    writer.write_block(N, {"z": z.astype(dtype), "label": -np.ones(N, np.int64) if labels is None else labels,
+                           "split": split.astype(np.int8), "group": rows, "example_id": rows,
+                           "position": np.zeros(N, np.int32), "token_id": rows % 7 if token_id is None else token_id})
+    return writer.finish()
+
+
 def partial_path(out: str | Path) -> Path:
     return Path(str(out) + ".partial")
 

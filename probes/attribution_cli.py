@@ -120,8 +120,9 @@ def ablation_section(results: dict[str, dict]) -> str:
            "| task | metric | k | mode | clean | top-k ablated | random k ablated (mean, 95% CI) | top hurts more |",
            "|---|---|---|---|---|---|---|---|"]
     for task, r in results.items():
-        out.append(f"| {task} | {r['metric']} | {r['k']} | {r['mode']} | {r['clean']:.3f} | {r['top']:.3f} | {r['random_mean']:.3f} "
-                   f"[{r['random_ci'][0]:.3f}, {r['random_ci'][1]:.3f}] | {'yes' if r['hurts_more'] else 'no'} |")
+        out.append(f"| {task} | {r['metric']} | {r['k']} | {r['mode']} | {r['clean']:.3f} | {r['top']:.3f} | "
+                   f"{r['random_mean']:.3f} [{r['random_ci'][0]:.3f}, {r['random_ci'][1]:.3f}] | "
+                   f"{'yes' if r['hurts_more'] else 'no'} |")
     return "\n".join(out + [""])
 
 

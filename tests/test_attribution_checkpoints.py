@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from extract.store import Store
+from extract.store import Store, write_array_store as write_store
 from probes.attribution import evidence_from_checkpoints
 from probes.checkpoint import save_checkpoint
 from probes.linear import LinearProbes
@@ -18,7 +18,6 @@ from probes.sae import SparseAutoencoder
 from probes.sparse import SparseProbe
 from probes.stage_map import build_stage_map
 from tests.attribution_synthetic import L as N_LAYERS, make_tasks, planted_map
-from tests.test_probes import write_store
 from tests.test_sae import make_store
 from train.cli import main as headprobe
 from train.data import StoreDataModule
@@ -42,7 +41,6 @@ def run_dir(tmp_path_factory):
         path = write_store(root / "stores" / f"{t.name}.h5", t.z, t.labels, split)
         with h5py.File(path, "r+") as f:
             f.attrs["task"], f.attrs["stage"] = t.name, t.stage
-            f.attrs["hook_point"] = "o_proj:input"  # as in the corpus store the SAEs are trained on
         for module, epochs in ((LinearProbes(controls=["shuffled"]), 30),
                                (SparseProbe(penalty="group_lasso", alpha=0.1, inner_steps=100), 10)):
             trainer(max_epochs=epochs).fit(module, datamodule=StoreDataModule(str(path)))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ if __name__ == "__main__":
 
 import lightning as L  # noqa: E402
 
-from extract.store import Store, StoreMeta, StoreWriter  # noqa: E402
+from extract.store import Store, write_array_store  # noqa: E402
 from train.data import StoreDataModule  # noqa: E402
 
 
@@ -37,17 +36,8 @@ def synthetic_store(path: Path, n: int = 4801, layers: int = 2, heads: int = 4, 
     u /= np.linalg.norm(u, axis=-1, keepdims=True)
     strength = np.linspace(0.3, 3.0, layers * heads).reshape(layers, heads)
     z = rng.normal(size=(n, layers, heads, d_head)) + (2 * y - 1)[:, None, None, None] * strength[..., None] * u
-    split = rng.choice(3, size=n, p=[0.6, 0.2, 0.2]).astype(np.int8)
-    meta = StoreMeta(model_id="synthetic", weights_hash="0", architecture="llama", hook_point="synthetic",
-                     n_layers=layers, layers=list(range(layers)), n_heads=heads, n_kv_heads=heads, d_head=d_head,
-                     d_model=heads * d_head, dtype="float32", position_rule="last", padding_side="right", bos=False,
-                     task="synthetic", stage="KR", label_names=["no", "yes"], label_kind="class",
-                     dataset_hash=str(seed), n_examples=n, n_rows=n, has_writes=False, headprobe_version="test",
-                     created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    writer = StoreWriter(path, meta, np.int64, resume=False)
-    writer.write_block(n, {"z": z.astype(np.float32), "label": y, "split": split, "example_id": np.arange(n),
-                           "group": np.arange(n), "token_id": np.zeros(n, np.int32), "position": np.zeros(n, np.int32)})
-    return writer.finish()
+    split = rng.choice(3, size=n, p=[0.6, 0.2, 0.2])
+    return write_array_store(path, z, y, split, token_id=np.zeros(n, np.int32))
 
 
 def probe_run(store: Path, out: Path, *trainer_args: str):

@@ -14,7 +14,8 @@ from probes.checkpoint import load_local, save_checkpoint
 from probes.linear import LinearProbes, NewtonState, control_labels, fit_newton, newton_stats, penalised
 from probes.metrics import auroc, bootstrap_ci
 from probes.sparse import SparseProbe, ksparse_sweep
-from train.data import StoreDataModule, write_array_store as write_store
+from extract.store import write_array_store as write_store
+from train.data import StoreDataModule
 
 
 def planted(n: int = 600, shape=(3, 4, 8), heads=((0, 1), (1, 2), (2, 3)), seed: int = 0):
@@ -229,6 +230,6 @@ def test_checkpoints_round_trip(tmp_path):
 
 def test_unlabelled_store_is_refused(tmp_path):
     z, y, split = planted(n=60)
-    path = write_store(tmp_path / "u.h5", z, -np.ones_like(y), split, label_names=(), label_kind="none")
+    path = write_store(tmp_path / "u.h5", z, None, split, label_kind="none")
     with pytest.raises(ValueError, match="no labels"):
         fit(LinearProbes(), path)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from extract.store import Store, StoreMeta, StoreWriter
+from extract.store import Store, write_array_store
 from probes.checkpoint import load_local
 from probes.sae import ARCHITECTURES, SparseAutoencoder, fve, topk_sae
 from probes.sae_eval import ce_loss_recovered, evaluate, splice, token_batches
@@ -19,19 +19,10 @@ from train.data import EpochBatches, InMemoryRows, StoreDataModule
 
 
 def make_store(path, z: np.ndarray, split_every: int = 5) -> str:
-    """An all-token store holding z (N, L, H, D); every ``split_every``-th row is test."""
-    n, L_, H, D = z.shape
-    meta = StoreMeta(model_id="synthetic", weights_hash="0" * 16, architecture="llama", hook_point="o_proj:input",
-                     n_layers=L_, layers=list(range(L_)), n_heads=H, n_kv_heads=H, d_head=D, d_model=H * D,
-                     dtype="float32", position_rule="all", padding_side="right", bos=False, task="synthetic",
-                     stage="", label_names=[], label_kind="none", dataset_hash="x", n_examples=n, n_rows=n,
-                     has_writes=False, headprobe_version="test", created="now")
-    w = StoreWriter(path, meta, np.int64, resume=False)
-    split = np.where(np.arange(n) % split_every == 0, 2, 0).astype(np.int8)
-    w.write_block(n, {"z": z.astype(np.float32), "label": -np.ones(n, np.int64), "token_id": np.zeros(n, np.int32),
-                      "example_id": np.arange(n), "position": np.zeros(n, np.int32), "group": np.arange(n),
-                      "split": split})
-    return str(w.finish())
+    """An unlabelled all-token store holding z (N, L, H, D); every ``split_every``-th row is test."""
+    split = np.where(np.arange(len(z)) % split_every == 0, 2, 0)
+    return str(write_array_store(path, z, None, split, label_kind="none", position_rule="all",
+                                 token_id=np.zeros(len(z), np.int32)))
 
 
 def sparse_data(n: int, d: int, n_atoms: int, k: int, seed: int = 0, scale: float = 1.0, offset: float = 0.0):

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from probes.checkpoint import load_local
 from tests.test_probes import planted
-from train.data import StoreDataModule, write_array_store as write_store
+from extract.store import write_array_store as write_store
+from train.data import StoreDataModule
 from train.fit import MODELS, TrainError, expand_short_form, run
 from train.loggers import read_offline_run
 

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import itertools
 import math
-from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, get_worker_info
 
-from extract.store import CHUNK_ROWS, Store, StoreMeta, StoreWriter
+from extract.store import CHUNK_ROWS, Store
 
 
 def _dist() -> tuple[int, int]:
@@ -259,22 +258,3 @@ class StoreDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
-
-
-def write_array_store(path: Path, z: np.ndarray, labels: np.ndarray, split: np.ndarray, label_names=("no", "yes"),
-                      label_kind: str = "class", token_id: np.ndarray | None = None, dtype: str = "float32") -> Path:
-    """A finished store from arrays, for synthetic data and activations extracted elsewhere: z (N, L, H, D),
-    labels and splits (0 train, 1 val, 2 test) per row, one example per row (its own group); ``token_id`` is the
-    word type of a row for control tasks (default: row % 7)."""
-    N, Ln, H, D = z.shape
-    meta = StoreMeta(model_id="synthetic", weights_hash="0" * 16, architecture="llama", hook_point="o_proj.input",
-                     n_layers=Ln, layers=list(range(Ln)), n_heads=H, n_kv_heads=H, d_head=D, d_model=H * D,
-                     dtype=dtype, position_rule="last", padding_side="right", bos=True, task="synthetic",
-                     stage="KR", label_names=list(label_names), label_kind=label_kind, dataset_hash="x",
-                     n_examples=N, n_rows=N, has_writes=False, headprobe_version="test", created="now")
-    writer = StoreWriter(path, meta, np.int64 if label_kind == "class" else np.float32, resume=False)
-    rows = np.arange(N)
-    writer.write_block(N, {"z": z.astype(dtype), "label": labels, "split": split.astype(np.int8),
-                           "group": rows, "example_id": rows, "position": np.zeros(N, np.int32),
-                           "token_id": rows % 7 if token_id is None else token_id})
-    return writer.finish()

@@ -103,7 +103,7 @@ def run(argv: list[str]) -> HeadprobeCLI:
             raise TrainError(f"--resume: {ckpt} does not exist; run without --resume to start training")
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt, weights_only=True if ckpt else None)
     if cli.config.test:
-        cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False, weights_only=True)
+        cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
     if cli.config.logger == "wandb":  # close the run: the next training in this process starts its own
         import wandb
 
