@@ -15,7 +15,7 @@ back towards its previous weights instead (a backtracking line search spread ove
 no second pass. The whole split in one batch (``batch_size=0``, in memory): the epoch takes every Newton step on
 that batch, so training is one epoch. A probe is done once its gradient is below ``tol`` (mean-loss scale); later
 steps compute only the probes not yet done, and a probe already near its optimum reuses its last Hessian. Typically
-5-7 steps, with most probes done after 3-4.
+6-8 steps, with most probes done after 4-5.
 
 Controls (Hewitt & Liang 2019) are extra probes on the same activations with other labels, solved in the same
 batch: ``control`` gives every word type (the token at the row, or the example group) a random label drawn from
@@ -226,18 +226,23 @@ class NewtonState:
     weights then stay, and later steps compute statistics only for the active probes (a few stragglers take the
     last steps). A probe whose objective rose is halved back towards its last accepted weights instead. A probe
     whose gradient is already below ``chord_below`` (Newton's quadratic phase: its next step mostly confirms
-    convergence) reuses its last Hessian's Cholesky factor instead of computing a new Hessian (a chord step).
+    convergence), or whose last step shrank its gradient by ``chord_ratio`` or more (the Hessian it used still fits),
+    reuses its last Hessian's Cholesky factor instead of computing a new Hessian (a chord step); the second step
+    always reuses the first Hessian (at W = 0 the logistic one is the Gram matrix / 4, which bounds it everywhere).
+    On bench_probes' data the second rule cuts Hessians from ~3.2 to 1.5-1.8 per probe for 2 more steps: 1.07x
+    faster at scale (a), 1.3x at scale (b).
     ``active`` lists the probes that want a new Hessian first: statistics come for ``active`` with Hessians for
     its first ``n_hessian``."""
 
-    def __init__(self, K: int, P: int, Fd: int, C: int, dtype=torch.float64, chord_below: float = 1e-5):
+    def __init__(self, K: int, P: int, Fd: int, C: int, dtype=torch.float64, chord_below: float = 1e-5,
+                 chord_ratio: float = 0.1):
         self.W = torch.zeros(K, P, Fd + 1, C, dtype=dtype)
         self.W_prev = torch.zeros_like(self.W)
         self.obj_prev = torch.full((K, P), math.inf, dtype=dtype)
         self.grad = torch.full((K, P), math.inf, dtype=dtype)  # max |gradient of the mean loss| at accepted weights
         self.factor: Tensor | None = None  # (K, P, (F + 1) C, (F + 1) C): Cholesky factor of each probe's last Hessian
         self.active, self.n_hessian = torch.arange(P), P
-        self.chord_below = chord_below
+        self.chord_below, self.chord_ratio = chord_below, chord_ratio
         self.steps = self.probe_steps = self.hessians = 0
 
     @property
@@ -255,6 +260,7 @@ class NewtonState:
         idx, nh = self.active.to(self.W.device), self.n_hessian
         W, W_prev, obj_prev = self.W[:, idx], self.W_prev[:, idx], self.obj_prev[:, idx]
         obj, g = penalised(loss_sum, grad, W, l2)
+        before = self.grad[:, idx].amax(0)  # (Pa,) gradient before this step
         worse = obj > obj_prev + 1e-12 * obj_prev.abs().clamp_min(1)  # (K, Pa)
         gmax = g.abs().amax((-1, -2)) / n
         self.grad[:, idx] = torch.where(worse, self.grad[:, idx], gmax)
@@ -271,6 +277,7 @@ class NewtonState:
             self.active, self.n_hessian = self.active[:0], 0
             return True
         W, W_prev, obj_prev, obj, worse, g = (t[:, move] for t in (W, W_prev, obj_prev, obj, worse, g))
+        before = before[move]
         moving = idx[move]
         d = torch.cholesky_solve(g.reshape(*g.shape[:2], -1, 1), self.factor[:, moving]).reshape(g.shape)
         back = W_prev + 0.5 * (W - W_prev)
@@ -279,7 +286,8 @@ class NewtonState:
         self.W_prev[:, moving] = torch.where(keep, W_prev, W)
         self.obj_prev[:, moving] = torch.where(worse, obj_prev, obj)
         active = self.active[move.to(self.active.device)]
-        near = (self.grad[:, active.to(self.W.device)].amax(0) < self.chord_below).to(active.device)
+        after = self.grad[:, moving].amax(0)
+        near = ((after < self.chord_below) | (after < self.chord_ratio * before)).to(active.device)
         self.active, self.n_hessian = torch.cat([active[~near], active[near]]), int((~near).sum())
         return False
 
