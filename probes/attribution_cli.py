@@ -4,8 +4,9 @@
     headprobe attribute ckpt/linear-capitals ckpt/sae-l15 --stores capitals.h5 --out attr --head-scores --ablate 8
 
 Writes into ``--out``: ``stage_map.png``, ``stage_scores.csv``, ``stage_map.json``, ``stage_map.md`` and
-``report.md``; with ``--head-scores`` also ``head_types.csv`` (attention-pattern scores of every head) and the
-Spearman rho of every evidence against them; with ``--ablate K`` ``ablation.json`` (each task's top-K heads
+``report.md``; with ``--head-scores`` also ``head_types.csv`` (attention-pattern scores of every head), the
+Spearman rho of every evidence against them and ``induction_check.png`` (the copy task's evidence against the
+induction scores); with ``--ablate K`` ``ablation.json`` (each task's top-K heads
 mean-ablated against K random heads, with CIs).
 """
 from __future__ import annotations
@@ -85,8 +86,12 @@ def top_heads(evidence: list[Evidence], task: str, k: int) -> list[tuple[int, in
 TOP_SHARED = 8
 
 
-def head_type_section(scores: dict[str, np.ndarray], evidence: list[Evidence], stage_map) -> str:
-    from probes.head_scores import HEAD_TYPE_STAGE, TYPE_THRESHOLD, head_types, rank_agreement, top_overlap
+def head_type_section(scores: dict[str, np.ndarray], evidence: list[Evidence], stage_map,
+                      folder: Path | None = None) -> str:
+    """The report's cross-check section; with ``folder``, also ``induction_check.png`` for the copy tasks."""
+    from extract.tasks import TASKS
+    from probes.head_scores import (HEAD_TYPE_STAGE, TYPE_THRESHOLD, copy_carriers, head_types,
+                                    plot_against_pattern, rank_agreement, top_overlap)
 
     out = ["## Attention-pattern cross-check", "",
            f"Scores on [BOS, r1..r50, r1..r50] (TransformerLens 'mul' score; a head is typed above {TYPE_THRESHOLD}). "
@@ -112,6 +117,21 @@ def head_type_section(scores: dict[str, np.ndarray], evidence: list[Evidence], s
         shared = "-" if few else f"{top_overlap(ev.score, scores['induction'][rows], TOP_SHARED)}/{TOP_SHARED}"
         out.append(f"| {ev.task}/{ev.source} | {ev.stage} | " + " | ".join(f"{r:.2f}" for r in rhos)
                    + f" | {shared} |")
+    copying = [ev for ev in evidence if getattr(TASKS.get(ev.task), "metric", "") == "induction" and len(ev.layers) > 1]
+    if folder is not None and copying:
+        panels = [(f"{ev.task}/{ev.source}" + (f" ({ev.metric})" if ev.metric else ""), ev.score, ev.layers)
+                  for ev in copying]
+        plot_against_pattern(scores["induction"], panels, Path(folder) / "induction_check.png")
+        out += ["", "Each head of the copy task's evidence against its induction score (colour: layer):", "",
+                "![copy task against induction scores](induction_check.png)", ""]
+        for ev in copying:
+            n, first = copy_carriers(ev.score, ev.layers, scores["induction"], 2 * TOP_SHARED)
+            if first is not None and np.size(ev.score) >= 4 * TOP_SHARED:
+                out.append(f"- {ev.task}/{ev.source}: {n} of its top {2 * TOP_SHARED} heads sit after layer {first} "
+                           f"(the first with an induction head) and score <= {TYPE_THRESHOLD} on induction. They "
+                           f"carry the copied token without an induction pattern (read, e.g., from the residual "
+                           f"stream the induction heads wrote to): a probe counts them, the attention pattern does "
+                           f"not, and rho drops.")
     return "\n".join(out + [""])
 
 
@@ -197,7 +217,7 @@ def run(args: argparse.Namespace) -> None:
                 for layer in range(scores["induction"].shape[0]):
                     for head in range(scores["induction"].shape[1]):
                         w.writerow([layer, head, *(f"{scores[t][layer, head]:.4f}" for t in HEAD_TYPES)])
-            report.append(head_type_section(scores, evidence, stage_map))
+            report.append(head_type_section(scores, evidence, stage_map, args.out))
         if args.ablate:
             results = run_ablations(loaded, evidence, args.ablate, args.ablation, args.draws, args.examples,
                                     args.metric)

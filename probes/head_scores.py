@@ -134,3 +134,50 @@ def rank_agreement(a: np.ndarray, b: np.ndarray) -> float:
     if ok.sum() < 3 or np.ptp(a[ok]) == 0 or np.ptp(b[ok]) == 0:
         return float("nan")  # undefined for a constant map (e.g. a sparse probe that kept no head of these)
     return float(spearmanr(a[ok], b[ok]).statistic)
+
+
+def copy_carriers(score: np.ndarray, layers: list[int], induction: np.ndarray, k: int = 16,
+                  threshold: float = TYPE_THRESHOLD) -> tuple[int, int | None]:
+    """Of the ``k`` heads that ``score`` (L', H) over model ``layers`` ranks highest, how many sit after the first
+    layer holding an induction head (``induction`` (L, H) over all layers above ``threshold``) without being one:
+    heads that carry a copied token they did not copy. Returns (count, that first layer; None without one)."""
+    typed = np.nonzero((induction > threshold).any(1))[0]
+    if not len(typed):
+        return 0, None
+    first = int(typed[0])
+    s = np.nan_to_num(np.asarray(score, dtype=np.float64), nan=-np.inf)
+    top = np.argsort(-s, axis=None, kind="stable")[:k]
+    rows, heads = np.unravel_index(top, s.shape)
+    n = sum(layers[r] > first and induction[layers[r], h] <= threshold for r, h in zip(rows, heads))
+    return int(n), first
+
+
+def plot_against_pattern(pattern: np.ndarray, panels: list[tuple[str, np.ndarray, list[int]]], path,
+                         name: str = "induction", threshold: float = TYPE_THRESHOLD):
+    """One scatter per (title, score (L', H), model layers): each head's score against its ``pattern`` score
+    (L, H), coloured by layer; heads typed by the pattern (above ``threshold``) are named."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from pathlib import Path
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 0.8, 3.6), squeeze=False)
+    n_layers = pattern.shape[0]
+    for ax, (title, score, layers) in zip(axes[0], panels):
+        x = pattern[layers]  # (L', H)
+        depth = np.broadcast_to(np.asarray(layers)[:, None], x.shape)
+        dots = ax.scatter(x.ravel(), score.ravel(), c=depth.ravel(), cmap="viridis", vmin=0, vmax=n_layers - 1,
+                          s=14, edgecolors="none")
+        for r, h in zip(*np.nonzero(x > threshold)):
+            if np.isfinite(score[r, h]):
+                ax.annotate(f"L{layers[r]}.H{h}", (x[r, h], score[r, h]), fontsize=6, xytext=(3, 2),
+                            textcoords="offset points")
+        ax.axvline(threshold, color="#bbb", linewidth=0.8, linestyle="--")
+        ax.set_xlabel(f"{name.replace('_', '-')} score (attention pattern)")
+        ax.set_ylabel("evidence score")
+        ax.set_title(f"{title}: rho {rank_agreement(score, x):.2f}", fontsize=9)
+    fig.colorbar(dots, ax=axes[0].tolist(), label="layer", fraction=0.04)
+    path = Path(path)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path

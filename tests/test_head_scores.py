@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from probes.head_scores import (attention_patterns, detection_patterns, head_type_scores, head_types, pattern_scores,
-                                rank_agreement, repeated_random_tokens, top_overlap)
+from probes.head_scores import (attention_patterns, copy_carriers, detection_patterns, head_type_scores, head_types,
+                                pattern_scores, rank_agreement, repeated_random_tokens, top_overlap)
 from tests.conftest import tiny_model
 
 N = 10
@@ -141,3 +141,37 @@ def test_copy_task_probes_find_the_induction_heads_of_the_default_model(tmp_path
     assert top_overlap(acc, induction, 5) == 5
     assert roc_auc_score((induction > 0.4).ravel(), acc.ravel()) > 0.95
     assert rank_agreement(acc, induction) > 0.2  # the old 'seen before' labels gave 0.06
+
+
+def test_copy_carriers_counts_late_heads_that_are_not_induction_heads():
+    induction = np.zeros((6, 4))
+    induction[2, 1] = 0.8  # the first induction head is in layer 2
+    score = np.zeros((6, 4))
+    score[2, 1], score[4, 0], score[5, 3], score[1, 2] = 1.0, 0.9, 0.8, 0.7  # one induction head, two late carriers
+    assert copy_carriers(score, list(range(6)), induction, k=4) == (2, 2)
+    assert copy_carriers(score[3:], [3, 4, 5], induction, k=2) == (2, 2)  # evidence over some layers only
+    assert copy_carriers(score, list(range(6)), np.zeros((6, 4))) == (0, None)
+
+
+def test_report_section_plots_the_copy_task_against_induction_scores(tmp_path):
+    """The cross-check section of ``headprobe attribute`` on planted maps: rho in the table, the scatter written and
+    linked, and the count of late non-induction heads among the copy task's top heads."""
+    from probes.attribution import Evidence
+    from probes.attribution_cli import head_type_section
+    from probes.stage_map import build_stage_map
+
+    rng = np.random.default_rng(0)
+    L, H = 8, 6
+    scores = {t: rng.uniform(0, 0.05, (L, H)) for t in ("previous_token", "duplicate_token", "induction")}
+    scores["induction"][3, [1, 2]] = [0.9, 0.7]
+    acc = 0.5 + rng.uniform(0, 0.02, (L, H))
+    acc[3, [1, 2]] = [0.95, 0.9]
+    acc[6:, :3] = 0.8  # six late heads carry the copied token without an induction pattern
+    acc[0, :], acc[1, :2] = 0.6, 0.6  # and eight early heads complete the top 16
+    evidence = [Evidence("repeat_tokens", "ICI", "linear", acc, 0.6, list(range(L)))]
+    md = head_type_section(scores, evidence, build_stage_map(evidence), tmp_path)
+    assert "![copy task against induction scores](induction_check.png)" in md
+    assert (tmp_path / "induction_check.png").read_bytes().startswith(b"\x89PNG")
+    assert "repeat_tokens/linear: 6 of its top 16 heads sit after layer 3" in md
+    rho, shared = rank_agreement(acc, scores["induction"]), top_overlap(acc, scores["induction"], 8)
+    assert f"| repeat_tokens/linear | ICI | " in md and f" | {rho:.2f} | {shared}/8 |" in md

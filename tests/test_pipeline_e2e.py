@@ -78,7 +78,7 @@ def test_report_holds_every_section_and_image(finished_run):
     assert re.search(r"\| fve \| -?\d", md) and re.search(r"\| ce_spliced \| \d", md)
     assert "Spearman" in md and "random" in md  # the pattern-score cross-check and the ablation comparison
     images = images_in(md)
-    assert len(images) >= 11
+    assert len(images) >= 12 and "induction_check.png" in md  # stage map, 9 heatmaps, SAE density, copy check
     for img in images:
         assert (page.parent / img).read_bytes().startswith(PNG), img
     html = page.read_text()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import platform
 import shutil
 import sys
@@ -322,6 +323,7 @@ def build_report(p: Pipeline) -> Path:
     stage_png = _copy(attr / "stage_map.png", folder, "stage_map.png")
     attribution_md = (attr / "report.md").read_text().replace("# Head attribution", "").strip()
     attribution_md = "\n".join(line for line in attribution_md.splitlines() if "](stage_map.png)" not in line)
+    attribution_md = re.sub(r"\]\(([\w.-]+\.png)\)", lambda m: f"]({_copy(attr / m[1], folder, m[1])})", attribution_md)
     attribution_md = attribution_md.replace("## Stage map\n", "## Top heads per stage and their evidence\n")
     sections = [
         f"Model `{p.cfg.model}`; {len(p.tasks)} tasks over the four reasoning stages of Zheng et al. (2024). Each "
