@@ -25,6 +25,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from extract.shipped import shipped_folder
 from probes.checkpoint import (CheckpointError, FILES, file_hashes, load_local, read_checkpoint, scalar_metrics,
                                sha256)
 
@@ -39,7 +40,7 @@ TIMEOUT_S = 30
 def bundled_registry() -> Path:
     """The registry shipped with headprobe (``$HEADPROBE_REGISTRY`` overrides it)."""
     env = os.environ.get("HEADPROBE_REGISTRY")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "checkpoints" / REGISTRY_FILE
+    return Path(env) if env else shipped_folder("checkpoints") / REGISTRY_FILE
 
 
 def check_id(ref: str) -> str:

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import csv
 import random
-from pathlib import Path
 
+from extract.shipped import shipped_folder
 from extract.tasks.base import Example, Task
 from extract.tasks.corpus import make_corpus
 
-DATA = Path(__file__).resolve().parents[2] / "datasets"
+DATA = shipped_folder("datasets")
 TRUE_FALSE = ["false", "true"]
 
 
