@@ -12,6 +12,9 @@ _EXPORTS = {
     "CheckpointError": "probes.checkpoint",
     "save_checkpoint": "probes.checkpoint",
     "read_checkpoint": "probes.checkpoint",
+    "LinearProbes": "probes.linear",
+    "SparseProbe": "probes.sparse",
+    "SparseAutoencoder": "probes.sae",
 }
 
 
