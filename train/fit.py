@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import warnings
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
@@ -92,9 +93,11 @@ def expand_short_form(argv: list[str]) -> list[str]:
 
 def run(argv: list[str]) -> HeadprobeCLI:
     """Parse, fit (resuming if asked), test and export; returns the CLI (its .trainer and .model)."""
-    cli = HeadprobeCLI(model_class=None, datamodule_class=StoreDataModule, subclass_mode_model=True,
-                       save_config_callback=LogConfig, save_config_kwargs={"overwrite": True}, run=False,
-                       args=argv, parser_kwargs={"prog": "headprobe train"})
+    with warnings.catch_warnings():  # argv is sys.argv minus `headprobe train`, passed on purpose
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        cli = HeadprobeCLI(model_class=None, datamodule_class=StoreDataModule, subclass_mode_model=True,
+                           save_config_callback=LogConfig, save_config_kwargs={"overwrite": True}, run=False,
+                           args=argv, parser_kwargs={"prog": "headprobe train"})
     out = Path(cli.config.out)
     ckpt = None
     if cli.config.resume:
