@@ -137,12 +137,17 @@ def head_type_section(scores: dict[str, np.ndarray], evidence: list[Evidence], s
 
 def ablation_section(results: dict[str, dict]) -> str:
     out = ["## Causal check: ablating each task's top heads", "",
-           "| task | metric | k | mode | clean | top-k ablated | random k ablated (mean, 95% CI) | top hurts more |",
-           "|---|---|---|---|---|---|---|---|"]
+           "| task | metric | k | mode | clean | top-k ablated | random k ablated (mean, 95% CI) | top hurts more | "
+           "probe reads |", "|---|---|---|---|---|---|---|---|---|"]
     for task, r in results.items():
+        reads = "the answer (after*)" if r.get("probe_after_scored") else "the scored position"
         out.append(f"| {task} | {r['metric']} | {r['k']} | {r['mode']} | {r['clean']:.3f} | {r['top']:.3f} | "
                    f"{r['random_mean']:.3f} [{r['random_ci'][0]:.3f}, {r['random_ci'][1]:.3f}] | "
-                   f"{'yes' if r['hurts_more'] else 'no'} |")
+                   f"{'yes' if r['hurts_more'] else 'no'} | {reads} |")
+    if any(r.get("probe_after_scored") for r in results.values()):
+        out += ["", "\\* True/false statements: the probes read the answer token, while the margin scores the model's "
+                "prediction of the answer at the positions before it. Ablating the heads there tests what they do at the "
+                "prompt's end, not what the probe read; a \"no\" is weaker evidence against these heads."]
     return "\n".join(out + [""])
 
 
@@ -154,7 +159,7 @@ def run_ablations(loaded, evidence: list[Evidence], k: int, mode: str, draws: in
     import torch
 
     from extract.tasks import TASKS
-    from extract.tasks.metrics import model_metric
+    from extract.tasks.metrics import model_metric, probe_reads_after_scoring
     from probes.ablation import causal_check, head_means
 
     results = {}
@@ -175,7 +180,8 @@ def run_ablations(loaded, evidence: list[Evidence], k: int, mode: str, draws: in
         key = CONTINUOUS.get(task.metric, "metric") if metric == "auto" else "metric"
         res = causal_check(loaded.model, lambda m: model_metric(loaded, task, examples)[key],
                            top_heads(evidence, task_name, k), n_draws=draws, mode=mode, means=means)
-        results[task_name] = {**res.to_dict(), "metric": key, "n_examples": len(examples)}
+        results[task_name] = {**res.to_dict(), "metric": key, "n_examples": len(examples),
+                              "probe_after_scored": probe_reads_after_scoring(task, examples)}
         print(f"attribute: {task_name} ({key}): clean {res.clean:.3f}, top-{k} ablated {res.top:.3f}, random "
               f"{res.random_mean:.3f} [{res.random_ci[0]:.3f}, {res.random_ci[1]:.3f}]")
     return results

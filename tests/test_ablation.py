@@ -128,4 +128,6 @@ def test_ablations_of_a_task_through_its_model_metric():
     r = results["capitals"]
     assert r["metric"] == "margin" and r["k"] == 2 and r["top_heads"] == [(2, 4), (0, 1)] and len(r["random"]) == 3
     assert r["top"] != r["clean"]  # the tiny model's answer margins move when its heads are replaced
-    assert "| capitals | margin | 2 | mean |" in ablation_section(results)
+    assert r["probe_after_scored"]  # capitals probes read the answer token, after the scored prediction
+    md = ablation_section(results)
+    assert "| capitals | margin | 2 | mean |" in md and "| the answer (after*) |" in md and "\\* True/false" in md

@@ -13,7 +13,7 @@ from extract.hooks import out_projections
 from extract.store import Store
 from extract.tasks import STAGES, TASKS, assign_splits, get_task
 from extract.tasks.builtin import DATA, _category_words, next_word_category
-from extract.tasks.metrics import choice_metric, model_metric
+from extract.tasks.metrics import choice_metric, model_metric, probe_reads_after_scoring
 from tests.conftest import ByteTokenizer, tiny_loaded
 from train.cli import main as headprobe
 
@@ -147,3 +147,11 @@ def test_induction_metric_runs_on_a_tiny_model():
 def test_corpus_has_no_model_metric():
     with pytest.raises(ValueError, match="no model metric"):
         model_metric(tiny_loaded("gpt2"), get_task("corpus"), [])
+
+
+def test_probe_position_against_the_scored_position():
+    """True/false statements are probed at the answer, which the model metric scores from the token before; IOI
+    and sentiment are probed where the metric is scored, and the copy task at the tokens it scores."""
+    after = {name for name, task in TASKS.items() if task.metric != "none"
+             and probe_reads_after_scoring(task, task.examples(0))}
+    assert after == {"capitals", "city_country", "arithmetic", "successor", "greater_than", "facts"}

@@ -159,3 +159,11 @@ def model_metric(loaded: LoadedModel, task: Task, examples: list[Example] | None
     if task.metric not in METRICS:
         raise ValueError(f"task {task.name!r} has no model metric (metric={task.metric!r})")
     return METRICS[task.metric](loaded, task.examples(0) if examples is None else examples, batch_size)
+
+
+def probe_reads_after_scoring(task: Task, examples: list[Example]) -> bool:
+    """True where a task's probes read a token the model metric does not score from: a ``choice`` task whose
+    examples are read at their last token while their text runs past the choice prompt (true/false statements:
+    the probe sees the answer, the margin scores the prediction of the answer at the prompt's end)."""
+    return (task.metric == "choice" and task.position_rule == "last"
+            and any(ex.choice is not None and ex.text != ex.choice["prompt"] for ex in examples))
