@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from probes.attribution import Evidence, evidence_from_checkpoints
-from probes.stage_map import STAGES, build_stage_map, markdown_section, write_stage_map
+from probes.stage_map import SCALES, STAGES, build_stage_map, markdown_section, write_stage_map
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=0.01, help="family-wise level of the nulls (Bonferroni over heads)")
     p.add_argument("--top", type=int, default=8, help="heads listed per stage in the report")
     p.add_argument("--reduce", choices=["mean", "max"], default="mean", help="pooling over a stage's evidence")
+    p.add_argument("--scale", choices=SCALES, default="share",
+                   help="each evidence's excess over its null divided by its total (share: a head's share of what "
+                        "the task found) or by its largest (max: how close a head comes to the task's best head)")
     p.add_argument("--head-scores", action="store_true", help="also score previous-token, duplicate-token and "
                                                                  "induction heads from attention patterns")
     p.add_argument("--ablate", type=int, default=0, metavar="K", help="ablate each task's top-K heads against K "
@@ -202,7 +205,7 @@ def run(args: argparse.Namespace) -> None:
     if not evidence:
         raise ValueError("no checkpoint spoke to a task with a stage (KR, ICI, LR, EP); for SAEs pass labelled "
                          "stores with --stores")
-    stage_map = build_stage_map(evidence, args.reduce)
+    stage_map = build_stage_map(evidence, args.reduce, args.scale)
     paths = write_stage_map(stage_map, args.out, args.top)
     report = [markdown_section(stage_map, args.top, image=paths["png"].name)]
     if args.head_scores or args.ablate:

@@ -1,9 +1,18 @@
 """The stage map: every head's importance for each of the four reasoning stages, from all tasks and artifacts.
 
 Each :class:`probes.attribution.Evidence` (one task, one artifact) gives a head score and a null. Its excess over
-the null is scaled to [0, 1] by the evidence's largest excess, so that accuracies, group norms and SAE shares can
-be pooled; a stage's score is the mean over the evidences of the stage's tasks. A head with no excess over any
-null gets no stage; otherwise its dominant stage is the one with the largest score.
+the null is scaled so that accuracies, group norms and SAE shares can be pooled, by one of
+
+- ``share`` (default): the excess divided by the evidence's total excess, i.e. each head's share of what the task
+  found. A task decodable from almost every head spreads thin and weighs little on any one of them; a task found
+  in a few heads weighs on those.
+- ``max``: the excess divided by the evidence's largest excess, i.e. how close a head comes to the task's best
+  head. A task decodable from almost every head weighs fully on all of them (on SmolLM2, sentiment then paints
+  every late head EP).
+
+A stage's score is the mean (or max) over the evidences of the stage's tasks, divided by the largest score of the
+map so that the best head scores 1. A head with no excess over any null gets no stage; otherwise its dominant stage
+is the one with the largest score.
 
 Outputs: a layer x head grid PNG (colour = dominant stage, intensity = score), ``stage_scores.csv`` and
 ``stage_map.json``, and a Markdown section listing the top heads of each stage with their evidence.
@@ -62,8 +71,14 @@ class StageMap:
         return out
 
 
-def build_stage_map(evidence: list[Evidence], reduce: str = "mean") -> StageMap:
-    """Pool evidences into (L, H, 4) stage scores over the union of their layers; ``reduce``: mean or max."""
+SCALES = ("share", "max")
+
+
+def build_stage_map(evidence: list[Evidence], reduce: str = "mean", scale: str = "share") -> StageMap:
+    """Pool evidences into (L, H, 4) stage scores in [0, 1] over the union of their layers; ``reduce``: mean or max
+    over a stage's evidences; ``scale``: share or max (see the module's docstring)."""
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}: choose {' or '.join(SCALES)}")
     if not evidence:
         raise ValueError("no evidence to build a stage map from: pass at least one trained probe or SAE")
     bad = sorted({ev.stage for ev in evidence} - set(STAGES))
@@ -79,12 +94,13 @@ def build_stage_map(evidence: list[Evidence], reduce: str = "mean") -> StageMap:
     for ev in evidence:
         full = np.zeros((len(layers), n_heads))
         ex = ev.excess()
-        full[[layers.index(layer) for layer in ev.layers]] = ex / ex.max() if ex.max() > 0 else ex
+        norm = ex.sum() if scale == "share" else ex.max()
+        full[[layers.index(layer) for layer in ev.layers]] = ex / norm if norm > 0 else ex
         per_stage[ev.stage].append(full)
     pool = {"mean": np.mean, "max": np.max}[reduce]
     scores = np.stack([pool(per_stage[s], axis=0) if per_stage[s] else np.zeros((len(layers), n_heads))
                        for s in STAGES], axis=-1)
-    return StageMap(layers, scores, list(evidence))
+    return StageMap(layers, scores / scores.max() if scores.max() > 0 else scores, list(evidence))
 
 
 def plot_stage_grid(stage_map: StageMap, path: str | Path, title: str = "Reasoning stage of each head") -> Path:

@@ -9,8 +9,8 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from probes.attribution import (decoder_head_shares, direct_feature_attribution, feature_task_auroc, feature_ties,
-                                group_norms, linear_evidence, sae_evidence, sparse_evidence)
+from probes.attribution import (Evidence, decoder_head_shares, direct_feature_attribution, feature_task_auroc,
+                                feature_ties, group_norms, linear_evidence, sae_evidence, sparse_evidence)
 from probes.stage_map import STAGES, build_stage_map, write_stage_map
 from tests.attribution_synthetic import (H, L, PLANTED, group_lasso, lda_accuracy, make_tasks, planted_map,
                                          topk_activations, topk_sae)
@@ -161,6 +161,25 @@ def test_stage_map_files(tasks, tmp_path):
     lr_part = md.split("### LR")[1].split("### EP")[0]
     assert "L2.H0" in lr_part and "L3.H3" in lr_part and "L0.H1" not in lr_part
     assert "kr_a/linear" in md.split("### KR")[1].split("### ICI")[0]
+
+
+def test_a_task_decodable_everywhere_does_not_take_over_the_shared_map():
+    """An EP task above its null on every head (as sentiment on SmolLM2) and a KR task found in six heads, two of
+    them strongly: scaled by share, the six are KR and the rest EP; scaled by max, EP also takes the four weaker
+    KR heads, whose excess is half the KR task's best while every head matches the EP task's best."""
+    kr = np.zeros((4, 6))
+    kr[1, :2], kr[2, :4] = 0.3, 0.15
+    evidence = [Evidence("kr_task", "KR", "linear", 0.5 + kr, 0.5, list(range(4))),
+                Evidence("ep_task", "EP", "linear", np.full((4, 6), 1.0), 0.95, list(range(4)))]
+    strong, weak = {(1, 0), (1, 1)}, {(2, h) for h in range(4)}
+    shared = build_stage_map(evidence, scale="share").assigned()
+    assert {head for head, stage in shared.items() if stage == "KR"} == strong | weak
+    assert len(shared) == 24 and sum(stage == "EP" for stage in shared.values()) == 18
+    by_max = build_stage_map(evidence, scale="max").assigned()
+    assert all(by_max[head] == "EP" for head in weak)
+    assert build_stage_map(evidence).scores.max() == 1.0
+    with pytest.raises(ValueError, match="unknown scale"):
+        build_stage_map(evidence, scale="sum")
 
 
 def test_stage_map_refuses_bad_evidence():

@@ -49,6 +49,7 @@ class RunConfig:
     top_k: int = 8  # heads per task for the causal ablation check
     ablation_draws: int = 5  # random-head draws to compare against
     ablation_examples: int = 64  # task examples per ablation metric
+    stage_scale: str = "share"  # stage map: each evidence scaled by its total (share) or its largest excess (max)
     sae: SAESettings = field(default_factory=SAESettings)
     progress: bool = True
 
@@ -229,7 +230,8 @@ class Pipeline:
         args = parser.parse_args([str(self.out / "runs"), "--stores", *stores,
                                   "--out", str(out), "--head-scores", "--ablate", str(self.cfg.top_k),
                                   "--draws", str(self.cfg.ablation_draws), "--examples",
-                                  str(self.cfg.ablation_examples), "--model", self.cfg.model])
+                                  str(self.cfg.ablation_examples), "--scale", self.cfg.stage_scale,
+                                  "--model", self.cfg.model])
         out.mkdir(parents=True, exist_ok=True)
         attribute(args)
         return {}
@@ -239,8 +241,9 @@ class Pipeline:
         self.extract_all()
         self.train_all()
         keys = {name: self.steps.key_of(name) for name in self.steps.done()}
-        ablation = {"top_k": self.cfg.top_k, "draws": self.cfg.ablation_draws, "examples": self.cfg.ablation_examples}
-        self.steps("attribute", {**keys, **ablation}, self.attribute)
+        settings = {"top_k": self.cfg.top_k, "draws": self.cfg.ablation_draws, "examples": self.cfg.ablation_examples,
+                    "stage_scale": self.cfg.stage_scale}
+        self.steps("attribute", {**keys, **settings}, self.attribute)
         report = self.steps("report", {"inputs": keys, "attribute": self.steps.key_of("attribute")},
                             lambda: {"path": str(build_report(self))})
         print(self.steps.table())
