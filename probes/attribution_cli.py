@@ -148,9 +148,10 @@ def ablation_section(results: dict[str, dict]) -> str:
                    f"{r['random_mean']:.3f} [{r['random_ci'][0]:.3f}, {r['random_ci'][1]:.3f}] | "
                    f"{'yes' if r['hurts_more'] else 'no'} | {reads} |")
     if any(r.get("probe_after_scored") for r in results.values()):
-        out += ["", "\\* True/false statements: the probes read the answer token, while the margin scores the model's "
-                "prediction of the answer at the positions before it. Ablating the heads there tests what they do at the "
-                "prompt's end, not what the probe read; a \"no\" is weaker evidence against these heads."]
+        out += ["", "\\* True/false statements: the probes read the answer token, while the margin scores the "
+                "model's prediction of the answer at the positions before it. Ablating the heads there tests what "
+                "they do at the prompt's end, not what the probe read; a \"no\" is weaker evidence against these "
+                "heads."]
     return "\n".join(out + [""])
 
 
