@@ -128,13 +128,14 @@ def head_type_section(scores: dict[str, np.ndarray], evidence: list[Evidence], s
         out += ["", "Each head of the copy task's evidence against its induction score (colour: layer):", "",
                 "![copy task against induction scores](induction_check.png)", ""]
         for ev in copying:
-            n, first = copy_carriers(ev.score, ev.layers, scores["induction"], 2 * TOP_SHARED)
-            if first is not None and np.size(ev.score) >= 4 * TOP_SHARED:
-                out.append(f"- {ev.task}/{ev.source}: {n} of its top {2 * TOP_SHARED} heads sit after layer {first} "
-                           f"(the first with an induction head) and score <= {TYPE_THRESHOLD} on induction. They "
-                           f"carry the copied token without an induction pattern (read, e.g., from the residual "
-                           f"stream the induction heads wrote to): a probe counts them, the attention pattern does "
-                           f"not, and rho drops.")
+            above = np.where(ev.excess() > 0, ev.score, np.nan)
+            n, m, first = copy_carriers(above, ev.layers, scores["induction"], 2 * TOP_SHARED)
+            if first is not None and m:
+                out.append(f"- {ev.task}/{ev.source}: {n} of its top {m} heads above the null sit after layer "
+                           f"{first} (the first with an induction head) and score <= {TYPE_THRESHOLD} on induction"
+                           + (". They carry the copied token without an induction pattern (read, e.g., from the "
+                              "residual stream the induction heads wrote to): a probe counts them, the attention "
+                              "pattern does not, and rho drops." if n else "."))
     return "\n".join(out + [""])
 
 

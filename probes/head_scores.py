@@ -137,19 +137,20 @@ def rank_agreement(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def copy_carriers(score: np.ndarray, layers: list[int], induction: np.ndarray, k: int = 16,
-                  threshold: float = TYPE_THRESHOLD) -> tuple[int, int | None]:
-    """Of the ``k`` heads that ``score`` (L', H) over model ``layers`` ranks highest, how many sit after the first
-    layer holding an induction head (``induction`` (L, H) over all layers above ``threshold``) without being one:
-    heads that carry a copied token they did not copy. Returns (count, that first layer; None without one)."""
+                  threshold: float = TYPE_THRESHOLD) -> tuple[int, int, int | None]:
+    """Of the (up to) ``k`` heads that ``score`` (L', H) over model ``layers`` ranks highest (NaN: not ranked, e.g.
+    below the evidence's null), how many sit after the first layer holding an induction head (``induction`` (L, H)
+    over all layers above ``threshold``) without being one: heads that carry a copied token they did not copy.
+    Returns (that count, the heads ranked, that first layer; None without one)."""
     typed = np.nonzero((induction > threshold).any(1))[0]
+    s = np.asarray(score, dtype=np.float64)
+    ranked = np.argsort(np.where(np.isnan(s), np.inf, -s), axis=None, kind="stable")[:min(k, int(np.isfinite(s).sum()))]
     if not len(typed):
-        return 0, None
+        return 0, len(ranked), None
     first = int(typed[0])
-    s = np.nan_to_num(np.asarray(score, dtype=np.float64), nan=-np.inf)
-    top = np.argsort(-s, axis=None, kind="stable")[:k]
-    rows, heads = np.unravel_index(top, s.shape)
+    rows, heads = np.unravel_index(ranked, s.shape)
     n = sum(layers[r] > first and induction[layers[r], h] <= threshold for r, h in zip(rows, heads))
-    return int(n), first
+    return int(n), len(ranked), first
 
 
 def plot_against_pattern(pattern: np.ndarray, panels: list[tuple[str, np.ndarray, list[int]]], path,

@@ -148,9 +148,11 @@ def test_copy_carriers_counts_late_heads_that_are_not_induction_heads():
     induction[2, 1] = 0.8  # the first induction head is in layer 2
     score = np.zeros((6, 4))
     score[2, 1], score[4, 0], score[5, 3], score[1, 2] = 1.0, 0.9, 0.8, 0.7  # one induction head, two late carriers
-    assert copy_carriers(score, list(range(6)), induction, k=4) == (2, 2)
-    assert copy_carriers(score[3:], [3, 4, 5], induction, k=2) == (2, 2)  # evidence over some layers only
-    assert copy_carriers(score, list(range(6)), np.zeros((6, 4))) == (0, None)
+    assert copy_carriers(score, list(range(6)), induction, k=4) == (2, 4, 2)
+    assert copy_carriers(score[3:], [3, 4, 5], induction, k=2) == (2, 2, 2)  # evidence over some layers only
+    assert copy_carriers(score, list(range(6)), np.zeros((6, 4)), k=4) == (0, 4, None)
+    above = np.where(score > 0.75, score, np.nan)  # NaN (below the null) is not ranked
+    assert copy_carriers(above, list(range(6)), induction, k=16) == (2, 3, 2)
 
 
 def test_report_section_plots_the_copy_task_against_induction_scores(tmp_path):
@@ -167,11 +169,11 @@ def test_report_section_plots_the_copy_task_against_induction_scores(tmp_path):
     acc = 0.5 + rng.uniform(0, 0.02, (L, H))
     acc[3, [1, 2]] = [0.95, 0.9]
     acc[6:, :3] = 0.8  # six late heads carry the copied token without an induction pattern
-    acc[0, :], acc[1, :2] = 0.6, 0.6  # and eight early heads complete the top 16
+    acc[0, :], acc[1, :2] = 0.6, 0.6  # eight early heads at the null (0.6): not counted
     evidence = [Evidence("repeat_tokens", "ICI", "linear", acc, 0.6, list(range(L)))]
     md = head_type_section(scores, evidence, build_stage_map(evidence), tmp_path)
     assert "![copy task against induction scores](induction_check.png)" in md
     assert (tmp_path / "induction_check.png").read_bytes().startswith(b"\x89PNG")
-    assert "repeat_tokens/linear: 6 of its top 16 heads sit after layer 3" in md
+    assert "repeat_tokens/linear: 6 of its top 8 heads above the null sit after layer 3" in md
     rho, shared = rank_agreement(acc, scores["induction"]), top_overlap(acc, scores["induction"], 8)
     assert f"| repeat_tokens/linear | ICI | " in md and f" | {rho:.2f} | {shared}/8 |" in md
