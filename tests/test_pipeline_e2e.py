@@ -1,9 +1,11 @@
 """``headprobe run`` end to end on a tiny random Llama: every step, every report artefact, a cached second run, and
 the page rendered in headless Chromium with every image loaded."""
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -33,6 +35,27 @@ def finished_run(tmp_path_factory) -> tuple[Pipeline, Path, float]:
     t0 = time.perf_counter()
     page = pipeline.run()
     return pipeline, page, time.perf_counter() - t0
+
+
+def test_the_run_prints_its_steps_without_per_training_noise(tmp_path):
+    """`headprobe run` in a process of its own (one task: 3 trainings): no per-training hardware lines, tips, W&B
+    banners or known-harmless warnings; one line says where the offline W&B runs are."""
+    model = save_tiny_llama(tmp_path / "tiny-llama")
+    cfg = tiny_config(model, tmp_path / "run")
+    args = ["run", "--model", cfg.model, "--out", cfg.out, "--tasks", "[ioi]", "--max_examples", "40",
+            "--ablation_draws", "2", "--ablation_examples", "16", "--progress", "false", "--sae.layer", "1",
+            "--sae.d_sae", "96", "--sae.k", "4", "--sae.batch_size", "256", "--sae.tokens", "8192",
+            "--sae.corpus_examples", "40", "--sae.ce_tokens", "256"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    done = subprocess.run([sys.executable, "-c", "from train.cli import main; main()", *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    for noise in ("GPU available", "Tip:", "Seed set", "Run history", "Tracking run with wandb",
+                  "configure_optimizers", "LeafSpec", "weights_only"):
+        assert noise not in output, noise
+    assert re.search(r"W&B: 3 offline runs under .*; upload one with `wandb sync ", output)
+    assert "headprobe run:" in output
 
 
 def test_every_step_ran_and_every_artefact_is_written(finished_run):
@@ -68,7 +91,7 @@ def test_every_step_ran_and_every_artefact_is_written(finished_run):
 
 
 def test_report_holds_every_section_and_image(finished_run):
-    p, page, _ = finished_run
+    p, page, *_ = finished_run
     md = (page.parent / "report.md").read_text()
     for heading in ("## Stage map", "## Probes per task", "## Per-task probe accuracy", "## Sparse autoencoder",
                     "### Latents and the heads that write them", "## Run"):
@@ -86,7 +109,7 @@ def test_report_holds_every_section_and_image(finished_run):
 
 
 def test_second_run_is_cached_and_does_not_load_the_model(finished_run):
-    p, page, _ = finished_run
+    p, page, *_ = finished_run
     before = page.stat().st_mtime_ns
     again = Pipeline(p.cfg)
     t0 = time.perf_counter()
@@ -99,7 +122,7 @@ def test_second_run_is_cached_and_does_not_load_the_model(finished_run):
 
 
 def test_chromium_loads_every_image_of_the_page(finished_run, tmp_path):
-    _, page, _ = finished_run
+    _, page, *_ = finished_run
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     assert browser, "Debian's chromium is needed for this test: apt-get install -y chromium"
     cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -83,7 +83,7 @@ class SaveLast(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         tmp = self.path.with_suffix(".tmp")
-        trainer.save_checkpoint(tmp)
+        trainer.save_checkpoint(tmp, weights_only=False)  # the full state: resume needs optimiser, loops and RNG
         if trainer.is_global_zero:
             os.replace(tmp, self.path)
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-import re
 import platform
+import re
 import shutil
 import sys
 import time
@@ -132,6 +133,7 @@ class Pipeline:
             from train.loggers import wandb_environment
 
             wandb_environment(self.out / "wandb")
+            os.environ.setdefault("WANDB_SILENT", "true")  # 19 runs' banners would bury the progress bars
 
     @property
     def loaded(self):
@@ -189,7 +191,15 @@ class Pipeline:
         resume = (folder / "checkpoints" / "last.ckpt").exists()
         argv = [kind, "--data.path", str(store), "--out", str(folder), "--logger", self.cfg.logger,
                 "--seed_everything", str(self.cfg.seed), "--resume", str(resume).lower(), *extra]
-        run(expand_short_form(argv))
+        logs = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+        levels = [log.level for log in logs]
+        for log in logs:  # one training of many: no per-run hardware, seed and tip lines
+            log.setLevel(logging.WARNING)
+        try:
+            run(expand_short_form(argv))
+        finally:
+            for log, level in zip(logs, levels):
+                log.setLevel(level)
         metrics = json.loads((folder / "checkpoint" / "metrics.json").read_text())
         return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 
@@ -247,6 +257,10 @@ class Pipeline:
         report = self.steps("report", {"inputs": keys, "attribute": self.steps.key_of("attribute")},
                             lambda: {"path": str(build_report(self))})
         print(self.steps.table())
+        offline = sorted((self.out / "runs").glob("*/*/wandb/offline-run-*"))
+        if offline:
+            print(f"W&B: {len(offline)} offline runs under {self.out / 'runs'}/*/*/wandb; upload one with "
+                  f"`wandb sync {offline[0]}`")
         print(f"headprobe run: {time.perf_counter() - t0:.0f} s; report: {report['path']}")
         return Path(report["path"])
 
