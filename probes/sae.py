@@ -302,6 +302,11 @@ class SparseAutoencoder(L.LightningModule):
         elif self.d_in != d_in:
             raise ValueError(f"the SAE takes d_in={self.d_in} but the data gives {d_in} (layers x heads x d_head): "
                              f"select matching --data.layers/--data.heads")
+        budget = self.hparams.token_budget
+        if stage == "fit" and budget and self.trainer.max_epochs == -1 and self.trainer.world_size == 1:
+            rows = len(dm.split_rows["train"])  # one process sees every training row once per epoch
+            if rows:  # the budget stops training; this only makes the progress bar count the epochs it takes
+                self.trainer.fit_loop.max_epochs = math.ceil(budget / rows)
         if stage == "fit" and not self.initialised:
             split = dm.split("train") if dm.in_memory else None
             if split is not None:

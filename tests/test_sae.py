@@ -155,6 +155,10 @@ def test_token_budget_stops_training(tmp_path):
     sae = SparseAutoencoder(expansion=2, k=2, token_budget=1000)
     quiet_trainer(max_epochs=50, limit_val_batches=0).fit(sae, datamodule=dm)
     assert int(sae.tokens_seen) == 1000 and sae.global_step == 10
+    budget = SparseAutoencoder(expansion=2, k=2, token_budget=2500)  # no epoch limit: the budget's 3 epochs
+    trainer = quiet_trainer(max_epochs=-1, limit_val_batches=0)
+    trainer.fit(budget, datamodule=dm)
+    assert int(budget.tokens_seen) == 2500 and trainer.max_epochs == 3 and trainer.current_epoch == 3
 
 
 def test_splice_replaces_only_the_chosen_heads_and_identity_recovers_everything():
