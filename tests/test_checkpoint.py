@@ -89,14 +89,17 @@ def test_truncated_or_foreign_tensor_files_are_refused(tmp_path):
     path.write_bytes(whole[: len(whole) // 2])
     with pytest.raises(CheckpointError, match="sha256"):
         load_local(tmp_path / "ck")
-    # without a recorded hash, safetensors itself must reject the truncated file and a pickle in its place
     cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
     (tmp_path / "ck" / "config.json").write_text(json.dumps({**cfg, "tensors_sha256": ""}))
-    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+    with pytest.raises(CheckpointError, match="records no tensors_sha256"):  # nothing to verify against
         load_local(tmp_path / "ck")
-    torch.save({"weight": torch.zeros(3)}, path)  # a pickle archive: must never be unpickled
-    with pytest.raises(CheckpointError, match="corrupt or truncated"):
-        load_local(tmp_path / "ck")
+    # with a matching recorded hash, safetensors itself must reject the truncated file and a pickle in its place
+    for write in (lambda: path.write_bytes(whole[: len(whole) // 2]),
+                  lambda: torch.save({"weight": torch.zeros(3)}, path)):  # a pickle archive: never unpickled
+        write()
+        (tmp_path / "ck" / "config.json").write_text(json.dumps({**cfg, "tensors_sha256": sha256(path)}))
+        with pytest.raises(CheckpointError, match="corrupt or truncated"):
+            load_local(tmp_path / "ck")
 
 
 def test_expected_hashes_cover_every_file(tmp_path):

@@ -185,3 +185,16 @@ def test_unsupported_architecture_names_families_and_registry_entry(tmp_path, mo
         h.remove()
     ref = torch.stack([outputs[0], outputs[1]], dim=1).numpy()
     np.testing.assert_allclose(writes, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_head_writes_refuse_offloaded_output_projections():
+    """With a layer's W_O offloaded (meta weights, as accelerate leaves it), head writes cannot be computed: a
+    one-line error says what to do instead of a torch error about meta tensors."""
+    from extract.hooks import output_weights
+
+    model = tiny_loaded("llama").model
+    proj = out_projections(model)[1]
+    proj.weight = torch.nn.Parameter(torch.empty_like(proj.weight, device="meta"))
+    assert output_weights(model, [0])[0].shape[:2] == (1, 6)  # layer 0 is in memory
+    with pytest.raises(ValueError, match=r"layer 1's output projection is offloaded .* drop --writes"):
+        output_weights(model, [0, 1])

@@ -39,13 +39,14 @@ def finished_run(tmp_path_factory) -> tuple[Pipeline, Path, float]:
 
 def test_the_run_prints_its_steps_without_per_training_noise(tmp_path):
     """`headprobe run` in a process of its own (one task: 3 trainings): no per-training hardware lines, tips, W&B
-    banners or known-harmless warnings; one line says where the offline W&B runs are."""
+    banners or known-harmless warnings; one line says where the offline W&B runs are. The SAE is a ReLU one, which
+    takes train/configs/sae_relu.yaml's defaults as `headprobe train` does."""
     model = save_tiny_llama(tmp_path / "tiny-llama")
     cfg = tiny_config(model, tmp_path / "run")
     args = ["run", "--model", cfg.model, "--out", cfg.out, "--tasks", "[ioi]", "--max_examples", "40",
             "--ablation_draws", "2", "--ablation_examples", "16", "--progress", "false", "--sae.layer", "1",
             "--sae.d_sae", "96", "--sae.k", "4", "--sae.batch_size", "256", "--sae.tokens", "8192",
-            "--sae.corpus_examples", "40", "--sae.ce_tokens", "256"]
+            "--sae.corpus_examples", "40", "--sae.ce_tokens", "256", "--sae.architecture", "relu"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     done = subprocess.run([sys.executable, "-c", "from train.cli import main; main()", *args], env=env,
                           capture_output=True, text=True, timeout=300)
@@ -56,6 +57,10 @@ def test_the_run_prints_its_steps_without_per_training_noise(tmp_path):
         assert noise not in output, noise
     assert re.search(r"W&B: 3 offline runs under .*; upload one with `wandb sync ", output)
     assert "headprobe run:" in output
+    hparams = load_local(tmp_path / "run" / "runs" / "sae" / "layer1" / "checkpoint").checkpoint_config_loaded.hparams
+    assert hparams["architecture"] == "relu" and hparams["decoder_norm"] == "penalty" and hparams["k"] == 4
+    report = (tmp_path / "run" / "report" / "report.md").read_text()
+    assert "a ReLU (L1) sparse autoencoder was trained on layer 1" in report
 
 
 def test_every_step_ran_and_every_artefact_is_written(finished_run):

@@ -8,8 +8,9 @@
 The short form ``headprobe train NAME`` loads train/configs/NAME.yaml (model class + defaults); every option can be
 overridden on the command line. A run writes into ``--out``: ``checkpoints/last.ckpt`` after every epoch (exact
 resume with ``--resume true``: weights, solver/optimiser state, RNG, and the epoch that fixes the data order),
-``checkpoint/`` in the project format, ``heads.csv``/``heads.json``, ``heatmap.png``, ``config.yaml``, and the
-logger's files (W&B by default, offline without credentials; ``--logger csv`` or ``none``).
+``checkpoint/`` in the project format, ``heads.csv``/``heads.json``, ``heatmap.png``, ``config.yaml`` (with
+``--logger csv`` next to the CSV logger's metrics.csv, in its version folder), and the logger's files (W&B by
+default, offline without credentials; ``--logger csv`` or ``none``).
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ class TrainError(ValueError):
 
 
 class LogConfig(SaveConfigCallback):
-    """Write config.yaml into the run folder and log the full config to the loggers (W&B config)."""
+    """Write config.yaml into the trainer's log folder (the run folder, or the CSV logger's version folder) and log
+    the full config to the loggers (W&B config)."""
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
         config = self.config.clone().as_dict() if hasattr(self.config, "clone") else dict(self.config)

@@ -216,6 +216,10 @@ class Pipeline:
                  "--model.init_args.k", str(s.k), "--model.init_args.token_budget", str(s.tokens),
                  "--data.batch_size", str(s.batch_size)]
         key = {"store": self.steps.key_of("extract/corpus"), "extra": extra, "seed": cfg.seed}
+        from train.fit import CONFIGS
+
+        overlay = CONFIGS / f"sae_{s.architecture}.yaml"  # the architecture's own defaults, as in headprobe train
+        extra = (["--config", str(overlay)] if overlay.exists() else []) + extra
         self._fit("sae", key, "sae", self.store("corpus"), self.run_dir("sae", f"layer{s.layer}"), extra)
         self.steps("sae/eval", {"sae": self.steps.key_of("sae"), "ce_tokens": s.ce_tokens}, self.evaluate_sae)
 
@@ -332,6 +336,9 @@ def _top_tokens(p: Pipeline, n_features: int = 8, n_tokens: int = 5, context: in
     return "\n".join(out)
 
 
+SAE_NAMES = {"topk": "TopK", "batchtopk": "BatchTopK", "relu": "ReLU (L1)", "jumprelu": "JumpReLU"}
+
+
 def build_report(p: Pipeline) -> Path:
     from train.report import write_report
 
@@ -345,8 +352,9 @@ def build_report(p: Pipeline) -> Path:
     sections = [
         f"Model `{p.cfg.model}`; {len(p.tasks)} tasks over the four reasoning stages of Zheng et al. (2024). Each "
         f"head's output z was probed per task (linear probes for every head at once, a group-lasso probe choosing "
-        f"heads), a TopK sparse autoencoder was trained on layer {p.cfg.sae.layer}, and the evidence was pooled into "
-        f"a stage per head, then checked against attention-pattern scores and by ablating each task's top heads.",
+        f"heads), a {SAE_NAMES.get(p.cfg.sae.architecture, p.cfg.sae.architecture)} sparse autoencoder was trained on "
+        f"layer {p.cfg.sae.layer}, and the evidence was pooled into a stage per head, then checked against "
+        f"attention-pattern scores and by ablating each task's top heads.",
         f"## Stage map\n\n![stage map]({stage_png})",
         attribution_md.replace("## ", "### "),
         "## Probes per task\n\n" + _probe_table(p),
