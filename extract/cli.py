@@ -12,7 +12,8 @@ from extract.tasks import resolve_task
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="alias, hub id, local folder or .gguf file")
-    p.add_argument("--task", required=True, help="built-in task name (see `headprobe tasks`) or a .jsonl/.csv file")
+    p.add_argument("--task", required=True, help="built-in task name (see `headprobe tasks`), a .jsonl/.csv file, "
+                                                 "or hf:NAME?text=COL&label=COL (needs `pip install datasets`)")
     p.add_argument("--out", required=True, type=Path, help="output HDF5 file")
     p.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")], default=None,
                    help="comma-separated layers (default: all)")
