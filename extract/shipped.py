@@ -17,4 +17,6 @@ def shipped_folder(name: str) -> Path:
     if name not in ("datasets", "checkpoints"):
         raise ValueError(f"unknown shipped folder {name!r}: choose datasets or checkpoints")
     installed = ROOT / f"headprobe_{name}"
-    return installed if installed.is_dir() else ROOT / name
+    if installed.is_dir() or not (ROOT / "pyproject.toml").is_file():
+        return installed  # a regular install (never site-packages/datasets, which is Hugging Face's library)
+    return ROOT / name

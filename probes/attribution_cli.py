@@ -144,7 +144,8 @@ def ablation_section(results: dict[str, dict]) -> str:
            "| task | metric | k | mode | clean | top-k ablated | random k ablated (mean, 95% CI) | top hurts more | "
            "probe reads |", "|---|---|---|---|---|---|---|---|---|"]
     for task, r in results.items():
-        reads = "the answer (after*)" if r.get("probe_after_scored") else "the scored position"
+        after = r.get("probe_after_scored")  # absent in an ablation.json from an older headprobe
+        reads = "-" if after is None else "the answer (after*)" if after else "the scored position"
         out.append(f"| {task} | {r['metric']} | {r['k']} | {r['mode']} | {r['clean']:.3f} | {r['top']:.3f} | "
                    f"{r['random_mean']:.3f} [{r['random_ci'][0]:.3f}, {r['random_ci'][1]:.3f}] | "
                    f"{'yes' if r['hurts_more'] else 'no'} | {reads} |")

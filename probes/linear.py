@@ -228,9 +228,9 @@ class NewtonState:
     whose gradient is already below ``chord_below`` (Newton's quadratic phase: its next step mostly confirms
     convergence), or whose last step shrank its gradient by ``chord_ratio`` or more (the Hessian it used still fits),
     reuses its last Hessian's Cholesky factor instead of computing a new Hessian (a chord step); the second step
-    always reuses the first Hessian (at W = 0 the logistic one is the Gram matrix / 4, which bounds it everywhere).
-    On bench_probes' data the second rule cuts Hessians from ~3.2 to 1.5-1.8 per probe for 2 more steps: 1.07x
-    faster at scale (a), 1.3x at scale (b).
+    always reuses the first Hessian (for logistic loss, at W = 0 it is the Gram matrix / 4, which bounds the Hessian
+    everywhere). On bench_probes' data the second rule cuts Hessians from ~3.2 to 1.5-1.8 per probe for 2 more
+    steps: 1.1x faster at scale (a), 1.2x at scale (b).
     ``active`` lists the probes that want a new Hessian first: statistics come for ``active`` with Hessians for
     its first ``n_hessian``."""
 
@@ -377,6 +377,12 @@ class SplitEval:
         outs = self._outputs.pop(split, [])
         if self.trainer.world_size > 1:
             outs = [self._gather_rows(outs)]
+        if outs and isinstance(outs[0], dict) and "row" in outs[0]:
+            # store-row order, whatever the ranks and workers: bootstrap resamples then see the same rows in the
+            # same order (streamed data deals blocks to dataloader workers and ranks in turn)
+            rows = torch.cat([o["row"] for o in outs])
+            order = torch.argsort(rows, stable=True)
+            outs = [{k: torch.cat([o[k] for o in outs])[order] for k in outs[0]}]
         if outs:
             self._evaluate(split, outs)
 
@@ -390,10 +396,8 @@ class SplitEval:
         return self.trainer.strategy.reduce(t, reduce_op="sum")
 
     def _gather_rows(self, outs: list) -> dict | tuple:
-        """Per-batch outputs (dicts or tuples of (N, ...) tensors) of every rank, concatenated in rank order, then
-        sorted by store row where the outputs hold ``row`` (a one-process run evaluates rows in ascending order,
-        from memory or streamed), so bootstrap resamples see the rows of a one-process run in its order. Shares may
-        differ in size, so they are padded to gather."""
+        """Per-batch outputs (dicts or tuples of (N, ...) tensors) of every rank, concatenated in rank order (shares
+        may differ in size, so they are padded to gather). :meth:`_score` then sorts them by store row."""
         strategy = self.trainer.strategy
         keys = list(outs[0]) if outs and isinstance(outs[0], dict) else list(range(len(outs[0]) if outs else 0))
         counts = strategy.all_gather(torch.tensor(sum(len(o[keys[0]]) for o in outs) if outs else 0,
@@ -404,9 +408,6 @@ class SplitEval:
             pad = t.new_zeros((int(counts.max()) - len(t), *t.shape[1:]))
             g = strategy.all_gather(torch.cat([t, pad]).to(self.device)).cpu()  # (world, max rows, ...)
             gathered[k] = torch.cat([g[r, :int(n)] for r, n in enumerate(counts)])
-        if "row" in gathered:  # streamed evaluation deals blocks to ranks in turn: restore the row order
-            order = torch.argsort(gathered["row"], stable=True)
-            gathered = {k: v[order] for k, v in gathered.items()}
         return gathered if outs and isinstance(outs[0], dict) else tuple(gathered[k] for k in keys)
 
 

@@ -303,7 +303,8 @@ class SparseAutoencoder(L.LightningModule):
             raise ValueError(f"the SAE takes d_in={self.d_in} but the data gives {d_in} (layers x heads x d_head): "
                              f"select matching --data.layers/--data.heads")
         budget = self.hparams.token_budget
-        if stage == "fit" and budget and self.trainer.max_epochs == -1 and self.trainer.world_size == 1:
+        whole_epochs = self.trainer.limit_train_batches in (None, 1.0) and self.trainer.world_size == 1
+        if stage == "fit" and budget and self.trainer.max_epochs == -1 and whole_epochs:
             rows = len(dm.split_rows["train"])  # one process sees every training row once per epoch
             if rows:  # the budget stops training; this only makes the progress bar count the epochs it takes
                 self.trainer.fit_loop.max_epochs = math.ceil(budget / rows)

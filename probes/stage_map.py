@@ -4,8 +4,9 @@ Each :class:`probes.attribution.Evidence` (one task, one artifact) gives a head 
 the null is scaled so that accuracies, group norms and SAE shares can be pooled, by one of
 
 - ``share`` (default): the excess divided by the evidence's total excess, i.e. each head's share of what the task
-  found. A task decodable from almost every head spreads thin and weighs little on any one of them; a task found
-  in a few heads weighs on those.
+  found, times the fraction of the map's heads the evidence covers (an SAE on one of 30 layers carries 1/30 of the
+  weight of a probe on all of them). A task decodable from almost every head spreads thin and weighs little on any
+  one of them; a task found in a few heads weighs on those.
 - ``max``: the excess divided by the evidence's largest excess, i.e. how close a head comes to the task's best
   head. A task decodable from almost every head weighs fully on all of them (on SmolLM2, sentiment then paints
   every late head EP).
@@ -39,6 +40,8 @@ class StageMap:
     layers: list[int]  # model layer of each row
     scores: np.ndarray  # (L, H, 4) in [0, 1], stage order STAGES
     evidence: list[Evidence]
+    scale: str = "share"  # how each evidence was scaled before pooling (see build_stage_map)
+    reduce: str = "mean"  # how a stage's evidences were pooled
 
     @property
     def n_heads(self) -> int:
@@ -72,6 +75,7 @@ class StageMap:
 
 
 SCALES = ("share", "max")
+SCALE_WORDS = {"share": "total (times the share of heads it covers)", "max": "largest excess"}
 
 
 def build_stage_map(evidence: list[Evidence], reduce: str = "mean", scale: str = "share") -> StageMap:
@@ -94,13 +98,13 @@ def build_stage_map(evidence: list[Evidence], reduce: str = "mean", scale: str =
     for ev in evidence:
         full = np.zeros((len(layers), n_heads))
         ex = ev.excess()
-        norm = ex.sum() if scale == "share" else ex.max()
+        norm = ex.sum() * full.size / ex.size if scale == "share" else ex.max()
         full[[layers.index(layer) for layer in ev.layers]] = ex / norm if norm > 0 else ex
         per_stage[ev.stage].append(full)
     pool = {"mean": np.mean, "max": np.max}[reduce]
     scores = np.stack([pool(per_stage[s], axis=0) if per_stage[s] else np.zeros((len(layers), n_heads))
                        for s in STAGES], axis=-1)
-    return StageMap(layers, scores / scores.max() if scores.max() > 0 else scores, list(evidence))
+    return StageMap(layers, scores / scores.max() if scores.max() > 0 else scores, list(evidence), scale, reduce)
 
 
 def plot_stage_grid(stage_map: StageMap, path: str | Path, title: str = "Reasoning stage of each head") -> Path:
@@ -154,6 +158,7 @@ def write_scores(stage_map: StageMap, folder: str | Path) -> tuple[Path, Path]:
     nan_to_none = lambda a: [[None if np.isnan(v) else float(v) for v in row] for row in a]
     payload = {
         "stages": list(STAGES), "layers": stage_map.layers, "n_heads": stage_map.n_heads,
+        "scale": stage_map.scale, "reduce": stage_map.reduce,
         "scores": stage_map.scores.tolist(),
         "stage": [[STAGES[d] if d >= 0 else None for d in row] for row in dom.tolist()],
         "evidence": [{"task": ev.task, "stage": ev.stage, "source": ev.source, "metric": ev.metric,
@@ -171,7 +176,8 @@ def markdown_section(stage_map: StageMap, k: int = 8, image: str | None = "stage
     sources = sorted({ev.source for ev in stage_map.evidence})
     out += [f"Tasks: {', '.join(f'{t} ({s})' for s, t in tasks)}. Artifacts: {', '.join(sources)}. "
             f"{len(stage_map.assigned())} of {stage_map.scores[..., 0].size} heads are above the null for some "
-            f"stage.", ""]
+            f"stage. Scores: each evidence's excess over its null scaled by its {SCALE_WORDS[stage_map.scale]}, "
+            f"the {stage_map.reduce} over a stage's evidences, 1 for the best head.", ""]
     if image:
         out += [f"![stage map]({image})", ""]
     for stage in STAGES:

@@ -182,6 +182,23 @@ def test_a_task_decodable_everywhere_does_not_take_over_the_shared_map():
         build_stage_map(evidence, scale="sum")
 
 
+def test_one_layer_evidence_weighs_by_the_heads_it_covers():
+    """Scaled by share, an SAE on one of 4 layers that ties a task to one head carries a quarter of the weight of a
+    probe over all layers: its head (KR) does not outweigh the two heads an all-layer LR probe found (0.5 each),
+    while alone it would get the whole KR weight."""
+    lr = np.zeros((4, 6))
+    lr[0, :2] = 0.3
+    sae_score = np.zeros((1, 6))
+    sae_score[0, 3] = 1.0
+    evidence = [Evidence("lr_task", "LR", "linear", 0.5 + lr, 0.5, [0, 1, 2, 3]),
+                Evidence("kr_task", "KR", "sae", sae_score, 0.5, [2])]
+    stage_map = build_stage_map(evidence)
+    kr, lr_ = stage_map.scores[2, 3, STAGES.index("KR")], stage_map.scores[0, 0, STAGES.index("LR")]
+    assert kr == pytest.approx(0.5 * lr_)  # 1 x 1/4 against 0.5 x 1
+    assert stage_map.assigned() == {(0, 0): "LR", (0, 1): "LR", (2, 3): "KR"}
+    assert (stage_map.scale, stage_map.reduce) == ("share", "mean")
+
+
 def test_stage_map_refuses_bad_evidence():
     with pytest.raises(ValueError, match="no evidence"):
         build_stage_map([])

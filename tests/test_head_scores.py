@@ -176,4 +176,4 @@ def test_report_section_plots_the_copy_task_against_induction_scores(tmp_path):
     assert (tmp_path / "induction_check.png").read_bytes().startswith(b"\x89PNG")
     assert "repeat_tokens/linear: 6 of its top 8 heads above the null sit after layer 3" in md
     rho, shared = rank_agreement(acc, scores["induction"]), top_overlap(acc, scores["induction"], 8)
-    assert f"| repeat_tokens/linear | ICI | " in md and f" | {rho:.2f} | {shared}/8 |" in md
+    assert "| repeat_tokens/linear | ICI | " in md and f" | {rho:.2f} | {shared}/8 |" in md

@@ -24,10 +24,19 @@ def _tracked(folder: str) -> list[str]:
 def installed(tmp_path_factory) -> tuple[Path, list[str]]:
     pytest.importorskip("setuptools.command.bdist_wheel", reason="setuptools >= 70.1 builds wheels offline")
     tmp = tmp_path_factory.mktemp("wheel")
-    # build from a copy without build/ or *.egg-info: setuptools would otherwise take files listed by earlier builds
+    # build from a copy of the files git knows (tracked or new, not ignored): no build/, *.egg-info or venv, from
+    # which setuptools would otherwise take files listed by earlier builds
     src = tmp / "src"
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "runs", "wandb",
-                                                             "__pycache__", ".pytest_cache", "*.h5"))
+    if (ROOT / ".git").exists():
+        listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                                capture_output=True, text=True, check=True).stdout.split()
+        for name in listed:
+            if (ROOT / name).is_file():
+                (src / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / name, src / name)
+    else:
+        shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "runs", "wandb", ".venv",
+                                                                 "__pycache__", ".pytest_cache", "*.h5"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp),
                     str(src)], check=True, cwd=tmp, capture_output=True)
     wheel = next(tmp.glob("headprobe-*.whl"))

@@ -31,7 +31,8 @@ def _dist() -> tuple[int, int]:
 
 
 class EpochBatches(DistributedSampler):
-    """Batches of positions into ``range(n)``: shuffled by (seed, epoch), sharded across ranks.
+    """Batches of positions into ``range(n)``: shuffled by (seed, epoch), sharded across ranks; one batch of the
+    whole split in one process comes in order (the order within a batch changes nothing).
 
     Training (``shuffle=True``) gives every rank ``n // world`` positions, so ranks take the same number of steps
     (the other ``n % world`` wait for a later epoch's draw). Evaluation (``shuffle=False``) splits all positions
@@ -81,9 +82,13 @@ class InMemoryRows(torch.utils.data.Dataset):
 
     def __getitem__(self, pos) -> dict:
         pos = torch.as_tensor(pos)
-        if len(pos) and int(pos[-1]) - int(pos[0]) == len(pos) - 1 and bool((pos.diff() == 1).all()):
-            pos = slice(int(pos[0]), int(pos[-1]) + 1)  # a run of rows: a view, one copy less than a gather
-        return {"z": self.z[pos].float(), "label": self.labels[pos], "row": self.rows[pos]}
+        run = pos.ndim == 1 and len(pos) > 0 and int(pos[-1]) - int(pos[0]) == len(pos) - 1
+        if run and bool((pos.diff() == 1).all()):
+            pos = slice(int(pos[0]), int(pos[-1]) + 1)  # a run of rows: sliced, not gathered
+        z = self.z[pos]
+        # fp16 is converted (a copy); an fp32 slice is a view of the cached split, so it is copied too
+        z = z.float() if z.dtype != torch.float32 else (z.clone() if isinstance(pos, slice) else z)
+        return {"z": z, "label": self.labels[pos], "row": self.rows[pos]}
 
 
 class StreamingRows(IterableDataset):

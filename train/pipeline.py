@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 from extract.models import DEFAULT_MODEL
 
@@ -50,7 +50,7 @@ class RunConfig:
     top_k: int = 8  # heads per task for the causal ablation check
     ablation_draws: int = 5  # random-head draws to compare against
     ablation_examples: int = 64  # task examples per ablation metric
-    stage_scale: str = "share"  # stage map: each evidence scaled by its total (share) or its largest excess (max)
+    stage_scale: Literal["share", "max"] = "share"  # stage map: evidence scaled by its total (share) or its best head
     sae: SAESettings = field(default_factory=SAESettings)
     progress: bool = True
 
@@ -194,7 +194,7 @@ class Pipeline:
         logs = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
         levels = [log.level for log in logs]
         for log in logs:  # one training of many: no per-run hardware, seed and tip lines
-            log.setLevel(logging.WARNING)
+            log.setLevel(max(log.level, logging.WARNING))
         try:
             run(expand_short_form(argv))
         finally:
@@ -219,7 +219,9 @@ class Pipeline:
         from train.fit import CONFIGS
 
         overlay = CONFIGS / f"sae_{s.architecture}.yaml"  # the architecture's own defaults, as in headprobe train
-        extra = (["--config", str(overlay)] if overlay.exists() else []) + extra
+        if overlay.exists():
+            key["overlay"] = hashlib.sha256(overlay.read_bytes()).hexdigest()[:16]
+            extra = ["--config", str(overlay), *extra]
         self._fit("sae", key, "sae", self.store("corpus"), self.run_dir("sae", f"layer{s.layer}"), extra)
         self.steps("sae/eval", {"sae": self.steps.key_of("sae"), "ce_tokens": s.ce_tokens}, self.evaluate_sae)
 
