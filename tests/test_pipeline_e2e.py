@@ -53,7 +53,7 @@ def test_the_run_prints_its_steps_without_per_training_noise(tmp_path):
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-3000:]
     for noise in ("GPU available", "Tip:", "Seed set", "Run history", "Tracking run with wandb",
-                  "configure_optimizers", "LeafSpec", "weights_only"):
+                  "configure_optimizers", "LeafSpec", "weights_only", "anonymous setting"):
         assert noise not in output, noise
     assert re.search(r"W&B: 3 offline runs under .*; upload one with `wandb sync ", output)
     assert "headprobe run:" in output

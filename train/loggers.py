@@ -53,6 +53,8 @@ class WandbLogger(_LightningWandbLogger):
         offline = os.environ.get("WANDB_MODE") in ("offline", "dryrun", "disabled")
         super().__init__(save_dir=save_dir, project=project, name=name, offline=offline, log_model=log_model,
                          **kwargs)
+        if self._wandb_init.get("anonymous") is None:  # wandb warns that the setting (None here) has no effect
+            self._wandb_init.pop("anonymous", None)
 
 
 # --- reading an offline run back -----------------------------------------------------------------------------
