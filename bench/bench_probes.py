@@ -10,9 +10,9 @@ ITI recipe (default tol, max_iter=1000); agreement is measured against the loop 
 accuracy, 80/20 split; the issue's criterion: mean |delta| <= 0.5 points, >= 80% top-16 overlap). The contenders
 run in alternation ``--repeats`` times and medians are printed, since the machine may be shared. By default both
 sides get one core: the loop runs with one BLAS thread (``--blas-threads``, its fastest setting here) and torch with
-one thread (``--threads``; headprobe parallelises over chunks of probes when given more). ``--loop-heads`` (``--loop-heads-b`` at scale b;
-default: all heads) times the loop on evenly spaced heads and scales the time up to all heads (printed); agreement
-is then over those heads.
+one thread (``--threads``; headprobe parallelises over chunks of probes when given more). ``--loop-heads``
+(``--loop-heads-b`` at scale b; default: all heads) times the loop on evenly spaced heads and scales the time up to
+all heads (printed); agreement is then over those heads.
 
     python bench/bench_probes.py                       # both scales (~6 min on 2 cores; peak memory ~10 GB at b)
     python bench/bench_probes.py --scale a --repeats 5

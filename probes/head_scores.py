@@ -14,6 +14,7 @@ switched to eager for the measurement and back afterwards.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -160,7 +161,6 @@ def plot_against_pattern(pattern: np.ndarray, panels: list[tuple[str, np.ndarray
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from pathlib import Path
 
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 0.8, 3.6), squeeze=False)
     n_layers = pattern.shape[0]

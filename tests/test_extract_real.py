@@ -15,6 +15,20 @@ from extract.tasks import get_task
 from tests.test_extract_support import run_cli
 
 
+def projection_inputs(model, ids: list[int], position: int) -> np.ndarray:
+    """(L, H * D): what every layer's output projection reads at ``position`` in a plain forward of ``ids``."""
+    captured = {}
+    handles = [p.register_forward_pre_hook(lambda mod, args, i=i: captured.__setitem__(i, args[0][0, position]))
+               for i, p in enumerate(out_projections(model))]
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.tensor([ids]))
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.stack([captured[i] for i in range(len(captured))]).numpy()
+
+
 @pytest.mark.slow
 def test_default_model_extracts_capitals_and_matches_a_plain_forward(tmp_path):
     out = tmp_path / "capitals.h5"
@@ -34,16 +48,7 @@ def test_default_model_extracts_capitals_and_matches_a_plain_forward(tmp_path):
     loaded = load_model("smollm2-135m")
     ids = loaded.tokenizer(examples[row].text)["input_ids"]
     assert position == len(ids) - 1
-    captured = {}
-    handles = [p.register_forward_pre_hook(lambda mod, args, i=i: captured.__setitem__(i, args[0][0, -1]))
-               for i, p in enumerate(out_projections(loaded.model))]
-    try:
-        with torch.no_grad():
-            loaded.model(input_ids=torch.tensor([ids]))
-    finally:
-        for h in handles:
-            h.remove()
-    ref = torch.stack([captured[i] for i in range(30)]).view(30, 9, 64).numpy()
+    ref = projection_inputs(loaded.model, ids, position).reshape(30, 9, 64)
     np.testing.assert_allclose(z, ref, rtol=2e-3, atol=2e-3 * np.abs(ref).max())
 
 
@@ -74,15 +79,5 @@ def test_a_real_bert_encoder_extracts_what_its_output_projection_reads(tmp_path)
         row = 5
         z, position = s.activations(rows=[row])[0], int(s.column("position")[row])
         text = examples[int(s.column("example_id")[row])].text
-    ids = loaded.tokenizer(text)["input_ids"]
-    captured = {}
-    handles = [p.register_forward_pre_hook(lambda mod, args, i=i: captured.__setitem__(i, args[0][0, position]))
-               for i, p in enumerate(out_projections(loaded.model))]
-    try:
-        with torch.no_grad():
-            loaded.model(input_ids=torch.tensor([ids]))
-    finally:
-        for h in handles:
-            h.remove()
-    ref = torch.stack([captured[i] for i in range(6)]).view(6, 12, 32).numpy()
+    ref = projection_inputs(loaded.model, loaded.tokenizer(text)["input_ids"], position).reshape(6, 12, 32)
     np.testing.assert_allclose(z, ref, rtol=2e-3, atol=2e-3 * np.abs(ref).max())

@@ -82,8 +82,7 @@ class InMemoryRows(torch.utils.data.Dataset):
 
     def __getitem__(self, pos) -> dict:
         pos = torch.as_tensor(pos)
-        run = pos.ndim == 1 and len(pos) > 0 and int(pos[-1]) - int(pos[0]) == len(pos) - 1
-        if run and bool((pos.diff() == 1).all()):
+        if pos.ndim == 1 and len(pos) > 0 and bool((pos.diff() == 1).all()):
             pos = slice(int(pos[0]), int(pos[-1]) + 1)  # a run of rows: sliced, not gathered
         z = self.z[pos]
         # fp16 is converted (a copy); an fp32 slice is a view of the cached split, so it is copied too
