@@ -153,7 +153,8 @@ def ablation_section(results: dict[str, dict]) -> str:
         out += ["", "\\* True/false statements: the probes read the answer token, while the margin scores the "
                 "model's prediction of the answer at the positions before it. Ablating the heads there tests what "
                 "they do at the prompt's end, not what the probe read; a \"no\" is weaker evidence against these "
-                "heads."]
+                "heads. A metric at the answer token would need the model to judge the finished statement when asked; "
+                "`python bench/bench_judgement.py --model MODEL` measures whether it does."]
     return "\n".join(out + [""])
 
 

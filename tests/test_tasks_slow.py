@@ -11,7 +11,7 @@ from extract.extractor import ExtractConfig, extract
 from extract.store import Store
 from extract.tasks import TASKS
 from extract.tasks.builtin import DATA
-from extract.tasks.metrics import model_metric
+from extract.tasks.metrics import asked_to_judge, choice_metric, model_metric
 
 pytestmark = pytest.mark.slow
 
@@ -52,3 +52,16 @@ def test_model_is_above_chance_where_its_card_says_so(smollm, name):
     assert result["n"] >= 20
     if claim == "yes":
         assert result["metric"] > result["chance"] + 0.05, result
+
+
+def test_asked_to_judge_capitals_statements_the_default_model_says_true_to_all(smollm):
+    """The README's reason why no ablation metric sits at the true/false tasks' answer token: asked, the model
+    answers True whatever the statement (bench/bench_judgement.py measures all six tasks)."""
+    examples = TASKS["capitals"].examples(0)[:40]
+    asked = asked_to_judge(examples)
+    assert asked[0].choice["prompt"].endswith(". True or false? Answer:") and asked[0].text == asked[0].choice["prompt"]
+    assert [ex.choice["answer"] for ex in asked] == [0 if ex.label == 1 else 1 for ex in examples]
+    on_true = choice_metric(smollm, [ex for ex in asked if ex.label == 1])
+    on_false = choice_metric(smollm, [ex for ex in asked if ex.label == 0])
+    assert on_true["n"] == on_false["n"] == 20
+    assert on_true["metric"] == 1.0 and on_false["metric"] <= 0.1, (on_true, on_false)

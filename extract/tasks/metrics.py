@@ -167,3 +167,17 @@ def probe_reads_after_scoring(task: Task, examples: list[Example]) -> bool:
     the probe sees the answer, the margin scores the prediction of the answer at the prompt's end)."""
     return (task.metric == "choice" and task.position_rule == "last"
             and any(ex.choice is not None and ex.text != ex.choice["prompt"] for ex in examples))
+
+
+def asked_to_judge(examples: list[Example], question: str = ". True or false? Answer:",
+                   answers: tuple[str, str] = (" True", " False")) -> list[Example]:
+    """True/false statements turned into questions to the model: each statement, then ``question``; its ``choice``
+    is the right one of ``answers`` (answers[0] for a true statement, answers[1] for a false one). With
+    :func:`choice_metric` this measures whether the model judges a finished statement, at the position after it
+    (``bench/bench_judgement.py``)."""
+    out = []
+    for ex in examples:
+        prompt = ex.text.rstrip(".") + question
+        choice = {"prompt": prompt, "candidates": list(answers), "answer": 0 if ex.label == 1 else 1}
+        out.append(Example(text=prompt, label=ex.label, group=ex.group, choice=choice))
+    return out

@@ -1,0 +1,56 @@
+"""Can the model judge the built-in true/false statements when asked?
+
+The ablation check scores true/false tasks by the model's preference for the true completion at the prompt's end,
+while their probes read the answer token after it (the report's footnote). A metric at the probe's own position
+would need the model to judge the finished statement: this script asks it, appending a question to each statement
+and scoring the two answers as a ``choice`` (``extract.tasks.metrics.asked_to_judge``). It prints, per task and
+question, the accuracy on true and on false statements and the mean margin of the right answer; a model that
+always gives one answer scores 1 on one side and 0 on the other.
+
+    python bench/bench_judgement.py                        # the default model, all six true/false tasks (~3 min)
+    python bench/bench_judgement.py --tasks capitals,facts --model smollm2-135m
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from extract.models import load_model
+from extract.tasks import get_task
+from extract.tasks.metrics import asked_to_judge, choice_metric
+
+TRUE_FALSE_TASKS = "capitals,city_country,arithmetic,successor,greater_than,facts"
+QUESTIONS = {  # question appended to the statement, (answer if true, answer if false)
+    "true-or-false": (". True or false? Answer:", (" True", " False")),
+    "is-that-correct": (".\nQuestion: Is that correct? Answer:", (" Yes", " No")),
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--tasks", default=TRUE_FALSE_TASKS, help="comma-separated true/false tasks")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = load_model(args.model)
+    print("| task | question | accuracy on true statements | on false statements | margin | n |")
+    print("|---|---|---|---|---|---|")
+    for name in args.tasks.split(","):
+        examples = get_task(name).examples(0)
+        for key, (question, answers) in QUESTIONS.items():
+            t = time.perf_counter()
+            asked = asked_to_judge(examples, question, answers)
+            on_true = choice_metric(loaded, [ex for ex in asked if ex.label == 1])
+            on_false = choice_metric(loaded, [ex for ex in asked if ex.label == 0])
+            margin = (on_true["margin"] * on_true["n"] + on_false["margin"] * on_false["n"]) / (on_true["n"]
+                                                                                                 + on_false["n"])
+            print(f"| {name} | {key} | {on_true['metric']:.3f} | {on_false['metric']:.3f} | {margin:+.3f} | "
+                  f"{on_true['n']} + {on_false['n']} |  <!-- {time.perf_counter() - t:.0f} s -->", flush=True)
+
+
+if __name__ == "__main__":
+    main()
