@@ -94,7 +94,7 @@ def head_type_section(scores: dict[str, np.ndarray], evidence: list[Evidence], s
     """The report's cross-check section; with ``folder``, also ``induction_check.png`` for the copy tasks."""
     from extract.tasks import TASKS
     from probes.head_scores import (HEAD_TYPE_STAGE, TYPE_THRESHOLD, copy_carriers, head_types,
-                                    plot_against_pattern, rank_agreement, top_overlap)
+                                    plot_against_pattern, rank_agreement, top_overlap, typed_auroc)
 
     out = ["## Attention-pattern cross-check", "",
            f"Scores on [BOS, r1..r50, r1..r50] (TransformerLens 'mul' score; a head is typed above {TYPE_THRESHOLD}). "
@@ -109,17 +109,19 @@ def head_type_section(scores: dict[str, np.ndarray], evidence: list[Evidence], s
             got = STAGES[d] if d >= 0 else "none"
         out.append(f"| L{layer}.H{head} | {', '.join(types)} | {vals} | "
                    f"{', '.join(sorted({HEAD_TYPE_STAGE[t] for t in types}))} | {got} |")
-    out += ["", "Spearman rho over heads between each evidence's score and the pattern scores, and how many of the "
-            f"evidence's top {TOP_SHARED} heads are among the top {TOP_SHARED} induction heads:", "",
-            f"| evidence | stage | previous-token | duplicate-token | induction | induction top-{TOP_SHARED} shared |",
-            "|---|---|---|---|---|---|"]
+    out += ["", "Spearman rho over heads between each evidence's score and the pattern scores, how many of the "
+            f"evidence's top {TOP_SHARED} heads are among the top {TOP_SHARED} induction heads, and how well the "
+            f"evidence separates the heads typed induction from the rest (AUROC over its heads; 0.5: not at all):", "",
+            f"| evidence | stage | previous-token | duplicate-token | induction | induction top-{TOP_SHARED} shared "
+            "| induction-typed AUROC |", "|---|---|---|---|---|---|---|"]
     for ev in evidence:
         rows = ev.layers
         rhos = [rank_agreement(ev.score, scores[t][rows]) for t in ("previous_token", "duplicate_token", "induction")]
         few = np.size(ev.score) < 4 * TOP_SHARED  # e.g. an SAE on one layer: its top 8 of 9 heads would be trivial
         shared = "-" if few else f"{top_overlap(ev.score, scores['induction'][rows], TOP_SHARED)}/{TOP_SHARED}"
+        auroc = "-" if few else f"{typed_auroc(ev.score, scores['induction'][rows]):.2f}"
         out.append(f"| {ev.task}/{ev.source} | {ev.stage} | " + " | ".join(f"{r:.2f}" for r in rhos)
-                   + f" | {shared} |")
+                   + f" | {shared} | {auroc} |")
     copying = [ev for ev in evidence if getattr(TASKS.get(ev.task), "metric", "") == "induction" and len(ev.layers) > 1]
     if folder is not None and copying:
         panels = [(f"{ev.task}/{ev.source}" + (f" ({ev.metric})" if ev.metric else ""), ev.score, ev.layers)

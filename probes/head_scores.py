@@ -137,6 +137,19 @@ def rank_agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float(spearmanr(a[ok], b[ok]).statistic)
 
 
+def typed_auroc(score: np.ndarray, pattern: np.ndarray, threshold: float = TYPE_THRESHOLD) -> float:
+    """How well a per-head ``score`` (L, H) separates the heads a ``pattern`` score (L, H) types (above
+    ``threshold``) from the rest: AUROC over all heads (NaN scores rank lowest); NaN without both kinds of head."""
+    from sklearn.metrics import roc_auc_score
+
+    typed = np.asarray(pattern).ravel() > threshold
+    if typed.all() or not typed.any():
+        return float("nan")
+    s = np.asarray(score, dtype=np.float64).ravel()
+    low = np.nanmin(s) - 1 if np.isfinite(s).any() else 0.0
+    return float(roc_auc_score(typed, np.where(np.isnan(s), low, s)))
+
+
 def copy_carriers(score: np.ndarray, layers: list[int], induction: np.ndarray, k: int = 16,
                   threshold: float = TYPE_THRESHOLD) -> tuple[int, int, int | None]:
     """Of the (up to) ``k`` heads that ``score`` (L', H) over model ``layers`` ranks highest (NaN: not ranked, e.g.

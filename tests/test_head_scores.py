@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from probes.head_scores import (attention_patterns, copy_carriers, detection_patterns, head_type_scores, head_types,
-                                pattern_scores, rank_agreement, repeated_random_tokens, top_overlap)
+                                pattern_scores, rank_agreement, repeated_random_tokens, top_overlap,
+                                typed_auroc)
 from tests.conftest import tiny_model
 
 N = 10
@@ -108,6 +109,17 @@ def test_top_overlap_counts_shared_top_heads():
     assert top_overlap(a, b, 3) == 1
 
 
+def test_typed_auroc_ranks_the_typed_heads_against_the_rest():
+    pattern = np.zeros((2, 3))
+    pattern[1, 0], pattern[0, 2] = 0.9, 0.5  # two heads typed (> 0.4)
+    score = np.array([[0.1, 0.2, 0.8], [0.7, 0.3, 0.75]])  # typed: 0.8, 0.7; untyped: 0.1, 0.2, 0.3, 0.75
+    assert typed_auroc(score, pattern) == pytest.approx(7 / 8)  # 0.7 loses to 0.75 once in 8 pairs
+    assert typed_auroc(-score, pattern) == pytest.approx(1 / 8)
+    score[0, 2] = np.nan  # NaN ranks lowest
+    assert typed_auroc(score, pattern) == pytest.approx(3 / 8)
+    assert np.isnan(typed_auroc(score, np.zeros((2, 3))))  # no typed head: undefined
+
+
 @pytest.mark.slow
 def test_copy_task_probes_find_the_induction_heads_of_the_default_model(tmp_path):
     """repeat_tokens on SmolLM2: per-head linear probes for the next word's category (val + test accuracy) against
@@ -176,4 +188,5 @@ def test_report_section_plots_the_copy_task_against_induction_scores(tmp_path):
     assert (tmp_path / "induction_check.png").read_bytes().startswith(b"\x89PNG")
     assert "repeat_tokens/linear: 6 of its top 8 heads above the null sit after layer 3" in md
     rho, shared = rank_agreement(acc, scores["induction"]), top_overlap(acc, scores["induction"], 8)
-    assert "| repeat_tokens/linear | ICI | " in md and f" | {rho:.2f} | {shared}/8 |" in md
+    assert "| repeat_tokens/linear | ICI | " in md and f" | {rho:.2f} | {shared}/8 | 1.00 |" in md  # AUROC: both
+    # induction heads outrank every other head
