@@ -3,7 +3,7 @@
 A head is ablated by replacing its z (its block of the output projection's input, see :mod:`extract.hooks`) with
 its mean over reference inputs (mean ablation) or with zeros (zero ablation), through a forward pre-hook on the
 output projection; nothing else in the model changes. :func:`causal_check` compares ablating a task's top-k
-attributed heads with ablating k random heads (several draws), with confidence intervals.
+attributed heads with ablating k random heads (several draws), with confidence and prediction intervals.
 """
 from __future__ import annotations
 
@@ -101,13 +101,16 @@ class AblationResult:
     random: list[float]  # metric with k random heads ablated, one per draw
     random_mean: float
     random_ci: tuple[float, float]  # 95% t-interval of the mean over draws
+    random_pi: tuple[float, float]  # 95% t-prediction interval of one more draw (NaN with fewer than 2 draws)
     top_heads: list[Head]
     random_heads: list[list[Head]]
 
     @property
     def hurts_more(self) -> bool:
-        """Ablating the top heads lowers the metric below the random draws' CI."""
-        return self.top < self.random_ci[0]
+        """Ablating the top heads lowers the metric below the range of one random draw (the lower end of its 95%
+        prediction interval): under "the top heads are k heads like any others" this happens 2.5% of the time.
+        The mean's CI would not do: it narrows with more draws, while a single random draw stays as spread."""
+        return bool(self.top < self.random_pi[0])
 
     def to_dict(self) -> dict:
         return {**asdict(self), "hurts_more": self.hurts_more}
@@ -119,10 +122,13 @@ def _bootstrap_ci(values: np.ndarray, n: int = 1000, seed: int = 0) -> tuple[flo
     return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
-def _mean_ci(values: np.ndarray) -> tuple[float, float]:
-    if len(values) < 2:
-        return float(values.mean()), float(values.mean())
-    half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+def _t_interval(values: np.ndarray, one_draw: bool) -> tuple[float, float]:
+    """95% t-interval of the mean of ``values``, or (``one_draw``) the prediction interval of one more value."""
+    n = len(values)
+    if n < 2:
+        return (float("nan"),) * 2 if one_draw else (float(values.mean()),) * 2
+    spread = values.std(ddof=1) * np.sqrt(1 + 1 / n if one_draw else 1 / n)
+    half = stats.t.ppf(0.975, n - 1) * spread
     return float(values.mean() - half), float(values.mean() + half)
 
 
@@ -132,7 +138,8 @@ def causal_check(model: nn.Module, metric: Callable[[nn.Module], np.ndarray], to
     """Ablate ``top_heads`` and, ``n_draws`` times, as many random other heads; compare the task metric.
 
     ``metric(model)`` runs the task and returns one value per example, or one scalar (higher = better); it is
-    called with the ablation hooks in place. The top heads' CI is a bootstrap over examples (none for a scalar).
+    called with the ablation hooks in place. The top heads' CI is a bootstrap over examples (none for a scalar);
+    the random draws give the mean's CI and the prediction interval of one draw, which ``hurts_more`` tests.
     """
     layout = head_layout(model)
     k = len(top_heads)
@@ -149,4 +156,5 @@ def causal_check(model: nn.Module, metric: Callable[[nn.Module], np.ndarray], to
         draws.append(heads)
     rv = np.asarray(random_values)
     return AblationResult(k, mode, clean, float(top_values.mean()), _bootstrap_ci(top_values, seed=seed),
-                          random_values, float(rv.mean()), _mean_ci(rv), list(top_heads), draws)
+                          random_values, float(rv.mean()), _t_interval(rv, False), _t_interval(rv, True),
+                          list(top_heads), draws)

@@ -121,16 +121,21 @@ def direct_feature_attribution(z: torch.Tensor, W_enc: torch.Tensor, b_enc: torc
                                b_dec: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Split each feature's pre-activation over heads.
 
-    z (N, H, D), W_enc (H*D, F), b_enc (F,), b_dec (H*D,) or None (an SAE that does not subtract b_dec before
-    encoding). The pre-activation ``(z - b_dec) @ W_enc + b_enc`` equals ``per_head.sum(1) + bias``, with
-    per_head (N, H, F) = z_h . W_enc[h-block, f] and bias (F,) = b_enc - b_dec @ W_enc.
+    z (N, H, D); W_enc (F, H*D), b_enc (F,) and b_dec (H*D,) as a :class:`probes.sae.SparseAutoencoder` and its
+    checkpoint hold them; b_dec None for an SAE that does not subtract it before encoding. The pre-activation
+    ``(z - b_dec) @ W_enc.T + b_enc`` equals ``per_head.sum(1) + bias``, with per_head (N, H, F) = z_h .
+    W_enc[f, h-block] and bias (F,) = b_enc - W_enc @ b_dec.
     """
     N, H, D = z.shape
-    W = W_enc.to(z.dtype).view(H, D, -1)  # (H, D, F)
-    per_head = torch.einsum("nhd,hdf->nhf", z, W)
+    F = b_enc.numel()
+    if tuple(W_enc.shape) != (F, H * D):
+        raise ValueError(f"W_enc has shape {tuple(W_enc.shape)}; for {F} features over z of {H} heads x {D} it must "
+                         f"be ({F}, {H * D}), as SparseAutoencoder.W_enc (transpose a (d_in, F) matrix first)")
+    W = W_enc.to(z.dtype).view(F, H, D)
+    per_head = torch.einsum("nhd,fhd->nhf", z, W)
     bias = b_enc.to(z.dtype)
     if b_dec is not None:
-        bias = bias - b_dec.to(z.dtype) @ W_enc.to(z.dtype)
+        bias = bias - W_enc.to(z.dtype) @ b_dec.to(z.dtype)
     return per_head, bias
 
 
@@ -204,25 +209,31 @@ def feature_ties(acts: np.ndarray | torch.Tensor, labels: np.ndarray, alpha: flo
     return auroc, np.where(null_std > 0, 2 * z * null_std, np.inf)
 
 
-def sae_head_importance(shares: np.ndarray, auroc: np.ndarray, tie_threshold: np.ndarray | float
-                        ) -> tuple[np.ndarray, np.ndarray]:
+def sae_head_importance(shares: np.ndarray, auroc: np.ndarray, tie_threshold: np.ndarray | float,
+                        read: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Head importance for a task from one SAE, and its even-share null: (F, H), (F,) -> (H,), (H,).
 
     A feature is tied to the task when its strength |2 AUROC - 1| exceeds ``tie_threshold`` (scalar or (F,),
     from :func:`feature_ties`); it weighs by its excess strength. A head's importance is the share-weighted sum
     over the tied features; its null is the importance it would get if every tied feature were spread evenly
-    over the heads (so a head passes when it holds more than its even part of the task's features).
+    over the heads the SAE reads (``read`` (H,) bool, default all; the others get NaN: no evidence), so a head
+    passes when it holds more than its even part of the task's features.
     """
+    read = np.ones(shares.shape[1], dtype=bool) if read is None else np.asarray(read, dtype=bool)
     weight = np.clip(feature_strength(auroc) - tie_threshold, 0, None)  # (F,)
     importance = weight @ np.asarray(shares, dtype=np.float64)  # (H,)
-    return importance, np.full_like(importance, weight.sum() / shares.shape[1])
+    null = np.full_like(importance, weight.sum() / max(1, read.sum()))
+    importance[~read], null[~read] = np.nan, np.nan
+    return importance, null
 
 
 def sae_evidence(task: str, stage: str, saes: list[tuple[np.ndarray, np.ndarray, list[int]]], labels: np.ndarray,
                  layers: list[int], n_heads: int, alpha: float = 0.01) -> Evidence:
     """Evidence from SAEs: ``saes`` holds (latent activations (N, F), W_dec (F, n_layers_in * H * D), its model
     layers) per SAE, on the task's rows (labels (N,)). ``layers`` are the rows of the evidence; rows no SAE reads
-    stay NaN (no evidence). An SAE over several layers splits its decoder into (layer, head) blocks."""
+    stay NaN (no evidence), as do heads an SAE does not read (decoder blocks that are zero in every feature, as
+    the SAEs of a subset of heads are padded). An SAE over several layers splits its decoder into (layer, head)
+    blocks."""
     score = np.full((len(layers), n_heads), np.nan)
     null = np.full_like(score, np.nan)
     tied = {}
@@ -230,7 +241,8 @@ def sae_evidence(task: str, stage: str, saes: list[tuple[np.ndarray, np.ndarray,
     for acts, W_dec, sae_layers in saes:
         auroc, tau = feature_ties(acts, labels, alpha, n_tests=n_features)
         shares = decoder_head_shares(W_dec, len(sae_layers) * n_heads)  # (F, L' * H)
-        importance, even = sae_head_importance(shares, auroc, tau)
+        blocks = np.asarray(W_dec).reshape(np.shape(W_dec)[0], len(sae_layers) * n_heads, -1)
+        importance, even = sae_head_importance(shares, auroc, tau, read=np.abs(blocks).max(axis=(0, 2)) > 0)
         rows = [layers.index(layer) for layer in sae_layers]
         score[rows] = importance.reshape(len(sae_layers), n_heads)
         null[rows] = even.reshape(len(sae_layers), n_heads)

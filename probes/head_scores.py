@@ -96,14 +96,16 @@ def head_type_scores(model: nn.Module, n: int = 50, batch: int = 8, seed: int = 
     """Previous-token, duplicate-token and induction scores of every head: {type: (L, H)}.
 
     ``bos`` defaults to the model config's ``bos_token_id``; random tokens come from the first ``vocab_size``
-    ids (default: the whole vocabulary) above the special tokens.
+    ids (default: the whole vocabulary), between the special tokens (BOS, EOS, padding) at its bottom and those at
+    its top (as Llama 3's, from 128000 on).
     """
     cfg = model.config
     bos = cfg.bos_token_id if bos is None else bos
     vocab = vocab_size or cfg.vocab_size
-    low = min(vocab // 2, 1 + max(t for t in (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id, 0)
-                                  if isinstance(t, int)))
-    tokens = repeated_random_tokens(n, batch, vocab, bos, low=low, seed=seed)
+    special = {t for t in (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id, bos) if isinstance(t, int)}
+    low = 1 + max([t for t in special if t < vocab // 2], default=0)
+    high = min([t for t in special if t >= vocab // 2], default=vocab)
+    tokens = repeated_random_tokens(n, batch, high, bos, low=low, seed=seed)
     return pattern_scores(attention_patterns(model, tokens), tokens, n)
 
 

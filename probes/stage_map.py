@@ -98,7 +98,8 @@ def build_stage_map(evidence: list[Evidence], reduce: str = "mean", scale: str =
     for ev in evidence:
         full = np.zeros((len(layers), n_heads))
         ex = ev.excess()
-        norm = ex.sum() * full.size / ex.size if scale == "share" else ex.max()
+        covered = max(1, int(np.isfinite(ev.score).sum()))  # heads the evidence measured (NaN: not measured)
+        norm = ex.sum() * full.size / covered if scale == "share" else ex.max()
         full[[layers.index(layer) for layer in ev.layers]] = ex / norm if norm > 0 else ex
         per_stage[ev.stage].append(full)
     pool = {"mean": np.mean, "max": np.max}[reduce]

@@ -100,8 +100,29 @@ def test_causal_check_top_heads_against_random_heads():
     assert res.k == 2 and len(res.random) == 6 and len(res.random_heads) == 6
     assert all(len(set(d)) == 2 and not set(d) & set(top) for d in res.random_heads)
     assert res.top_ci[0] <= res.top <= res.top_ci[1] and res.random_ci[0] <= res.random_mean <= res.random_ci[1]
-    assert res.top < min(res.random) and res.hurts_more
+    lo, hi = res.random_pi  # one draw's prediction interval is wider than the mean's CI
+    assert lo < res.random_ci[0] and hi > res.random_ci[1]
+    assert res.top < min(res.random) and res.top < lo and res.hurts_more
     assert res.to_dict()["hurts_more"] is True
+
+
+def test_hurts_more_is_calibrated_when_the_top_heads_are_like_any_others():
+    """Under the null (the top set's metric is one more draw from the random sets' distribution) "top hurts more"
+    should come out ~2.5% of the time, whatever the number of draws; a rule against the mean's CI gave ~26% at 10
+    draws (it narrows with draws) and more with 30."""
+    from probes.ablation import AblationResult, _t_interval
+
+    rng = np.random.default_rng(0)
+    for n_draws in (5, 10, 30):
+        fired = []
+        for _ in range(4000):
+            values = rng.normal(size=n_draws + 1)
+            rv = values[1:]
+            res = AblationResult(2, "mean", 0.0, float(values[0]), (0.0, 0.0), rv.tolist(), float(rv.mean()),
+                                 _t_interval(rv, False), _t_interval(rv, True), [], [])
+            fired.append(res.hurts_more)
+        assert 0.015 < np.mean(fired) < 0.035, (n_draws, np.mean(fired))
+        assert np.mean([v[0] < _t_interval(v[1:], False)[0] for v in rng.normal(size=(2000, n_draws + 1))]) > 0.15
 
 
 def test_ablation_refuses_bad_heads():
@@ -131,3 +152,5 @@ def test_ablations_of_a_task_through_its_model_metric():
     assert r["probe_after_scored"]  # capitals probes read the answer token, after the scored prediction
     md = ablation_section(results)
     assert "| capitals | margin | 2 | mean |" in md and "| the answer (after*) |" in md and "\\* True/false" in md
+    lo, hi = r["random_pi"]
+    assert f"| [{lo:.3f}, {hi:.3f}] | {'yes' if r['hurts_more'] else 'no'} | the answer (after*) |" in md

@@ -40,14 +40,30 @@ def test_direct_feature_attribution_sums_to_preactivation(with_b_dec):
     g = torch.Generator().manual_seed(1)
     N, Hh, D, F = 32, 6, 8, 50
     z = torch.randn(N, Hh, D, generator=g) * 3
-    W_enc, b_enc = torch.randn(Hh * D, F, generator=g) / 4, torch.randn(F, generator=g)
+    W_enc, b_enc = torch.randn(F, Hh * D, generator=g) / 4, torch.randn(F, generator=g)  # SparseAutoencoder layout
     b_dec = torch.randn(Hh * D, generator=g) if with_b_dec else None
     per_head, bias = direct_feature_attribution(z, W_enc, b_enc, b_dec)
     assert per_head.shape == (N, Hh, F) and bias.shape == (F,)
     x = z.reshape(N, -1) - (b_dec if with_b_dec else 0)
-    np.testing.assert_allclose((per_head.sum(1) + bias).numpy(), (x @ W_enc + b_enc).numpy(), atol=1e-5)
+    np.testing.assert_allclose((per_head.sum(1) + bias).numpy(), (x @ W_enc.T + b_enc).numpy(), atol=1e-5)
     # each head's term is that head's block alone
-    np.testing.assert_allclose(per_head[:, 4].numpy(), (z[:, 4] @ W_enc[4 * D:5 * D]).numpy(), atol=1e-5)
+    np.testing.assert_allclose(per_head[:, 4].numpy(), (z[:, 4] @ W_enc[:, 4 * D:5 * D].T).numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match=r"must be \(50, 48\)"):  # the transposed layout is refused, not misread
+        direct_feature_attribution(z, W_enc.T.contiguous(), b_enc, b_dec)
+
+
+def test_direct_feature_attribution_of_a_trained_sae_module():
+    """On SparseAutoencoder's own tensors: the per-head terms plus the bias give its encoder pre-activation."""
+    from probes.sae import SparseAutoencoder
+
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(d_in=4 * 8, expansion=2, k=4)
+    with torch.no_grad():
+        sae.b_dec.normal_()  # a trained SAE's b_dec is not zero
+    z = torch.randn(16, 4, 8)
+    per_head, bias = direct_feature_attribution(z, sae.W_enc.detach(), sae.b_enc.detach(), sae.b_dec.detach())
+    pre = (z.reshape(16, -1) - sae.b_dec) @ sae.W_enc.T + sae.b_enc
+    np.testing.assert_allclose((per_head.sum(1) + bias).numpy(), pre.detach().numpy(), atol=1e-5)
 
 
 def test_feature_auroc_matches_sklearn_and_its_null_spread_matches_shuffles():
@@ -119,7 +135,7 @@ def sae_evidences(tasks):
         per_sae = []
         for layer, sae in saes.items():
             per_head, bias = direct_feature_attribution(torch.as_tensor(t.z[:, layer], dtype=torch.float32),
-                                                        sae["W_enc"], sae["b_enc"], sae["b_dec"])
+                                                        sae["W_enc"].T, sae["b_enc"], sae["b_dec"])
             per_sae.append((topk_activations(per_head.sum(1) + bias, 4).numpy(), sae["W_dec"].numpy(), [layer]))
         out.append(sae_evidence(t.name, t.stage, per_sae, t.labels, LAYERS, n_heads=H))
     return out
@@ -197,6 +213,40 @@ def test_one_layer_evidence_weighs_by_the_heads_it_covers():
     assert kr == pytest.approx(0.5 * lr_)  # 1 x 1/4 against 0.5 x 1
     assert stage_map.assigned() == {(0, 0): "LR", (0, 1): "LR", (2, 3): "KR"}
     assert (stage_map.scale, stage_map.reduce) == ("share", "mean")
+
+
+def test_evidence_on_some_heads_weighs_by_the_heads_it_measured():
+    """NaN heads are not measured: a probe over 1 of 6 heads of all 4 layers weighs as evidence on 4 of 24 heads,
+    as an evidence on one layer does (above), not as if it covered every head."""
+    lr = np.zeros((4, 6))
+    lr[0, :2] = 0.3
+    some = np.full((4, 6), np.nan)
+    some[:, 3] = 0.5
+    some[2, 3] = 1.5
+    evidence = [Evidence("lr_task", "LR", "linear", 0.5 + lr, 0.5, [0, 1, 2, 3]),
+                Evidence("kr_task", "KR", "sparse", some, 0.5, [0, 1, 2, 3])]
+    stage_map = build_stage_map(evidence)
+    kr, lr_ = stage_map.scores[2, 3, STAGES.index("KR")], stage_map.scores[0, 0, STAGES.index("LR")]
+    assert kr == pytest.approx(lr_ / 3)  # 1 x 4/24 against 0.5 x 1 (counting all 24 heads: 1, KR would dominate)
+    assert stage_map.assigned() == {(0, 0): "LR", (0, 1): "LR", (2, 3): "KR"}
+
+
+def test_sae_reading_some_heads_gives_no_evidence_on_the_others():
+    """An SAE on heads 0-1 of 4 (its decoder padded with zero blocks for heads 2-3): heads 2-3 get NaN (not
+    measured), and the even-share null divides the tied features over the 2 heads it reads."""
+    rng = np.random.default_rng(0)
+    N, D, F = 400, 3, 6
+    labels = rng.integers(0, 2, N)
+    acts = np.maximum(rng.normal(size=(N, F)), 0)
+    acts[:, 0] += 2.0 * labels  # feature 0 is tied to the task
+    W_dec = np.zeros((F, 4, D))
+    W_dec[:, :2] = rng.normal(size=(F, 2, D))
+    W_dec[0, 1] = 0  # feature 0 is written by head 0 only
+    ev = sae_evidence("t", "KR", [(acts, W_dec.reshape(F, -1), [5])], labels, [5], n_heads=4)
+    assert np.isnan(ev.score[0, 2:]).all() and np.isnan(ev.null[0, 2:]).all()
+    assert ev.score[0, 0] > 0 and ev.score[0, 1] == pytest.approx(0, abs=0.05)
+    assert ev.null[0, 0] == pytest.approx(ev.score[0, :2].sum() / 2)  # the weight spread over the 2 heads it reads
+    assert ev.excess()[0, 0] > 0 and (ev.excess()[0, 1:] == 0).all()
 
 
 def test_stage_map_refuses_bad_evidence():

@@ -190,3 +190,19 @@ def test_report_section_plots_the_copy_task_against_induction_scores(tmp_path):
     rho, shared = rank_agreement(acc, scores["induction"]), top_overlap(acc, scores["induction"], 8)
     assert "| repeat_tokens/linear | ICI | " in md and f" | {rho:.2f} | {shared}/8 | 1.00 |" in md  # AUROC: both
     # induction heads outrank every other head
+
+
+@pytest.mark.parametrize("bos,eos,low,high", [(1, 2, 3, 300), (290, 291, 1, 290)])
+def test_random_tokens_avoid_special_tokens_at_either_end_of_the_vocabulary(monkeypatch, bos, eos, low, high):
+    """Special tokens at the bottom (GPT-2 style ids 1, 2) or at the top (Llama 3: from 128000 of 128256) are
+    never drawn as random tokens, so BOS cannot reappear inside the sequence."""
+    import probes.head_scores as hs
+
+    model = tiny_model("llama")
+    model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = bos, eos, None
+    drawn = []
+    real = hs.repeated_random_tokens
+    monkeypatch.setattr(hs, "repeated_random_tokens", lambda *a, **k: drawn.append(real(*a, **k)) or drawn[-1])
+    head_type_scores(model, n=20, batch=4)
+    body = drawn[0][:, 1:]  # after BOS
+    assert drawn[0][:, 0].eq(bos).all() and body.min() >= low and body.max() < high
