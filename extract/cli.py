@@ -38,11 +38,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     check_output(args.out, args.resume, args.overwrite)  # fail on bad input before loading the model
-    task = resolve_task(args.task)
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map)
     cfg = ExtractConfig(layers=args.layers, positions=args.positions, store_dtype=args.store_dtype,
                         writes=args.writes, padding_side=args.padding_side, batch_tokens=args.batch_tokens,
                         block_examples=args.block_examples, seed=args.seed, max_examples=args.max_examples)
+    task = resolve_task(args.task)
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map)
     path = extract(loaded, task, args.out, cfg, resume=args.resume, overwrite=args.overwrite,
                    progress=not args.no_progress)
     with Store(path) as store:

@@ -42,6 +42,12 @@ class ExtractConfig:
     max_examples: int | None = None
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        for name in ("batch_tokens", "block_examples", "max_examples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ExtractError(f"--{name.replace('_', '-')} {value}: pass a positive number")
+
 
 def _version() -> str:
     try:
@@ -170,9 +176,10 @@ def extract(loaded: LoadedModel, task: Task, out: str | Path, config: ExtractCon
                     for i, ex in enumerate(examples)]
     rows_per = np.array([len(_positions(ex, int(n), rule)) for ex, n in zip(examples, tokens.lengths)])
     row_offsets = np.concatenate([[0], np.cumsum(rows_per)])
-    splits = assign_splits([ex.group or str(i) for i, ex in enumerate(examples)], task.split_fractions, cfg.seed)
-    group_ids = {g: i for i, g in enumerate(sorted({ex.group for ex in examples}))}
-    groups = np.array([group_ids[ex.group] for ex in examples], dtype=np.int64)
+    keys = [ex.group or str(i) for i, ex in enumerate(examples)]  # an example without a group is its own group
+    splits = assign_splits(keys, task.split_fractions, cfg.seed)
+    group_ids = {g: i for i, g in enumerate(sorted(set(keys)))}
+    groups = np.array([group_ids[k] for k in keys], dtype=np.int64)
 
     store_dtype = np.dtype(STORE_DTYPES[cfg.store_dtype])
     settings = {k: v for k, v in asdict(cfg).items() if k != "max_examples"}

@@ -297,12 +297,16 @@ def write_registry(path: Path, entries: dict[str, RegistryEntry]) -> None:
     os.replace(tmp, path)
 
 
-def push_to_folder(folder: str | Path, hub_dir: str | Path, ref: str, revision: str = "", command: str = "") -> Path:
-    """Copy a checkpoint into ``hub_dir/<release>/<name>`` and record it (with sha256s) in the hub's registry."""
+def push_to_folder(folder: str | Path, hub_dir: str | Path, ref: str, revision: str = "", command: str = "",
+                   overwrite: bool = False) -> Path:
+    """Copy a checkpoint into ``hub_dir/<release>/<name>`` and record it (with sha256s) in the hub's registry; an id
+    the registry already holds is replaced only with ``overwrite``."""
     folder, hub_dir = Path(folder), Path(hub_dir)
     read_checkpoint(folder)  # refuse anything that is not a valid checkpoint
     dest = hub_dir / check_id(ref)
     registry = Registry.open(hub_dir) if (hub_dir / REGISTRY_FILE).exists() else Registry(hub_dir, {})
+    if ref in registry.entries and not overwrite:
+        raise CheckpointError(f"{hub_dir} already holds {ref}: pass --overwrite to replace it, or another --id")
     if dest.resolve() != folder.resolve():
         dest.mkdir(parents=True, exist_ok=True)
         for name in FILES:

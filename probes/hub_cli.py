@@ -26,7 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     push = sub.add_parser("push", help="publish a checkpoint folder")
     push.add_argument("path", help="checkpoint folder")
     push.add_argument("--to", required=True, help="hf:ORG/NAME[/SUBFOLDER] (Hugging Face Hub) or a hub folder")
-    push.add_argument("--id", default=None, help="RELEASE/NAME in a hub folder (default: local/<folder name>)")
+    push.add_argument("--id", default=None, help="RELEASE/NAME in a hub folder (default: local/<folder name>, or "
+                      "local/<run folder name> for a run's checkpoint/ folder)")
+    push.add_argument("--overwrite", action="store_true", help="replace an id the hub folder already holds")
     push.add_argument("--revision", default="", help="release label recorded in the registry")
     push.add_argument("--command", default="", help="the command that reproduces the checkpoint")
     push.add_argument("--private", action="store_true", help="create the Hugging Face repo as private")
@@ -66,6 +68,8 @@ def _run(args: argparse.Namespace) -> None:
         if args.to.startswith("hf:"):
             print(f"pushed {args.path} to {push_to_hf(args.path, args.to[3:], private=args.private)}")
         else:
-            ref = args.id or f"local/{Path(args.path).resolve().name}"
-            dest = push_to_folder(args.path, args.to, ref, revision=args.revision, command=args.command)
+            path = Path(args.path).resolve()
+            ref = args.id or f"local/{path.parent.name if path.name == 'checkpoint' else path.name}"
+            dest = push_to_folder(args.path, args.to, ref, revision=args.revision, command=args.command,
+                                  overwrite=args.overwrite)
             print(f"published {ref} at {dest}; registry {Path(args.to) / 'registry.json'} updated")

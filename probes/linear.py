@@ -675,8 +675,9 @@ class LinearProbes(SplitEval, L.LightningModule):
         checkpoint["torch_rng"] = torch.get_rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        hp = checkpoint["hyper_parameters"]
-        self.hparams.update(hp)
+        labels = self.row_labels  # set by setup() from the data, before a resume restores the rest
+        self.hparams.update(checkpoint["hyper_parameters"])
         self._build()
+        self.row_labels = labels
         self.newton.load_state_dict(checkpoint["newton"])
         torch.set_rng_state(checkpoint["torch_rng"])

@@ -134,6 +134,8 @@ def test_cli_bad_input_gives_one_line_errors_and_no_complete_looking_file(tmp_pa
     empty = tmp_path / "empty-folder"
     empty.mkdir()
     one_line_error(*run_cli([*base, "--model", str(empty)], log), "could not load a model from")
+    for flag in ("--block-examples", "--max-examples", "--batch-tokens"):  # refused before the model loads
+        one_line_error(*run_cli([*base, "--model", str(empty), flag, "0"], log), f"{flag} 0", "positive")
     assert not out.exists() and not (tmp_path / "x.h5.partial").exists()
 
     huge = save_model_folder(tmp_path / "huge", v_scale=1e6)  # z overflows float16

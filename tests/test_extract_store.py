@@ -116,3 +116,19 @@ def test_scattered_reads_equal_point_reads_in_requested_order(big_store):
         np.testing.assert_array_equal(seen, np.arange(n))
         idx, block = next(s.iter_blocks(block_rows=700, rows=unique))
         np.testing.assert_array_equal(block, ds[idx].astype(np.float32))
+
+
+def test_examples_without_a_group_are_each_their_own_group(tmp_path):
+    """Splits treat an ungrouped example as a group of its own; the stored group ids say the same (no shared id
+    across train, val and test)."""
+    def make(seed: int) -> list[Example]:
+        return [Example(text=f"{WORDS[i % 11]} {WORDS[(i * 7) % 11]}", label=i % 2,
+                        group="pair" if i < 2 else "") for i in range(60)]
+
+    task = Task("ungrouped", "ICI", "mostly ungrouped", ["a", "b"], make)
+    with Store(extract(tiny_loaded("gpt2"), task, tmp_path / "u.h5", progress=False)) as s:
+        group, split = s.file["group"][:], s.file["split"][:]
+    assert len(np.unique(group)) == 59  # the pair shares one id, every other example has its own
+    assert group[0] == group[1] and split[0] == split[1]
+    for g in np.unique(group):
+        assert len(np.unique(split[group == g])) == 1  # a group never spans splits

@@ -231,3 +231,26 @@ def test_cli_push_list_show(tmp_path, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("headprobe: error: invalid checkpoint id") and "\n" not in err
+
+
+
+def test_cli_push_refuses_an_existing_id_and_names_a_run_checkpoint_by_its_run(tmp_path, capsys):
+    """Every training run exports a folder named checkpoint/: the default id comes from its run folder, and a
+    second push to an id the hub holds is refused unless --overwrite."""
+    from train.cli import main
+
+    for run in ("taskA", "taskB"):
+        make_checkpoint(tmp_path / run / "checkpoint")
+    hub = tmp_path / "hub"
+    main(["hub", "push", str(tmp_path / "taskA" / "checkpoint"), "--to", str(hub)])
+    main(["hub", "push", str(tmp_path / "taskB" / "checkpoint"), "--to", str(hub)])
+    assert set(json.loads((hub / "registry.json").read_text())["checkpoints"]) == {"local/taskA", "local/taskB"}
+    before = (hub / "registry.json").read_text()
+    with pytest.raises(SystemExit) as exit_:
+        main(["hub", "push", str(tmp_path / "taskB" / "checkpoint"), "--to", str(hub), "--id", "local/taskA"])
+    assert exit_.value.code == 2 and (hub / "registry.json").read_text() == before
+    assert "already holds local/taskA: pass --overwrite" in capsys.readouterr().err
+    main(["hub", "push", str(tmp_path / "taskB" / "checkpoint"), "--to", str(hub), "--id", "local/taskA",
+          "--overwrite"])
+    assert (hub / "local" / "taskA" / "config.json").read_bytes() == (tmp_path / "taskB" / "checkpoint" /
+                                                                     "config.json").read_bytes()

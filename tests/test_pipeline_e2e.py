@@ -150,3 +150,12 @@ def test_steps_run_once_per_settings_and_know_stale_outputs(tmp_path):
     assert again("a", {"n": 1}, lambda: calls.append(2)) == {"x": 1} and calls == [1]
     again("a", {"n": 2}, lambda: calls.append(3))
     assert calls == [1, 3] and [s for _, s, _ in again.summary] == ["cached", "ran"]
+
+
+def test_bad_run_options_give_one_line_errors(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    done = subprocess.run([sys.executable, "-c", "from train.cli import main; main()", "run", "--tasks", "[nope]",
+                           "--out", str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == ["headprobe run: error: unknown task 'nope': run `headprobe tasks` to "
+                                                "list them, or pass a .jsonl/.csv file or hf:NAME"]

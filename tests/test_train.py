@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -64,9 +65,9 @@ def test_short_form_maps_names_to_configs(monkeypatch):
     assert expand_short_form(["linear"])[1].endswith("linear.yaml")  # other subcommands still work
 
 
-def headprobe(args: list[str], home: Path) -> subprocess.CompletedProcess:
+def headprobe(args: list[str], home: Path, **env_vars: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env.update(HOME=str(home), NETRC=str(home / "no-netrc"))
+    env.update(HOME=str(home), NETRC=str(home / "no-netrc"), **env_vars)
     return subprocess.run([sys.executable, "-m", "train.cli", "train", *args], env=env, capture_output=True,
                           text=True, timeout=300)
 
@@ -139,3 +140,60 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(store, tmp_path):
     run(expand_short_form([*common, "--out", str(tmp_path / "other"), "--data.seed", "7"]))
     c = load_file(tmp_path / "other" / "checkpoint" / "model.safetensors")
     assert float((a["weight"] - c["weight"]).abs().max()) > 1e-4
+
+
+def test_an_existing_run_is_refused_without_resume_or_overwrite_and_csv_resume_keeps_its_metrics(store, tmp_path):
+    """A forgotten --resume, a resume with other settings, and a CSV resume all lose nothing."""
+    out = tmp_path / "run"
+    common = ["linear", "--data.path", str(store), "--out", str(out), "--logger", "csv"]
+    run(expand_short_form(common))
+    weights = (out / "checkpoint" / "model.safetensors").read_bytes()
+    metrics = (out / "csv" / "metrics.csv").read_text()
+    assert "val/acc_max" in metrics
+    with pytest.raises(TrainError, match=r"holds a run .*--resume true.*--overwrite true"):
+        run(expand_short_form([*common, "--model.l2", "5"]))  # a forgotten --resume loses nothing
+    assert (out / "checkpoint" / "model.safetensors").read_bytes() == weights
+    with pytest.raises(TrainError, match=r"trained with --model.l2 1.0, this run asks for 5.0"):
+        run(expand_short_form([*common, "--resume", "true", "--model.l2", "5"]))
+    with pytest.raises(TrainError, match=r"trained with --data.seed 0, this run asks for 3"):
+        run(expand_short_form([*common, "--resume", "true", "--data.seed", "3"]))
+    run(expand_short_form([*common, "--resume", "true"]))  # finished already: tests and exports again
+    assert (out / "csv" / "metrics.csv").read_text() == metrics  # Lightning would have emptied a reused folder
+    assert "test/acc_max" in (out / "csv" / "resume-1" / "metrics.csv").read_text()
+    run(expand_short_form([*common, "--model.l2", "1000", "--overwrite", "true"]))
+    assert (out / "checkpoint" / "model.safetensors").read_bytes() != weights
+
+
+def test_wandb_mode_disabled_writes_no_wandb_files(store, tmp_path):
+    out, home = tmp_path / "run", tmp_path / "home"
+    home.mkdir()
+    res = headprobe(["linear", "--data.path", str(store), "--out", str(out)], home, WANDB_MODE="disabled")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (out / "checkpoint" / "model.safetensors").is_file()
+    assert not (out / "wandb").exists() or not any((out / "wandb").glob("*run-*"))
+
+
+def test_pipeline_restarts_an_interrupted_training_whose_settings_changed(store, tmp_path):
+    """`headprobe run` resumes a training it left unfinished only with the same settings; with others (no finished
+    step marker to compare with) it starts that training over instead of resuming or refusing."""
+    from types import SimpleNamespace
+
+    from train.pipeline import Pipeline
+
+    folder = tmp_path / "linear"
+    pipeline = SimpleNamespace(cfg=SimpleNamespace(logger="none", seed=0))
+    Pipeline._train(pipeline, "linear", store, folder, ["--model.l2", "1.0"], fresh=False, digest="A")
+    shutil.rmtree(folder / "checkpoint")  # as if killed after the last epoch's checkpoint, before the export
+    Pipeline._train(pipeline, "linear", store, folder, ["--model.l2", "1.0"], fresh=False, digest="A")  # resumes
+    assert (folder / "checkpoint" / "model.safetensors").is_file() and (folder / "step_key").read_text() == "A"
+    shutil.rmtree(folder / "checkpoint")
+    metrics = Pipeline._train(pipeline, "linear", store, folder, ["--model.l2", "50.0"], fresh=False, digest="B")
+    assert (folder / "step_key").read_text() == "B" and "val/acc_max" in metrics
+    assert json.loads((folder / "checkpoint" / "config.json").read_text())["hparams"]["l2"] == 50.0
+
+
+def test_layers_or_heads_outside_the_store_are_refused_in_one_line(store):
+    with pytest.raises(ValueError, match=r"--data.layers \[5\]: pick from 0..2"):
+        StoreDataModule(str(store), layers=[5])
+    with pytest.raises(ValueError, match=r"--data.heads \[\]: pick from 0..3"):
+        StoreDataModule(str(store), heads=[])

@@ -195,8 +195,13 @@ class StoreDataModule(L.LightningDataModule):
             self.meta = store.meta
             self.split_rows = {s: store.rows(s) for s in ("train", "val", "test")}
             L_, H, D = store.shape[1:]
+            for name, picked, n in (("layers", layers, L_), ("heads", heads, H)):
+                if picked is not None and (not picked or not all(0 <= int(i) < n for i in picked)):
+                    what = f"slots of the stored layers {store.meta.layers}" if name == "layers" else "heads"
+                    raise ValueError(f"--data.{name} {list(picked)}: pick from 0..{n - 1} ({what}) in {path}")
             self.block_rows = block_chunks * (store.file["z"].chunks or (CHUNK_ROWS,))[0]
-            nbytes = len(store) * (len(layers) if layers else L_) * (len(heads) if heads else H) * D * store.file["z"].dtype.itemsize
+            nbytes = (len(store) * (len(layers) if layers else L_) * (len(heads) if heads else H) * D
+                      * store.file["z"].dtype.itemsize)
         self.in_memory = nbytes <= memory_limit_gb * 2**30 if in_memory is None else in_memory
         self._cache: dict[str, InMemoryRows] = {}
 

@@ -9,8 +9,9 @@ The short form ``headprobe train NAME`` loads train/configs/NAME.yaml (model cla
 overridden on the command line. A run writes into ``--out``: ``checkpoints/last.ckpt`` after every epoch (exact
 resume with ``--resume true``: weights, solver/optimiser state, RNG, and the epoch that fixes the data order),
 ``checkpoint/`` in the project format, ``heads.csv``/``heads.json``, ``heatmap.png``, ``config.yaml`` (with
-``--logger csv`` next to the CSV logger's metrics.csv, in its version folder), and the logger's files (W&B by
-default, offline without credentials; ``--logger csv`` or ``none``).
+``--logger csv`` next to the CSV logger's metrics.csv, in its version folder: ``csv/``, and ``csv/resume-N/`` for
+the N-th resume), and the logger's files (W&B by default, offline without credentials; ``--logger csv`` or
+``none``). A folder that holds a run is refused unless ``--resume true`` or ``--overwrite true`` says what to do.
 """
 from __future__ import annotations
 
@@ -53,6 +54,8 @@ class HeadprobeCLI(LightningCLI):
                             "credentials), csv or none; --trainer.logger overrides it")
         parser.add_argument("--project", type=str, default="headprobe", help="W&B project")
         parser.add_argument("--resume", type=bool, default=False, help="continue from <out>/checkpoints/last.ckpt")
+        parser.add_argument("--overwrite", type=bool, default=False, help="train afresh into an --out that holds a "
+                            "run, replacing its files")
         parser.add_argument("--test", type=bool, default=True, help="evaluate on the test split after fitting")
 
     def instantiate_trainer(self, **kwargs):
@@ -60,20 +63,25 @@ class HeadprobeCLI(LightningCLI):
         out = Path(cfg.out)
         if cfg.logger not in LOGGERS:
             raise TrainError(f"--logger {cfg.logger!r}: choose one of {', '.join(LOGGERS)}")
+        held = [p.relative_to(out) for p in (out / "checkpoints" / "last.ckpt", out / "checkpoint") if p.exists()]
+        if held and not (cfg.resume or cfg.overwrite):
+            raise TrainError(f"{out} holds a run ({held[0]}): pass --resume true to continue it, --overwrite true "
+                             f"to replace it, or another --out")
         trainer_cfg = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         if trainer_cfg.get("logger") in (None, True):
-            trainer_cfg["logger"] = make_logger(cfg.logger, out, cfg.project)
+            trainer_cfg["logger"] = make_logger(cfg.logger, out, cfg.project, resume=cfg.resume)
         trainer_cfg["default_root_dir"] = str(out)
         extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
         extra += [SaveLast(str(out / "checkpoints")), ExportRun(str(out), when="test" if cfg.test else "fit")]
         return self._instantiate_trainer(trainer_cfg, extra)
 
 
-def make_logger(kind: str, out: Path, project: str):
+def make_logger(kind: str, out: Path, project: str, resume: bool = False):
     if kind == "none":
         return False
-    if kind == "csv":
-        return CSVLogger(save_dir=str(out), name="csv", version="")
+    if kind == "csv":  # a resume logs into a folder of its own: Lightning empties a reused one's metrics.csv
+        n = 1 + sum(1 for _ in (out / "csv").glob("resume-*")) if resume else 0
+        return CSVLogger(save_dir=str(out), name="csv", version=f"resume-{n}" if n else "")
     from train.loggers import WandbLogger
 
     return WandbLogger(save_dir=str(out), project=project)
@@ -106,6 +114,7 @@ def run(argv: list[str]) -> HeadprobeCLI:
         ckpt = out / "checkpoints" / "last.ckpt"
         if not ckpt.exists():
             raise TrainError(f"--resume: {ckpt} does not exist; run without --resume to start training")
+        check_resume(ckpt, cli.model, cli.datamodule)
     with warnings.catch_warnings():
         # by design: the closed-form probes (Newton, FISTA) take no torch optimizer; and a Lightning-internal notice
         warnings.filterwarnings("ignore", message=r"`LightningModule.configure_optimizers` returned `None`")
@@ -118,6 +127,29 @@ def run(argv: list[str]) -> HeadprobeCLI:
 
         wandb.finish()
     return cli
+
+
+# settings a resumed run may change: they do not alter what it computes
+RESUME_FREE = {"num_workers", "memory_limit_gb", "n_boot"}
+
+
+def check_resume(ckpt: Path, model, datamodule) -> None:
+    """Refuse to resume ``ckpt`` with other model or data settings than it was trained with (one line naming the
+    first difference). Settings the module derives from the data (0, None or "auto" until then) are skipped."""
+    import torch
+
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    for what, now, before in (("model", dict(model.hparams), saved.get("hyper_parameters") or {}),
+                              ("data", dict(datamodule.hparams), saved.get("datamodule_hyper_parameters") or {})):
+        for key, old in before.items():
+            new = now.get(key)
+            if key.startswith("_") or key in RESUME_FREE or key not in now or new in (0, None, "auto"):
+                continue
+            if key == "path":
+                old, new = str(Path(old).resolve()), str(Path(new).resolve())
+            if old != new:
+                raise TrainError(f"--resume: {ckpt} was trained with --{what}.{key} {old}, this run asks for {new}: "
+                                 f"resume with the same settings, or train into another --out")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -50,7 +50,7 @@ class WandbLogger(_LightningWandbLogger):
     def __init__(self, save_dir: str = "runs/train", project: str = "headprobe", name: str | None = None,
                  log_model: bool = False, **kwargs):
         wandb_environment(save_dir)
-        offline = os.environ.get("WANDB_MODE") in ("offline", "dryrun", "disabled")
+        offline = os.environ.get("WANDB_MODE") in ("offline", "dryrun")  # "disabled" is wandb's own: no files
         super().__init__(save_dir=save_dir, project=project, name=name, offline=offline, log_model=log_model,
                          **kwargs)
         if self._wandb_init.get("anonymous") is None:  # wandb warns that the setting (None here) has no effect

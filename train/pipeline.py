@@ -180,17 +180,22 @@ class Pipeline:
     # --- 2. probes and the SAE --------------------------------------------------------------------------------------
     def _fit(self, step: str, key: dict, kind: str, store: Path, folder: Path, extra: list[str]) -> None:
         """Train ``kind`` on ``store`` into ``folder`` as step ``step``, resuming an interrupted run."""
+        digest = self.steps.digest(key)
         stale = self.steps.stale(step, key)
-        self.steps(step, key, lambda: self._train(kind, store, folder, extra, fresh=stale))
+        self.steps(step, key, lambda: self._train(kind, store, folder, extra, fresh=stale, digest=digest))
 
-    def _train(self, kind: str, store: Path, folder: Path, extra: list[str], fresh: bool) -> dict:
+    def _train(self, kind: str, store: Path, folder: Path, extra: list[str], fresh: bool, digest: str) -> dict:
         from train.fit import expand_short_form, run
 
-        if fresh:  # trained before with other data or settings: start over
+        started = folder / "step_key"  # the settings of a training that may not have finished
+        if fresh or (started.exists() and started.read_text() != digest):  # other data or settings: start over
             shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        started.write_text(digest)
         resume = (folder / "checkpoints" / "last.ckpt").exists()
         argv = [kind, "--data.path", str(store), "--out", str(folder), "--logger", self.cfg.logger,
-                "--seed_everything", str(self.cfg.seed), "--resume", str(resume).lower(), *extra]
+                "--seed_everything", str(self.cfg.seed), "--resume", str(resume).lower(),
+                "--overwrite", str(not resume).lower(), *extra]
         logs = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
         levels = [log.level for log in logs]
         for log in logs:  # one training of many: no per-run hardware, seed and tip lines
@@ -394,4 +399,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv).as_dict()
     args.pop("config", None)
     args = {k: v for k, v in args.items() if not k.startswith("__")}
-    Pipeline(RunConfig(**{**args, "sae": SAESettings(**args["sae"])})).run()
+    from extract.extractor import ExtractError
+    from extract.store import StoreError
+    from probes.checkpoint import CheckpointError
+
+    try:
+        Pipeline(RunConfig(**{**args, "sae": SAESettings(**args["sae"])})).run()
+    except (ValueError, ExtractError, StoreError, CheckpointError) as err:  # TaskError and TrainError included
+        print(f"headprobe run: error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
