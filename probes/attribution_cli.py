@@ -146,9 +146,11 @@ def _interval(pi) -> str:
 
 
 def ablation_section(results: dict[str, dict]) -> str:
+    draws = "/".join(str(n) for n in sorted({len(r["random"]) for r in results.values()}))
     out = ["## Causal check: ablating each task's top heads", "",
-           "Top hurts more: the top-k result lies below the 95% prediction interval of one random draw (what a "
-           "set of k heads like any others would give 97.5% of the time); the mean's CI is shown for reference.", "",
+           "Top hurts more: the top-k result lies below the 95% prediction interval of one random draw, where a set "
+           f"of k heads like any others lands 2.5% of the time (random heads from all layers, {draws} draws); the "
+           "mean's CI is shown for reference.", "",
            "| task | metric | k | mode | clean | top-k ablated | random k ablated: mean [95% CI] | one random draw: "
            "95% interval | top hurts more | probe reads |", "|---|---|---|---|---|---|---|---|---|---|"]
     for task, r in results.items():

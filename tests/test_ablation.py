@@ -152,5 +152,6 @@ def test_ablations_of_a_task_through_its_model_metric():
     assert r["probe_after_scored"]  # capitals probes read the answer token, after the scored prediction
     md = ablation_section(results)
     assert "| capitals | margin | 2 | mean |" in md and "| the answer (after*) |" in md and "\\* True/false" in md
+    assert "lands 2.5% of the time (random heads from all layers, 3 draws)" in md
     lo, hi = r["random_pi"]
     assert f"| [{lo:.3f}, {hi:.3f}] | {'yes' if r['hurts_more'] else 'no'} | the answer (after*) |" in md
