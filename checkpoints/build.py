@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -64,12 +65,13 @@ def build(job: Job, hub: Path, release: str) -> Path:
     store = Path(job.extract[job.extract.index("--out") + 1])
     if not store.exists():
         main(job.extract)
-    main(job.train)
     run = Path(job.train[job.train.index("--out") + 1])
+    shutil.rmtree(run, ignore_errors=True)  # a rebuild trains afresh, as the recorded command does
+    main(job.train)
     config, tensors, metrics = read_checkpoint(run / "checkpoint")
     ref = f"{release}/{job.name}"
     folder = save_checkpoint(hub / ref, tensors, replace(config, command=command(job)), metrics, dtype=job.dtype)
-    push_to_folder(folder, hub, ref, revision=release)
+    push_to_folder(folder, hub, ref, revision=release, overwrite=True)  # a rebuild replaces the release's entry
     print(f"shipped {ref}: {sum(f.stat().st_size for f in folder.iterdir()) / 1e6:.2f} MB")
     return folder
 

@@ -104,7 +104,7 @@ def head_type_scores(model: nn.Module, n: int = 50, batch: int = 8, seed: int = 
     vocab = vocab_size or cfg.vocab_size
     special = {t for t in (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id, bos) if isinstance(t, int)}
     low = 1 + max([t for t in special if t < vocab // 2], default=0)
-    high = min([t for t in special if t >= vocab // 2], default=vocab)
+    high = min([t for t in special if vocab // 2 <= t < vocab], default=vocab)
     tokens = repeated_random_tokens(n, batch, high, bos, low=low, seed=seed)
     return pattern_scores(attention_patterns(model, tokens), tokens, n)
 

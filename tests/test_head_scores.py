@@ -192,8 +192,9 @@ def test_report_section_plots_the_copy_task_against_induction_scores(tmp_path):
     # induction heads outrank every other head
 
 
-@pytest.mark.parametrize("bos,eos,low,high", [(1, 2, 3, 300), (290, 291, 1, 290)])
-def test_random_tokens_avoid_special_tokens_at_either_end_of_the_vocabulary(monkeypatch, bos, eos, low, high):
+@pytest.mark.parametrize("bos,eos,vocab,low,high", [(1, 2, None, 3, 300), (290, 291, None, 1, 290),
+                                                   (290, 291, 100, 1, 100)])
+def test_random_tokens_avoid_special_tokens_at_either_end_of_the_vocabulary(monkeypatch, bos, eos, vocab, low, high):
     """Special tokens at the bottom (GPT-2 style ids 1, 2) or at the top (Llama 3: from 128000 of 128256) are
     never drawn as random tokens, so BOS cannot reappear inside the sequence."""
     import probes.head_scores as hs
@@ -203,6 +204,6 @@ def test_random_tokens_avoid_special_tokens_at_either_end_of_the_vocabulary(monk
     drawn = []
     real = hs.repeated_random_tokens
     monkeypatch.setattr(hs, "repeated_random_tokens", lambda *a, **k: drawn.append(real(*a, **k)) or drawn[-1])
-    head_type_scores(model, n=20, batch=4)
+    head_type_scores(model, n=20, batch=4, vocab_size=vocab)  # vocab: draw from the first ids only
     body = drawn[0][:, 1:]  # after BOS
     assert drawn[0][:, 0].eq(bos).all() and body.min() >= low and body.max() < high

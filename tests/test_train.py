@@ -160,8 +160,11 @@ def test_an_existing_run_is_refused_without_resume_or_overwrite_and_csv_resume_k
     run(expand_short_form([*common, "--resume", "true"]))  # finished already: tests and exports again
     assert (out / "csv" / "metrics.csv").read_text() == metrics  # Lightning would have emptied a reused folder
     assert "test/acc_max" in (out / "csv" / "resume-1" / "metrics.csv").read_text()
+    with pytest.raises(TrainError, match=r"trained with --data.batch_size 0, this run asks for 256"):
+        run(expand_short_form([*common, "--resume", "true", "--data.batch_size", "256"]))
     run(expand_short_form([*common, "--model.l2", "1000", "--overwrite", "true"]))
     assert (out / "checkpoint" / "model.safetensors").read_bytes() != weights
+    assert not (out / "csv" / "resume-1").exists()  # the old run's files went first
 
 
 def test_wandb_mode_disabled_writes_no_wandb_files(store, tmp_path):
@@ -197,3 +200,20 @@ def test_layers_or_heads_outside_the_store_are_refused_in_one_line(store):
         StoreDataModule(str(store), layers=[5])
     with pytest.raises(ValueError, match=r"--data.heads \[\]: pick from 0..3"):
         StoreDataModule(str(store), heads=[])
+
+
+@pytest.mark.parametrize("key,saved,now", [("seed", 3, 0), ("momentum", True, False), ("lr", 1e-3, 0.0),
+                                           ("loss", "logistic", "ridge"), ("betas", (0.9, 0.999), (0.8, 0.999))])
+def test_resume_check_catches_changes_to_zero_false_and_other_values(tmp_path, key, saved, now):
+    from types import SimpleNamespace
+
+    from train.fit import check_resume
+
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"hyper_parameters": {key: saved, "n_layers": 30, "loss": "logistic" if key != "loss" else saved},
+                "datamodule_hyper_parameters": {"path": str(tmp_path / "a.h5")}}, ckpt)
+    data = SimpleNamespace(hparams={"path": str(tmp_path / "a.h5")})
+    fresh = {"n_layers": 0, "loss": "auto"}  # filled in from the data at setup: not a change
+    check_resume(ckpt, SimpleNamespace(hparams={**fresh, key: saved} if key != "loss" else fresh), data)
+    with pytest.raises(TrainError, match=f"--model.{key} "):
+        check_resume(ckpt, SimpleNamespace(hparams={**fresh, key: now}), data)

@@ -16,6 +16,7 @@ the N-th resume), and the logger's files (W&B by default, offline without creden
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -55,7 +56,7 @@ class HeadprobeCLI(LightningCLI):
         parser.add_argument("--project", type=str, default="headprobe", help="W&B project")
         parser.add_argument("--resume", type=bool, default=False, help="continue from <out>/checkpoints/last.ckpt")
         parser.add_argument("--overwrite", type=bool, default=False, help="train afresh into an --out that holds a "
-                            "run, replacing its files")
+                            "run, deleting that run's files first")
         parser.add_argument("--test", type=bool, default=True, help="evaluate on the test split after fitting")
 
     def instantiate_trainer(self, **kwargs):
@@ -67,6 +68,8 @@ class HeadprobeCLI(LightningCLI):
         if held and not (cfg.resume or cfg.overwrite):
             raise TrainError(f"{out} holds a run ({held[0]}): pass --resume true to continue it, --overwrite true "
                              f"to replace it, or another --out")
+        if cfg.overwrite and not cfg.resume:
+            remove_run_files(out)
         trainer_cfg = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         if trainer_cfg.get("logger") in (None, True):
             trainer_cfg["logger"] = make_logger(cfg.logger, out, cfg.project, resume=cfg.resume)
@@ -74,6 +77,18 @@ class HeadprobeCLI(LightningCLI):
         extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
         extra += [SaveLast(str(out / "checkpoints")), ExportRun(str(out), when="test" if cfg.test else "fit")]
         return self._instantiate_trainer(trainer_cfg, extra)
+
+
+RUN_FILES = ("checkpoints", "checkpoint", "csv", "wandb", "heads.csv", "heads.json", "heatmap.png", "config.yaml")
+
+
+def remove_run_files(out: Path) -> None:
+    """Delete what a training run writes into ``out`` (for --overwrite); other files stay."""
+    import shutil
+
+    for name in RUN_FILES:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def make_logger(kind: str, out: Path, project: str, resume: bool = False):
@@ -131,11 +146,13 @@ def run(argv: list[str]) -> HeadprobeCLI:
 
 # settings a resumed run may change: they do not alter what it computes
 RESUME_FREE = {"num_workers", "memory_limit_gb", "n_boot"}
+# settings a module fills in from the data at setup; a new run holds their placeholder (0, None, "auto") until then
+RESOLVED_AT_SETUP = {"n_layers", "n_groups", "n_features", "n_classes", "n_heads", "d_head", "d_in", "d_sae", "loss"}
 
 
 def check_resume(ckpt: Path, model, datamodule) -> None:
     """Refuse to resume ``ckpt`` with other model or data settings than it was trained with (one line naming the
-    first difference). Settings the module derives from the data (0, None or "auto" until then) are skipped."""
+    first difference). Settings a module derives from the data are skipped while they hold their placeholder."""
     import torch
 
     saved = torch.load(ckpt, map_location="cpu", weights_only=True)
@@ -143,10 +160,11 @@ def check_resume(ckpt: Path, model, datamodule) -> None:
                               ("data", dict(datamodule.hparams), saved.get("datamodule_hyper_parameters") or {})):
         for key, old in before.items():
             new = now.get(key)
-            if key.startswith("_") or key in RESUME_FREE or key not in now or new in (0, None, "auto"):
+            placeholder = new is None or new == "auto" or (type(new) is int and new == 0)
+            if key.startswith("_") or key in RESUME_FREE or key not in now or (key in RESOLVED_AT_SETUP and placeholder):
                 continue
-            if key == "path":
-                old, new = str(Path(old).resolve()), str(Path(new).resolve())
+            if key == "path" and Path(old).exists() and Path(new).exists() and os.path.samefile(old, new):
+                continue
             if old != new:
                 raise TrainError(f"--resume: {ckpt} was trained with --{what}.{key} {old}, this run asks for {new}: "
                                  f"resume with the same settings, or train into another --out")

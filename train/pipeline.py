@@ -188,7 +188,7 @@ class Pipeline:
         from train.fit import expand_short_form, run
 
         started = folder / "step_key"  # the settings of a training that may not have finished
-        if fresh or (started.exists() and started.read_text() != digest):  # other data or settings: start over
+        if fresh or not started.exists() or started.read_text() != digest:  # other or unknown settings: start over
             shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True, exist_ok=True)
         started.write_text(digest)
@@ -400,11 +400,12 @@ def main(argv: list[str] | None = None) -> None:
     args.pop("config", None)
     args = {k: v for k, v in args.items() if not k.startswith("__")}
     from extract.extractor import ExtractError
+    from extract.models import ModelLoadError
     from extract.store import StoreError
     from probes.checkpoint import CheckpointError
 
     try:
         Pipeline(RunConfig(**{**args, "sae": SAESettings(**args["sae"])})).run()
-    except (ValueError, ExtractError, StoreError, CheckpointError) as err:  # TaskError and TrainError included
+    except (ValueError, ExtractError, StoreError, CheckpointError, ModelLoadError) as err:  # TaskError, TrainError
         print(f"headprobe run: error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
