@@ -161,7 +161,9 @@ def check_resume(ckpt: Path, model, datamodule) -> None:
         for key, old in before.items():
             new = now.get(key)
             placeholder = new is None or new == "auto" or (type(new) is int and new == 0)
-            if key.startswith("_") or key in RESUME_FREE or key not in now or (key in RESOLVED_AT_SETUP and placeholder):
+            if key.startswith("_") or key in RESUME_FREE or key not in now:
+                continue
+            if key in RESOLVED_AT_SETUP and placeholder:
                 continue
             if key == "path" and Path(old).exists() and Path(new).exists() and os.path.samefile(old, new):
                 continue
