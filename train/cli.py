@@ -25,6 +25,17 @@ COMMANDS = {
 }
 
 
+def known_errors() -> tuple[type[Exception], ...]:
+    """The errors headprobe raises for bad input, whose message says what to do: printed as one line."""
+    from extract.extractor import ExtractError
+    from extract.models import ModelLoadError
+    from extract.store import StoreError
+    from extract.tasks import TaskError
+    from probes.checkpoint import CheckpointError
+
+    return ModelLoadError, ExtractError, StoreError, TaskError, CheckpointError, FileNotFoundError, ValueError
+
+
 def _error(msg: str) -> None:
     print(f"headprobe: error: {msg}", file=sys.stderr)
     sys.exit(2)
@@ -46,16 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     cmd = argparse.ArgumentParser(prog=f"headprobe {argv[0]}", description=COMMANDS[argv[0]][1])
     module.add_arguments(cmd)
     args = cmd.parse_args(argv[1:])
-    from extract.models import ModelLoadError
-    from extract.extractor import ExtractError
-    from extract.store import StoreError
-    from extract.tasks import TaskError
-    from probes.checkpoint import CheckpointError
-
-    known = (ModelLoadError, ExtractError, StoreError, TaskError, CheckpointError, FileNotFoundError, ValueError)
     try:
         module.run(args)
-    except known as err:
+    except known_errors() as err:
         _error(str(err))
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -84,8 +85,6 @@ RUN_FILES = ("checkpoints", "checkpoint", "csv", "wandb", "heads.csv", "heads.js
 
 def remove_run_files(out: Path) -> None:
     """Delete what a training run writes into ``out`` (for --overwrite); other files stay."""
-    import shutil
-
     for name in RUN_FILES:
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
@@ -159,12 +158,11 @@ def check_resume(ckpt: Path, model, datamodule) -> None:
     for what, now, before in (("model", dict(model.hparams), saved.get("hyper_parameters") or {}),
                               ("data", dict(datamodule.hparams), saved.get("datamodule_hyper_parameters") or {})):
         for key, old in before.items():
-            new = now.get(key)
-            placeholder = new is None or new == "auto" or (type(new) is int and new == 0)
             if key.startswith("_") or key in RESUME_FREE or key not in now:
                 continue
-            if key in RESOLVED_AT_SETUP and placeholder:
-                continue
+            new = now[key]
+            if key in RESOLVED_AT_SETUP and (new is None or new == "auto" or (type(new) is int and new == 0)):
+                continue  # not filled in yet
             if key == "path" and Path(old).exists() and Path(new).exists() and os.path.samefile(old, new):
                 continue
             if old != new:
@@ -174,12 +172,11 @@ def check_resume(ckpt: Path, model, datamodule) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from extract.store import StoreError
-    from probes.checkpoint import CheckpointError
+    from train.cli import known_errors
 
     try:
         run(expand_short_form(argv))
-    except (TrainError, StoreError, CheckpointError, ValueError) as err:
+    except known_errors() as err:  # TrainError is a ValueError
         print(f"headprobe: error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
 

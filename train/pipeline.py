@@ -181,14 +181,15 @@ class Pipeline:
     def _fit(self, step: str, key: dict, kind: str, store: Path, folder: Path, extra: list[str]) -> None:
         """Train ``kind`` on ``store`` into ``folder`` as step ``step``, resuming an interrupted run."""
         digest = self.steps.digest(key)
-        stale = self.steps.stale(step, key)
-        self.steps(step, key, lambda: self._train(kind, store, folder, extra, fresh=stale, digest=digest))
+        self.steps(step, key, lambda: self._train(kind, store, folder, extra, digest))
 
-    def _train(self, kind: str, store: Path, folder: Path, extra: list[str], fresh: bool, digest: str) -> dict:
+    def _train(self, kind: str, store: Path, folder: Path, extra: list[str], digest: str) -> dict:
+        """One training into ``folder``; ``digest`` names its settings, so that an interrupted training resumes only
+        under the same ones (a finished step with other settings, or a folder without a digest, starts over)."""
         from train.fit import expand_short_form, run
 
         started = folder / "step_key"  # the settings of a training that may not have finished
-        if fresh or not started.exists() or started.read_text() != digest:  # other or unknown settings: start over
+        if not started.exists() or started.read_text() != digest:  # other or unknown settings: start over
             shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True, exist_ok=True)
         started.write_text(digest)
@@ -399,13 +400,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv).as_dict()
     args.pop("config", None)
     args = {k: v for k, v in args.items() if not k.startswith("__")}
-    from extract.extractor import ExtractError
-    from extract.models import ModelLoadError
-    from extract.store import StoreError
-    from probes.checkpoint import CheckpointError
+    from train.cli import known_errors
 
     try:
         Pipeline(RunConfig(**{**args, "sae": SAESettings(**args["sae"])})).run()
-    except (ValueError, ExtractError, StoreError, CheckpointError, ModelLoadError) as err:  # TaskError, TrainError
+    except known_errors() as err:
         print(f"headprobe run: error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
