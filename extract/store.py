@@ -38,6 +38,9 @@ class StoreError(RuntimeError):
     """A store that cannot be read or written as asked; the message says what to do."""
 
 
+ROW_IDENTITY = ("weights_hash", "architecture", "task", "dataset_hash", "dtype", "position_rule", "config")
+
+
 @dataclass
 class StoreMeta:
     """Everything a later stage needs to know about how the activations were made."""
@@ -69,12 +72,17 @@ class StoreMeta:
     config: dict = field(default_factory=dict)  # the extraction's settings, for resume checks
     schema_version: int = SCHEMA_VERSION
 
-    def mismatch(self, other: "StoreMeta") -> str | None:
-        """The first setting that differs from ``other`` in a way that changes the stored rows, or None."""
-        for name in ("weights_hash", "architecture", "task", "dataset_hash", "dtype", "position_rule", "config"):
-            a, b = getattr(self, name), getattr(other, name)
-            if a != b:
-                return f"{name} {a!r} != {b!r}"
+    def identity(self) -> dict:
+        """The settings that decide the stored rows (same identity: same rows)."""
+        return {name: getattr(self, name) for name in ROW_IDENTITY}
+
+    def mismatch(self, other: "StoreMeta | dict") -> str | None:
+        """The first setting that differs from ``other`` (or its :meth:`identity`) in a way that changes the
+        stored rows, or None."""
+        theirs = other if isinstance(other, dict) else other.identity()
+        for name, a in self.identity().items():
+            if name in theirs and a != theirs[name]:
+                return f"{name} {a!r} != {theirs[name]!r}"
         return None
 
     def to_attrs(self) -> dict:

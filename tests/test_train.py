@@ -167,6 +167,20 @@ def test_an_existing_run_is_refused_without_resume_or_overwrite_and_csv_resume_k
     assert not (out / "csv" / "resume-1").exists()  # the old run's files went first
 
 
+def test_resume_on_a_rebuilt_store_is_refused(store, tmp_path):
+    import h5py
+
+    path = tmp_path / "store.h5"
+    shutil.copy(store, path)
+    common = ["linear", "--data.path", str(path), "--out", str(tmp_path / "run"), "--logger", "none"]
+    run(expand_short_form(common))
+    run(expand_short_form([*common, "--resume", "true"]))  # the same store: fine
+    with h5py.File(path, "r+") as f:  # what `headprobe extract --overwrite` with another seed leaves at the path
+        f.attrs["dataset_hash"] = "another"
+    with pytest.raises(TrainError, match=r"is not the store .* rebuilt: dataset_hash 'another' != 'x'"):
+        run(expand_short_form([*common, "--resume", "true"]))
+
+
 def test_wandb_mode_disabled_writes_no_wandb_files(store, tmp_path):
     out, home = tmp_path / "run", tmp_path / "home"
     home.mkdir()

@@ -205,6 +205,13 @@ class StoreDataModule(L.LightningDataModule):
         self.in_memory = nbytes <= memory_limit_gb * 2**30 if in_memory is None else in_memory
         self._cache: dict[str, InMemoryRows] = {}
 
+    def state_dict(self) -> dict:
+        """Saved in every checkpoint: what decided the store's rows, so that a resume can tell a rebuilt store."""
+        return {"store": self.meta.identity()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Nothing to restore: ``train.fit.check_resume`` compares the store before the run starts."""
+
     @property
     def n_layers(self) -> int:
         return len(self.layers) if self.layers is not None else len(self.meta.layers)

@@ -168,6 +168,11 @@ def check_resume(ckpt: Path, model, datamodule) -> None:
             if old != new:
                 raise TrainError(f"--resume: {ckpt} was trained with --{what}.{key} {old}, this run asks for {new}: "
                                  f"resume with the same settings, or train into another --out")
+    stored = (saved.get(type(datamodule).__qualname__) or {}).get("store")  # absent before headprobe saved it
+    why = stored and datamodule.meta.mismatch(stored)
+    if why:
+        raise TrainError(f"--resume: {datamodule.path} is not the store {ckpt} was trained on (it was rebuilt: {why}): "
+                         f"resume on the original store, or train into another --out")
 
 
 def main(argv: list[str] | None = None) -> None:
