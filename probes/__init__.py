@@ -15,6 +15,13 @@ _EXPORTS = {
     "LinearProbes": "probes.linear",
     "SparseProbe": "probes.sparse",
     "SparseAutoencoder": "probes.sae",
+    "evidence_from_checkpoints": "probes.attribution",
+    "build_stage_map": "probes.stage_map",
+    "write_stage_map": "probes.stage_map",
+    "head_type_scores": "probes.head_scores",
+    "HeadAblation": "probes.ablation",
+    "causal_check": "probes.ablation",
+    "causal_checks": "probes.ablation",
 }
 
 

@@ -3,11 +3,14 @@
 A head is ablated by replacing its z (its block of the output projection's input, see :mod:`extract.hooks`) with
 its mean over reference inputs (mean ablation) or with zeros (zero ablation), through a forward pre-hook on the
 output projection; nothing else in the model changes. :func:`causal_check` compares ablating a task's top-k
-attributed heads with ablating k random heads (several draws), with confidence and prediction intervals.
+attributed heads with ablating k random heads (several draws), with confidence and prediction intervals. The
+random heads come from every layer (``pool="all"``) or from the top heads' own layers (``pool="layers"``), which
+keeps out the effect of a layer as such: in small models ablating early-layer heads hurts most tasks.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
@@ -104,6 +107,7 @@ class AblationResult:
     random_pi: tuple[float, float]  # 95% t-prediction interval of one more draw (NaN with fewer than 2 draws)
     top_heads: list[Head]
     random_heads: list[list[Head]]
+    pool: str = "all"  # where the random heads come from: "all" layers, or the top heads' "layers"
 
     @property
     def hurts_more(self) -> bool:
@@ -132,29 +136,93 @@ def _t_interval(values: np.ndarray, one_draw: bool) -> tuple[float, float]:
     return float(values.mean() - half), float(values.mean() + half)
 
 
+def random_pool(top_heads: list[Head], n_layers: int, n_heads: int, pool: str = "all") -> list[Head]:
+    """The heads random draws come from: every head but the top ones, from all layers or (``"layers"``) from the
+    top heads' layers, widened by one layer on each side until it holds at least as many heads as ``top_heads``."""
+    if pool not in ("all", "layers"):
+        raise ValueError(f"unknown random-head pool {pool!r}: use 'all' or 'layers'")
+    top = set(top_heads)
+    layers = set(range(n_layers)) if pool == "all" else {l for l, _ in top}
+    while True:
+        heads = [(l, h) for l in sorted(layers) for h in range(n_heads) if (l, h) not in top]
+        if len(heads) >= len(top) or len(layers) == n_layers:
+            return heads
+        layers |= {m for l in layers for m in (l - 1, l + 1) if 0 <= m < n_layers}
+
+
 def causal_check(model: nn.Module, metric: Callable[[nn.Module], np.ndarray], top_heads: list[Head],
                  n_draws: int = 10, mode: str = "mean", means: torch.Tensor | None = None,
-                 seed: int = 0) -> AblationResult:
-    """Ablate ``top_heads`` and, ``n_draws`` times, as many random other heads; compare the task metric.
+                 seed: int = 0, pool: str = "all") -> AblationResult:
+    """Ablate ``top_heads`` and, ``n_draws`` times, as many random other heads (from :func:`random_pool`);
+    compare the task metric.
 
     ``metric(model)`` runs the task and returns one value per example, or one scalar (higher = better); it is
     called with the ablation hooks in place. The top heads' CI is a bootstrap over examples (none for a scalar);
     the random draws give the mean's CI and the prediction interval of one draw, which ``hurts_more`` tests.
     """
+    return causal_checks(model, metric, top_heads, n_draws, mode, means, seed, (pool,))[pool]
+
+
+def causal_checks(model: nn.Module, metric: Callable[[nn.Module], np.ndarray], top_heads: list[Head],
+                  n_draws: int = 10, mode: str = "mean", means: torch.Tensor | None = None, seed: int = 0,
+                  pools: tuple[str, ...] = ("all", "layers")) -> dict[str, AblationResult]:
+    """:func:`causal_check` against random heads from each of ``pools``; the clean and top-k runs are shared."""
     layout = head_layout(model)
     k = len(top_heads)
     clean = float(np.mean(metric(model)))
     with HeadAblation(model, top_heads, mode, means):
         top_values = np.atleast_1d(np.asarray(metric(model), dtype=np.float64))
-    rng = np.random.default_rng(seed)
-    others = [(l, h) for l in range(layout.n_layers) for h in range(layout.n_heads) if (l, h) not in set(top_heads)]
-    draws, random_values = [], []
-    for _ in range(n_draws):
-        heads = [others[i] for i in rng.choice(len(others), size=k, replace=False)]
-        with HeadAblation(model, heads, mode, means):
-            random_values.append(float(np.mean(metric(model))))
-        draws.append(heads)
-    rv = np.asarray(random_values)
-    return AblationResult(k, mode, clean, float(top_values.mean()), _bootstrap_ci(top_values, seed=seed),
-                          random_values, float(rv.mean()), _t_interval(rv, False), _t_interval(rv, True),
-                          list(top_heads), draws)
+    results = {}
+    for pool in pools:
+        rng = np.random.default_rng(seed)
+        others = random_pool(top_heads, layout.n_layers, layout.n_heads, pool)
+        draws, random_values = [], []
+        for _ in range(n_draws):
+            heads = [others[i] for i in rng.choice(len(others), size=k, replace=False)]
+            with HeadAblation(model, heads, mode, means):
+                random_values.append(float(np.mean(metric(model))))
+            draws.append(heads)
+        rv = np.asarray(random_values)
+        results[pool] = AblationResult(k, mode, clean, float(top_values.mean()), _bootstrap_ci(top_values, seed=seed),
+                                       random_values, float(rv.mean()), _t_interval(rv, False), _t_interval(rv, True),
+                                       list(top_heads), draws, pool)
+    return results
+
+
+POOL_COLOURS = {"all": "#8c8c8c", "layers": "#3b75af"}
+
+
+def plot_ablation(results: dict[str, dict], path) -> Path:
+    """One row per task (``results`` as in ``ablation.json``): the metric's change from the clean model with the
+    top-k heads ablated (red diamond) and with each random draw (dots, one colour per pool), with one draw's 95%
+    prediction interval as a bar. Metrics differ per task, so each row has its own units."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 0.55 * len(results) + 1.4))
+    for i, (task, r) in enumerate(results.items()):
+        controls = [r, *r.get("random_from", {}).values()]
+        for j, c in enumerate(controls):
+            y = i + (j - (len(controls) - 1) / 2) * 0.28
+            colour = POOL_COLOURS[c.get("pool", "all")]
+            lo, hi = np.asarray(c["random_pi"], dtype=float) - r["clean"]
+            ax.plot([lo, hi], [y, y], color=colour, alpha=0.35, linewidth=5, solid_capstyle="butt")
+            ax.scatter(np.asarray(c["random"]) - r["clean"], np.full(len(c["random"]), y), color=colour, s=12,
+                       zorder=2)
+        ax.scatter([r["top"] - r["clean"]], [i], marker="D", color="#c0392b", s=36, zorder=3)
+    ax.axvline(0, color="k", linewidth=0.8)
+    ax.set_yticks(range(len(results)), [f"{t} ({r['metric']})" for t, r in results.items()], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("metric with heads ablated minus the clean metric (left: the model does worse)")
+    pools = {c.get("pool", "all") for r in results.values() for c in [r, *r.get("random_from", {}).values()]}
+    handles = [plt.Line2D([], [], marker="D", color="#c0392b", linestyle="", label="top-k heads")]
+    handles += [plt.Line2D([], [], marker="o", color=POOL_COLOURS[p], linewidth=5, alpha=0.6,
+                           label=f"k random heads, {'all layers' if p == 'all' else 'the same layers'}: draws and "
+                                 "one draw's 95% interval") for p in POOL_COLOURS if p in pools]
+    ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.06 - 0.5 / len(results)),
+              frameon=False)
+    path = Path(path)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path

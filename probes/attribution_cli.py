@@ -7,7 +7,7 @@ Writes into ``--out``: ``stage_map.png``, ``stage_scores.csv``, ``stage_map.json
 ``report.md``; with ``--head-scores`` also ``head_types.csv`` (attention-pattern scores of every head), the
 Spearman rho of every evidence against them and ``induction_check.png`` (the copy task's evidence against the
 induction scores); with ``--ablate K`` ``ablation.json`` (each task's top-K heads
-mean-ablated against K random heads, with CIs).
+mean-ablated against K random heads from all layers and from the top heads' layers, with CIs).
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", type=Path, help="checkpoint folders, or run folders to search for checkpoints "
                                                         "and stores")
     p.add_argument("--out", type=Path, required=True, help="folder for the stage map and the report")
-    p.add_argument("--stores", nargs="*", type=Path, default=[], help="labelled HDF5 stores to tie SAE latents to tasks")
+    p.add_argument("--stores", nargs="*", type=Path, default=[],
+                   help="labelled HDF5 stores to tie SAE latents to tasks")
     p.add_argument("--alpha", type=float, default=0.01, help="family-wise level of the nulls (Bonferroni over heads)")
     p.add_argument("--top", type=int, default=8, help="heads listed per stage in the report")
     p.add_argument("--reduce", choices=["mean", "max"], default="mean", help="pooling over a stage's evidence")
@@ -39,6 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                                        "random heads")
     p.add_argument("--ablation", choices=["mean", "zero"], default="mean")
     p.add_argument("--draws", type=int, default=10, help="random-head draws per task")
+    p.add_argument("--random-from", choices=["all", "layers", "both"], default="both",
+                   help="where the random heads come from: all layers, the top heads' layers, or both (two rows)")
     p.add_argument("--examples", type=int, default=64, help="task examples per ablation metric")
     p.add_argument("--metric", choices=["auto", "accuracy"], default="auto",
                    help="ablation metric: auto = the continuous one (choice: log-prob margin of the right answer; "
@@ -57,7 +60,8 @@ def find_inputs(paths: list[Path]) -> tuple[list[Path], list[Path]]:
         elif (path / "config.json").is_file() and (path / "model.safetensors").is_file():
             checkpoints.append(path)
         elif path.is_dir():
-            checkpoints += sorted(c.parent for c in path.rglob("model.safetensors") if (c.parent / "config.json").is_file())
+            checkpoints += sorted(c.parent for c in path.rglob("model.safetensors")
+                                  if (c.parent / "config.json").is_file())
             stores += sorted(path.rglob("*.h5"))
     if not checkpoints:
         raise ValueError(f"no checkpoint found in {', '.join(map(str, paths))}: pass folders holding config.json and "
@@ -99,7 +103,8 @@ def head_type_section(scores: dict[str, np.ndarray], evidence: list[Evidence], s
     out = ["## Attention-pattern cross-check", "",
            f"Scores on [BOS, r1..r50, r1..r50] (TransformerLens 'mul' score; a head is typed above {TYPE_THRESHOLD}). "
            "The survey puts previous-token and duplicate-token heads in ICI and induction heads in LR.", "",
-           "| head | type(s) | scores (prev / dup / ind) | taxonomy stage | stage in the map |", "|---|---|---|---|---|"]
+           "| head | type(s) | scores (prev / dup / ind) | taxonomy stage | stage in the map |",
+           "|---|---|---|---|---|"]
     typed = head_types(scores)
     for (layer, head), types in sorted(typed.items()):
         vals = " / ".join(f"{scores[t][layer, head]:.2f}" for t in ("previous_token", "duplicate_token", "induction"))
@@ -145,20 +150,31 @@ def _interval(pi) -> str:
     return "-" if pi is None else f"[{pi[0]:.3f}, {pi[1]:.3f}]"  # absent in an older ablation.json
 
 
-def ablation_section(results: dict[str, dict]) -> str:
+def ablation_section(results: dict[str, dict], folder: Path | None = None) -> str:
+    """The ablation table (and, given a ``folder``, ``ablation.png`` written there and shown above the table)."""
     draws = "/".join(str(n) for n in sorted({len(r["random"]) for r in results.values()}))
     out = ["## Causal check: ablating each task's top heads", "",
            "Top hurts more: the top-k result lies below the 95% prediction interval of one random draw, where a set "
-           f"of k heads like any others lands 2.5% of the time (random heads from all layers, {draws} draws); the "
-           "mean's CI is shown for reference.", "",
-           "| task | metric | k | mode | clean | top-k ablated | random k ablated: mean [95% CI] | one random draw: "
-           "95% interval | top hurts more | probe reads |", "|---|---|---|---|---|---|---|---|---|---|"]
+           f"of k heads like any others lands 2.5% of the time ({draws} draws). Random heads come from all layers, "
+           "or from the layers of the task's top heads (widened to their neighbours if those hold fewer than k "
+           "others), which asks whether the heads matter more than their layer-mates. The mean's CI is shown for "
+           "reference.", ""]
+    if folder is not None:
+        from probes.ablation import plot_ablation
+
+        plot_ablation(results, Path(folder) / "ablation.png")
+        out += ["![ablation: top heads against random heads](ablation.png)", ""]
+    out += ["| task | metric | k | mode | clean | top-k ablated | random k from | random k ablated: mean [95% CI] | "
+            "one random draw: 95% interval | top hurts more | probe reads |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for task, r in results.items():
         after = r.get("probe_after_scored")  # absent in an ablation.json from an older headprobe
         reads = "-" if after is None else "the answer (after*)" if after else "the scored position"
-        out.append(f"| {task} | {r['metric']} | {r['k']} | {r['mode']} | {r['clean']:.3f} | {r['top']:.3f} | "
-                   f"{r['random_mean']:.3f} [{r['random_ci'][0]:.3f}, {r['random_ci'][1]:.3f}] | "
-                   f"{_interval(r.get('random_pi'))} | {'yes' if r['hurts_more'] else 'no'} | {reads} |")
+        for c in [r, *r.get("random_from", {}).values()]:
+            out.append(f"| {task} | {r['metric']} | {r['k']} | {r['mode']} | {r['clean']:.3f} | {r['top']:.3f} | "
+                       f"{POOLS[c.get('pool', 'all')]} | {c['random_mean']:.3f} [{c['random_ci'][0]:.3f}, "
+                       f"{c['random_ci'][1]:.3f}] | {_interval(c.get('random_pi'))} | "
+                       f"{'yes' if c['hurts_more'] else 'no'} | {reads} |")
     if any(r.get("probe_after_scored") for r in results.values()):
         out += ["", "\\* True/false statements: the probes read the answer token, while the margin scores the "
                 "model's prediction of the answer at the positions before it. Ablating the heads there tests what "
@@ -169,15 +185,18 @@ def ablation_section(results: dict[str, dict]) -> str:
 
 
 CONTINUOUS = {"choice": "margin", "induction": "copy_logprob"}
+POOLS = {"all": "all layers", "layers": "the same layers"}  # where an ablation's random heads come from
 
 
 def run_ablations(loaded, evidence: list[Evidence], k: int, mode: str, draws: int, n_examples: int,
-                  metric: str = "auto") -> dict[str, dict]:
+                  metric: str = "auto", pools: tuple[str, ...] = ("all", "layers")) -> dict[str, dict]:
+    """Each task's top-k heads ablated against k random heads from each of ``pools`` (see
+    :func:`probes.ablation.random_pool`): the first pool's result, with the others' under ``random_from``."""
     import torch
 
     from extract.tasks import TASKS
     from extract.tasks.metrics import model_metric, probe_reads_after_scoring
-    from probes.ablation import causal_check, head_means
+    from probes.ablation import causal_checks, head_means
 
     results = {}
     for task_name in sorted({ev.task for ev in evidence}):
@@ -195,13 +214,16 @@ def run_ablations(loaded, evidence: list[Evidence], k: int, mode: str, draws: in
                  "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])}
         means = head_means(loaded.model, [batch]) if mode == "mean" else None
         key = CONTINUOUS.get(task.metric, "metric") if metric == "auto" else "metric"
-        res = causal_check(loaded.model, lambda m: model_metric(loaded, task, examples)[key],
-                           top_heads(evidence, task_name, k), n_draws=draws, mode=mode, means=means)
-        results[task_name] = {**res.to_dict(), "metric": key, "n_examples": len(examples),
-                              "probe_after_scored": probe_reads_after_scoring(task, examples)}
-        print(f"attribute: {task_name} ({key}): clean {res.clean:.3f}, top-{k} ablated {res.top:.3f}, random "
-              f"{res.random_mean:.3f} [{res.random_ci[0]:.3f}, {res.random_ci[1]:.3f}], one draw "
-              f"{_interval(res.random_pi)}: top hurts more: {'yes' if res.hurts_more else 'no'}")
+        checks = causal_checks(loaded.model, lambda m: model_metric(loaded, task, examples)[key],
+                               top_heads(evidence, task_name, k), n_draws=draws, mode=mode, means=means, pools=pools)
+        first = checks[pools[0]].to_dict()
+        results[task_name] = {**first, "metric": key, "n_examples": len(examples),
+                              "probe_after_scored": probe_reads_after_scoring(task, examples),
+                              "random_from": {pool: res.to_dict() for pool, res in checks.items() if pool != pools[0]}}
+        for pool, res in checks.items():
+            print(f"attribute: {task_name} ({key}): clean {res.clean:.3f}, top-{k} ablated {res.top:.3f}, random "
+                  f"from {POOLS[pool]} {res.random_mean:.3f} [{res.random_ci[0]:.3f}, {res.random_ci[1]:.3f}], "
+                  f"one draw {_interval(res.random_pi)}: top hurts more: {'yes' if res.hurts_more else 'no'}")
     return results
 
 
@@ -243,10 +265,11 @@ def run(args: argparse.Namespace) -> None:
                         w.writerow([layer, head, *(f"{scores[t][layer, head]:.4f}" for t in HEAD_TYPES)])
             report.append(head_type_section(scores, evidence, stage_map, args.out))
         if args.ablate:
+            pools = ("all", "layers") if args.random_from == "both" else (args.random_from,)
             results = run_ablations(loaded, evidence, args.ablate, args.ablation, args.draws, args.examples,
-                                    args.metric)
+                                    args.metric, pools)
             (args.out / "ablation.json").write_text(json.dumps(results, indent=1) + "\n")
-            report.append(ablation_section(results))
+            report.append(ablation_section(results, args.out))
     (args.out / "report.md").write_text("# Head attribution\n\n" + "\n".join(report))
     print(f"attribute: {len(stage_map.assigned())} heads with a stage; report in {args.out / 'report.md'}")
 

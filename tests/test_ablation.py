@@ -135,7 +135,7 @@ def test_ablation_refuses_bad_heads():
         HeadAblation(model, [(0, 0)], "resample")
 
 
-def test_ablations_of_a_task_through_its_model_metric():
+def test_ablations_of_a_task_through_its_model_metric(tmp_path):
     from probes.attribution import Evidence
     from probes.attribution_cli import ablation_section, run_ablations, top_heads
     from tests.conftest import tiny_loaded
@@ -148,10 +148,30 @@ def test_ablations_of_a_task_through_its_model_metric():
     results = run_ablations(loaded, evidence, k=2, mode="mean", draws=3, n_examples=8)
     r = results["capitals"]
     assert r["metric"] == "margin" and r["k"] == 2 and r["top_heads"] == [(2, 4), (0, 1)] and len(r["random"]) == 3
+    same = r["random_from"]["layers"]  # random heads from layers 0 and 2 only, the top heads' layers
+    assert r["pool"] == "all" and same["pool"] == "layers" and same["top"] == r["top"] and len(same["random"]) == 3
+    assert all(l in (0, 2) for draw in same["random_heads"] for l, _ in draw)
     assert r["top"] != r["clean"]  # the tiny model's answer margins move when its heads are replaced
     assert r["probe_after_scored"]  # capitals probes read the answer token, after the scored prediction
-    md = ablation_section(results)
+    md = ablation_section(results, tmp_path)
+    assert "![ablation: top heads against random heads](ablation.png)" in md
+    assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| capitals | margin | 2 | mean |" in md and "| the answer (after*) |" in md and "\\* True/false" in md
-    assert "lands 2.5% of the time (random heads from all layers, 3 draws)" in md
-    lo, hi = r["random_pi"]
-    assert f"| [{lo:.3f}, {hi:.3f}] | {'yes' if r['hurts_more'] else 'no'} | the answer (after*) |" in md
+    assert "lands 2.5% of the time (3 draws). Random heads come from all layers, or from the layers" in md
+    for c, pool in [(r, "all layers"), (same, "the same layers")]:
+        (lo, hi), (m_lo, m_hi) = c["random_pi"], c["random_ci"]
+        assert (f"| {pool} | {c['random_mean']:.3f} [{m_lo:.3f}, {m_hi:.3f}] | [{lo:.3f}, {hi:.3f}] | "
+                f"{'yes' if c['hurts_more'] else 'no'} | the answer (after*) |") in md
+
+
+def test_random_pool_keeps_to_the_top_heads_layers_and_widens_when_they_are_full():
+    from probes.ablation import random_pool
+
+    top = [(3, 0), (3, 1), (7, 2)]
+    assert random_pool(top, 10, 4) == [(l, h) for l in range(10) for h in range(4) if (l, h) not in top]
+    assert random_pool(top, 10, 4, "layers") == [(3, 2), (3, 3), (7, 0), (7, 1), (7, 3)]
+    full = [(5, h) for h in range(4)]  # layer 5 holds no other head: its neighbours 4 and 6 are added
+    assert random_pool(full, 10, 4, "layers") == [(l, h) for l in (4, 6) for h in range(4)]
+    assert len(random_pool([(0, h) for h in range(4)] + [(1, 0)], 2, 4, "layers")) == 3  # the whole model is fewer
+    with pytest.raises(ValueError, match="use 'all' or 'layers'"):
+        random_pool(top, 10, 4, "model")

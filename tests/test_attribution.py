@@ -257,3 +257,16 @@ def test_stage_map_refuses_bad_evidence():
         build_stage_map([ev])
     with pytest.raises(ValueError, match="2 layers"):
         linear_evidence("t", "KR", np.ones((3, 3)), np.zeros((3, 3)), [0, 1])
+
+
+def test_the_attribution_functions_are_importable_from_probes():
+    import importlib
+
+    import probes
+
+    for name in dir(probes):
+        module = probes._EXPORTS[name]
+        assert getattr(probes, name) is getattr(importlib.import_module(module), name), name
+    assert {"evidence_from_checkpoints", "build_stage_map", "head_type_scores", "causal_checks"} <= set(dir(probes))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        probes.nope

@@ -57,7 +57,8 @@ def test_datamodule_epochs_cover_the_split_in_an_order_fixed_by_seed_and_epoch(s
 # --- CLI ----------------------------------------------------------------------------------------------------------
 def test_short_form_maps_names_to_configs(monkeypatch):
     args = expand_short_form(["linear", "--data.path", "x.h5"])
-    assert args[0] == "--config" and args[1].endswith("train/configs/linear.yaml") and args[2:] == ["--data.path", "x.h5"]
+    assert args[0] == "--config" and args[1].endswith("train/configs/linear.yaml")
+    assert args[2:] == ["--data.path", "x.h5"]
     assert expand_short_form(["--config", "my.yaml"]) == ["--config", "my.yaml"]
     monkeypatch.setitem(MODELS, "sae", ("probes.not_there", "sae.yaml"))
     with pytest.raises(TrainError, match="probes.not_there"):
@@ -119,7 +120,8 @@ class CrashAt(L.Callback):
 def test_resume_after_a_kill_matches_an_uninterrupted_run(store, tmp_path):
     # minibatch proximal steps on shuffled, streamed data read by 2 workers: the result depends on the data order
     common = ["sparse", "--data.path", str(store), "--data.batch_size", "32", "--data.in_memory", "false",
-              "--data.num_workers", "2", "--data.shuffle_buffer", "64", "--data.block_chunks", "1", "--model.momentum", "false",
+              "--data.num_workers", "2", "--data.shuffle_buffer", "64", "--data.block_chunks", "1",
+              "--model.momentum", "false",
               "--model.inner_steps", "1", "--model.lr", "0.05", "--model.tol", "0", "--trainer.max_epochs", "4",
               "--logger", "none"]
     run(expand_short_form([*common, "--out", str(tmp_path / "straight")]))

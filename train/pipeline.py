@@ -50,6 +50,7 @@ class RunConfig:
     top_k: int = 8  # heads per task for the causal ablation check
     ablation_draws: int = 5  # random-head draws to compare against
     ablation_examples: int = 64  # task examples per ablation metric
+    ablation_random_from: Literal["all", "layers", "both"] = "both"  # random heads: any layer / top heads' layers
     stage_scale: Literal["share", "max"] = "share"  # stage map: evidence scaled by its total (share) or its best head
     sae: SAESettings = field(default_factory=SAESettings)
     progress: bool = True
@@ -252,7 +253,8 @@ class Pipeline:
         args = parser.parse_args([str(self.out / "runs"), "--stores", *stores,
                                   "--out", str(out), "--head-scores", "--ablate", str(self.cfg.top_k),
                                   "--draws", str(self.cfg.ablation_draws), "--examples",
-                                  str(self.cfg.ablation_examples), "--scale", self.cfg.stage_scale,
+                                  str(self.cfg.ablation_examples), "--random-from", self.cfg.ablation_random_from,
+                                  "--scale", self.cfg.stage_scale,
                                   "--model", self.cfg.model])
         out.mkdir(parents=True, exist_ok=True)
         attribute(args)
@@ -264,7 +266,7 @@ class Pipeline:
         self.train_all()
         keys = {name: self.steps.key_of(name) for name in self.steps.done()}
         settings = {"top_k": self.cfg.top_k, "draws": self.cfg.ablation_draws, "examples": self.cfg.ablation_examples,
-                    "stage_scale": self.cfg.stage_scale}
+                    "random_from": self.cfg.ablation_random_from, "stage_scale": self.cfg.stage_scale}
         self.steps("attribute", {**keys, **settings}, self.attribute)
         report = self.steps("report", {"inputs": keys, "attribute": self.steps.key_of("attribute")},
                             lambda: {"path": str(build_report(self))})
@@ -375,12 +377,14 @@ def build_report(p: Pipeline) -> Path:
     keys = ("fve", "l0", "mse", "cosine", "dead_frac", "dense_frac", "ce_clean", "ce_spliced", "ce_recovered_zero",
             "ce_recovered_mean")
     sae_rows = "\n".join(f"| {k} | {ev[k]:.4g} |" for k in keys if k in ev)
+    density = _copy(sae_dir / "density.png", folder, "density.png")
     sections.append(f"## Sparse autoencoder (layer {p.cfg.sae.layer}, held-out corpus tokens)\n\n| metric | value |\n"
-                    f"|---|---|\n{sae_rows}\n\n![feature density]({_copy(sae_dir / 'density.png', folder, 'density.png')})"
+                    f"|---|---|\n{sae_rows}\n\n![feature density]({density})"
                     f"\n\n### Latents and the heads that write them\n\n{_top_tokens(p)}")
     sections.append("## Run\n\n```yaml\n" + _yaml(asdict(p.cfg)) + "```\n\n| package | version |\n|---|---|\n" +
                     "\n".join(f"| {k} | {v} |" for k, v in versions().items()) +
-                    "\n\n```\n" + p.steps.table() + "\n```\n\nCommand: `" + " ".join(["headprobe", *sys.argv[1:]]) + "`")
+                    "\n\n```\n" + p.steps.table() + "\n```\n\nCommand: `"
+                    + " ".join(["headprobe", *sys.argv[1:]]) + "`")
     return write_report(folder, "headprobe report", sections)
 
 
