@@ -5,9 +5,9 @@ while their probes read the answer token after it (the report's footnote). A met
 would need the model to judge the finished statement: this script asks it, appending a question to each statement
 and scoring the two answers as a ``choice`` (``extract.tasks.metrics.asked_to_judge``). It prints, per task and
 question, the accuracy on true and on false statements and the mean margin of the right answer; a model that
-always gives one answer scores 1 on one side and 0 on the other.
+always gives one answer scores 1 on one side and 0 on the other. A model with a chat template is also asked in it.
 
-    python bench/bench_judgement.py                        # the default model, all six true/false tasks (~3 min)
+    python bench/bench_judgement.py                        # the default model, all six true/false tasks (~6 min)
     python bench/bench_judgement.py --tasks capitals,facts --model smollm2-135m
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 import torch
 
 from extract.models import load_model
-from extract.tasks import get_task
+from extract.tasks import Example, get_task
 from extract.tasks.metrics import asked_to_judge, choice_metric
 
 TRUE_FALSE_TASKS = "capitals,city_country,arithmetic,successor,greater_than,facts"
@@ -26,6 +26,22 @@ QUESTIONS = {  # question appended to the statement, (answer if true, answer if 
     "true-or-false": (". True or false? Answer:", (" True", " False")),
     "is-that-correct": (".\nQuestion: Is that correct? Answer:", (" Yes", " No")),
 }
+CHAT_QUESTIONS = {  # asked in the model's chat template, as the user; the answer opens the assistant's turn
+    "chat: true-or-false": ("Is the following statement true or false? {statement}", ("True", "False")),
+    "chat: is-that-correct": ("{statement} Is that correct? Answer yes or no.", ("Yes", "No")),
+}
+
+
+def asked_in_chat(tokenizer, examples: list[Example], question: str, answers: tuple[str, str]) -> list[Example]:
+    """Each statement inside ``question`` as a user message of the tokenizer's chat template; its ``choice`` is the
+    right one of ``answers`` at the start of the assistant's reply."""
+    out = []
+    for ex in examples:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": question.format(statement=ex.text)}],
+                                               tokenize=False, add_generation_prompt=True)
+        choice = {"prompt": prompt, "candidates": list(answers), "answer": 0 if ex.label == 1 else 1}
+        out.append(Example(text=prompt, label=ex.label, group=ex.group, choice=choice))
+    return out
 
 
 def main() -> None:
@@ -39,11 +55,13 @@ def main() -> None:
     loaded = load_model(args.model)
     print("| task | question | accuracy on true statements | on false statements | margin | n |")
     print("|---|---|---|---|---|---|")
+    chat = bool(getattr(loaded.tokenizer, "chat_template", None))
     for name in args.tasks.split(","):
         examples = get_task(name).examples(0)
-        for key, (question, answers) in QUESTIONS.items():
+        for key, (question, answers) in {**QUESTIONS, **(CHAT_QUESTIONS if chat else {})}.items():
             t = time.perf_counter()
-            asked = asked_to_judge(examples, question, answers)
+            asked = (asked_in_chat(loaded.tokenizer, examples, question, answers) if key in CHAT_QUESTIONS
+                     else asked_to_judge(examples, question, answers))
             on_true = choice_metric(loaded, [ex for ex in asked if ex.label == 1])
             on_false = choice_metric(loaded, [ex for ex in asked if ex.label == 0])
             margin = (on_true["margin"] * on_true["n"] + on_false["margin"] * on_false["n"]) / (on_true["n"]
