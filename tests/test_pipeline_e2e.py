@@ -87,6 +87,7 @@ def test_every_step_ran_and_every_artefact_is_written(finished_run):
     ablation = json.loads((attr / "ablation.json").read_text())
     assert set(ablation) == set(names)  # every task has a model metric to ablate
     assert all({"clean", "top", "random_mean"} <= set(r) for r in ablation.values())
+    assert all(r["pool"] == "all" and r["random_from"]["layers"]["top"] == r["top"] for r in ablation.values())
 
     # W&B wrote an offline run per training, with its metrics
     runs = sorted(p.out.rglob("offline-run-*"))
@@ -106,7 +107,8 @@ def test_report_holds_every_section_and_image(finished_run):
     assert re.search(r"\| fve \| -?\d", md) and re.search(r"\| ce_spliced \| \d", md)
     assert "Spearman" in md and "random" in md  # the pattern-score cross-check and the ablation comparison
     images = images_in(md)
-    assert len(images) >= 12 and "induction_check.png" in md  # stage map, 9 heatmaps, SAE density, copy check
+    assert len(images) >= 13 and {"induction_check.png", "ablation.png"} <= {Path(i).name for i in images}
+    # stage map, 9 heatmaps, SAE density, copy check, ablation
     for img in images:
         assert (page.parent / img).read_bytes().startswith(PNG), img
     html = page.read_text()
