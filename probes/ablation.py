@@ -4,8 +4,9 @@ A head is ablated by replacing its z (its block of the output projection's input
 its mean over reference inputs (mean ablation) or with zeros (zero ablation), through a forward pre-hook on the
 output projection; nothing else in the model changes. :func:`causal_check` compares ablating a task's top-k
 attributed heads with ablating k random heads (several draws), with confidence and prediction intervals. The
-random heads come from every layer (``pool="all"``) or from the top heads' own layers (``pool="layers"``), which
-keeps out the effect of a layer as such: in small models ablating early-layer heads hurts most tasks.
+random heads come from every layer (``pool="all"``), or layer by layer (``pool="layers"``): as many from each of
+the top heads' layers as the top set holds there, which asks whether the heads matter more than other heads of
+their layers (in small models ablating almost any early-layer head hurts most tasks).
 """
 from __future__ import annotations
 
@@ -107,7 +108,7 @@ class AblationResult:
     random_pi: tuple[float, float]  # 95% t-prediction interval of one more draw (NaN with fewer than 2 draws)
     top_heads: list[Head]
     random_heads: list[list[Head]]
-    pool: str = "all"  # where the random heads come from: "all" layers, or the top heads' "layers"
+    pool: str = "all"  # where the random heads come from: "all" layers, or "layers" matched to the top heads
 
     @property
     def hurts_more(self) -> bool:
@@ -126,7 +127,7 @@ def _bootstrap_ci(values: np.ndarray, n: int = 1000, seed: int = 0) -> tuple[flo
     return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
-def _t_interval(values: np.ndarray, one_draw: bool) -> tuple[float, float]:
+def t_interval(values: np.ndarray, one_draw: bool = False) -> tuple[float, float]:
     """95% t-interval of the mean of ``values``, or (``one_draw``) the prediction interval of one more value."""
     n = len(values)
     if n < 2:
@@ -136,24 +137,35 @@ def _t_interval(values: np.ndarray, one_draw: bool) -> tuple[float, float]:
     return float(values.mean() - half), float(values.mean() + half)
 
 
-def random_pool(top_heads: list[Head], n_layers: int, n_heads: int, pool: str = "all") -> list[Head]:
-    """The heads random draws come from: every head but the top ones, from all layers or (``"layers"``) from the
-    top heads' layers, widened by one layer on each side until it holds at least as many heads as ``top_heads``."""
-    if pool not in ("all", "layers"):
-        raise ValueError(f"unknown random-head pool {pool!r}: use 'all' or 'layers'")
-    top = set(top_heads)
-    layers = set(range(n_layers)) if pool == "all" else {l for l, _ in top}
-    while True:
-        heads = [(l, h) for l in sorted(layers) for h in range(n_heads) if (l, h) not in top]
-        if len(heads) >= len(top) or len(layers) == n_layers:
-            return heads
-        layers |= {m for l in layers for m in (l - 1, l + 1) if 0 <= m < n_layers}
+def draw_random_heads(top_heads: list[Head], n_layers: int, n_heads: int, pool: str,
+                      rng: np.random.Generator) -> list[Head]:
+    """One random set of as many heads as ``top_heads``, the control that :func:`causal_check` ablates.
+
+    ``pool="all"``: distinct heads drawn from every head of the model but the top ones. ``pool="layers"``: layer
+    by layer, as many heads as the top set has in that layer, drawn from all of that layer's heads, the top ones
+    included; so if the top heads were no different from the others in their layers, the top set would be one
+    more such draw, and the prediction interval of one draw keeps its 2.5% false-positive rate (leaving the top
+    heads out would make the draws overlap each other and understate their spread). A layer whose heads are all
+    top heads gives every draw those same heads: that layer cannot tell its heads apart.
+    """
+    top = list(dict.fromkeys(top_heads))
+    if pool == "all":
+        taken = set(top)
+        others = [(l, h) for l in range(n_layers) for h in range(n_heads) if (l, h) not in taken]
+        if len(others) < len(top):
+            raise ValueError(f"only {len(others)} heads besides the {len(top)} top heads: ablate fewer top heads")
+        return [others[i] for i in sorted(rng.choice(len(others), size=len(top), replace=False))]
+    if pool == "layers":
+        layers, counts = np.unique(np.array([l for l, _ in top], dtype=int), return_counts=True)
+        return [(int(l), int(h)) for l, c in zip(layers, counts)
+                for h in sorted(rng.choice(n_heads, size=c, replace=False))]
+    raise ValueError(f"unknown random-head pool {pool!r}: use 'all' or 'layers'")
 
 
 def causal_check(model: nn.Module, metric: Callable[[nn.Module], np.ndarray], top_heads: list[Head],
                  n_draws: int = 10, mode: str = "mean", means: torch.Tensor | None = None,
                  seed: int = 0, pool: str = "all") -> AblationResult:
-    """Ablate ``top_heads`` and, ``n_draws`` times, as many random other heads (from :func:`random_pool`);
+    """Ablate ``top_heads`` and, ``n_draws`` times, as many random heads (see :func:`draw_random_heads`);
     compare the task metric.
 
     ``metric(model)`` runs the task and returns one value per example, or one scalar (higher = better); it is
@@ -166,25 +178,25 @@ def causal_check(model: nn.Module, metric: Callable[[nn.Module], np.ndarray], to
 def causal_checks(model: nn.Module, metric: Callable[[nn.Module], np.ndarray], top_heads: list[Head],
                   n_draws: int = 10, mode: str = "mean", means: torch.Tensor | None = None, seed: int = 0,
                   pools: tuple[str, ...] = ("all", "layers")) -> dict[str, AblationResult]:
-    """:func:`causal_check` against random heads from each of ``pools``; the clean and top-k runs are shared."""
+    """:func:`causal_check` against random heads from each of ``pools`` (each with its own random stream from
+    ``seed``); the clean and top-k runs are shared."""
     layout = head_layout(model)
     k = len(top_heads)
     clean = float(np.mean(metric(model)))
     with HeadAblation(model, top_heads, mode, means):
         top_values = np.atleast_1d(np.asarray(metric(model), dtype=np.float64))
     results = {}
-    for pool in pools:
-        rng = np.random.default_rng(seed)
-        others = random_pool(top_heads, layout.n_layers, layout.n_heads, pool)
+    for i, pool in enumerate(pools):
+        rng = np.random.default_rng([seed, i])
         draws, random_values = [], []
         for _ in range(n_draws):
-            heads = [others[i] for i in rng.choice(len(others), size=k, replace=False)]
+            heads = draw_random_heads(top_heads, layout.n_layers, layout.n_heads, pool, rng)
             with HeadAblation(model, heads, mode, means):
                 random_values.append(float(np.mean(metric(model))))
             draws.append(heads)
         rv = np.asarray(random_values)
         results[pool] = AblationResult(k, mode, clean, float(top_values.mean()), _bootstrap_ci(top_values, seed=seed),
-                                       random_values, float(rv.mean()), _t_interval(rv, False), _t_interval(rv, True),
+                                       random_values, float(rv.mean()), t_interval(rv, False), t_interval(rv, True),
                                        list(top_heads), draws, pool)
     return results
 
@@ -196,6 +208,8 @@ def plot_ablation(results: dict[str, dict], path) -> Path:
     """One row per task (``results`` as in ``ablation.json``): the metric's change from the clean model with the
     top-k heads ablated (red diamond) and with each random draw (dots, one colour per pool), with one draw's 95%
     prediction interval as a bar. Metrics differ per task, so each row has its own units."""
+    if not results:
+        raise ValueError("no ablation results to plot: run the ablation on at least one task with a model metric")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -206,8 +220,9 @@ def plot_ablation(results: dict[str, dict], path) -> Path:
         for j, c in enumerate(controls):
             y = i + (j - (len(controls) - 1) / 2) * 0.28
             colour = POOL_COLOURS[c.get("pool", "all")]
-            lo, hi = np.asarray(c["random_pi"], dtype=float) - r["clean"]
-            ax.plot([lo, hi], [y, y], color=colour, alpha=0.35, linewidth=5, solid_capstyle="butt")
+            if c.get("random_pi") is not None:  # absent in an older ablation.json
+                lo, hi = np.asarray(c["random_pi"], dtype=float) - r["clean"]
+                ax.plot([lo, hi], [y, y], color=colour, alpha=0.35, linewidth=5, solid_capstyle="butt")
             ax.scatter(np.asarray(c["random"]) - r["clean"], np.full(len(c["random"]), y), color=colour, s=12,
                        zorder=2)
         ax.scatter([r["top"] - r["clean"]], [i], marker="D", color="#c0392b", s=36, zorder=3)
@@ -218,7 +233,7 @@ def plot_ablation(results: dict[str, dict], path) -> Path:
     pools = {c.get("pool", "all") for r in results.values() for c in [r, *r.get("random_from", {}).values()]}
     handles = [plt.Line2D([], [], marker="D", color="#c0392b", linestyle="", label="top-k heads")]
     handles += [plt.Line2D([], [], marker="o", color=POOL_COLOURS[p], linewidth=5, alpha=0.6,
-                           label=f"k random heads, {'all layers' if p == 'all' else 'the same layers'}: draws and "
+                           label=f"k random heads, {'all layers' if p == 'all' else 'layer-matched'}: draws and "
                                  "one draw's 95% interval") for p in POOL_COLOURS if p in pools]
     ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.06 - 0.5 / len(results)),
               frameon=False)

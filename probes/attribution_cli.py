@@ -7,13 +7,14 @@ Writes into ``--out``: ``stage_map.png``, ``stage_scores.csv``, ``stage_map.json
 ``report.md``; with ``--head-scores`` also ``head_types.csv`` (attention-pattern scores of every head), the
 Spearman rho of every evidence against them and ``induction_check.png`` (the copy task's evidence against the
 induction scores); with ``--ablate K`` ``ablation.json`` (each task's top-K heads
-mean-ablated against K random heads from all layers and from the top heads' layers, with CIs).
+mean-ablated against K random heads from all layers and layer-matched ones, with CIs).
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import json
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ablation", choices=["mean", "zero"], default="mean")
     p.add_argument("--draws", type=int, default=10, help="random-head draws per task")
     p.add_argument("--random-from", choices=["all", "layers", "both"], default="both",
-                   help="where the random heads come from: all layers, the top heads' layers, or both (two rows)")
+                   help="where the random heads come from: all layers, layer-matched to the top heads "
+                        "(as many per layer), or both (two rows)")
     p.add_argument("--examples", type=int, default=64, help="task examples per ablation metric")
     p.add_argument("--metric", choices=["auto", "accuracy"], default="auto",
                    help="ablation metric: auto = the continuous one (choice: log-prob margin of the right answer; "
@@ -152,13 +154,16 @@ def _interval(pi) -> str:
 
 def ablation_section(results: dict[str, dict], folder: Path | None = None) -> str:
     """The ablation table (and, given a ``folder``, ``ablation.png`` written there and shown above the table)."""
+    out = ["## Causal check: ablating each task's top heads", ""]
+    if not results:
+        return "\n".join(out + ["No task with a model metric was ablated.", ""])
     draws = "/".join(str(n) for n in sorted({len(r["random"]) for r in results.values()}))
-    out = ["## Causal check: ablating each task's top heads", "",
-           "Top hurts more: the top-k result lies below the 95% prediction interval of one random draw, where a set "
-           f"of k heads like any others lands 2.5% of the time ({draws} draws). Random heads come from all layers, "
-           "or from the layers of the task's top heads (widened to their neighbours if those hold fewer than k "
-           "others), which asks whether the heads matter more than their layer-mates. The mean's CI is shown for "
-           "reference.", ""]
+    out += ["Top hurts more: the top-k result lies below the 95% prediction interval of one random draw, where a "
+            f"set of k heads like the random ones lands 2.5% of the time ({draws} draws). Random heads come from all "
+            "layers (the top heads left out), or layer-matched: from each layer of the top heads as many as the top "
+            "set has there, drawn from all of that layer's heads (the top ones included, so that the top set could "
+            "be one of the draws). The second asks whether the heads matter more than other heads of their layers. "
+            "The mean's CI is shown for reference.", ""]
     if folder is not None:
         from probes.ablation import plot_ablation
 
@@ -185,13 +190,14 @@ def ablation_section(results: dict[str, dict], folder: Path | None = None) -> st
 
 
 CONTINUOUS = {"choice": "margin", "induction": "copy_logprob"}
-POOLS = {"all": "all layers", "layers": "the same layers"}  # where an ablation's random heads come from
+POOLS = {"all": "all layers", "layers": "layer-matched"}  # where an ablation's random heads come from
 
 
 def run_ablations(loaded, evidence: list[Evidence], k: int, mode: str, draws: int, n_examples: int,
                   metric: str = "auto", pools: tuple[str, ...] = ("all", "layers")) -> dict[str, dict]:
     """Each task's top-k heads ablated against k random heads from each of ``pools`` (see
-    :func:`probes.ablation.random_pool`): the first pool's result, with the others' under ``random_from``."""
+    :func:`probes.ablation.draw_random_heads`; the random draws are seeded by the task's name): the first pool's
+    result, with the others' under ``random_from``."""
     import torch
 
     from extract.tasks import TASKS
@@ -215,7 +221,8 @@ def run_ablations(loaded, evidence: list[Evidence], k: int, mode: str, draws: in
         means = head_means(loaded.model, [batch]) if mode == "mean" else None
         key = CONTINUOUS.get(task.metric, "metric") if metric == "auto" else "metric"
         checks = causal_checks(loaded.model, lambda m: model_metric(loaded, task, examples)[key],
-                               top_heads(evidence, task_name, k), n_draws=draws, mode=mode, means=means, pools=pools)
+                               top_heads(evidence, task_name, k), n_draws=draws, mode=mode, means=means, pools=pools,
+                               seed=zlib.crc32(task_name.encode()))
         first = checks[pools[0]].to_dict()
         results[task_name] = {**first, "metric": key, "n_examples": len(examples),
                               "probe_after_scored": probe_reads_after_scoring(task, examples),

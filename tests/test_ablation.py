@@ -110,7 +110,7 @@ def test_hurts_more_is_calibrated_when_the_top_heads_are_like_any_others():
     """Under the null (the top set's metric is one more draw from the random sets' distribution) "top hurts more"
     should come out ~2.5% of the time, whatever the number of draws; a rule against the mean's CI gave ~26% at 10
     draws (it narrows with draws) and more with 30."""
-    from probes.ablation import AblationResult, _t_interval
+    from probes.ablation import AblationResult, t_interval
 
     rng = np.random.default_rng(0)
     for n_draws in (5, 10, 30):
@@ -119,10 +119,10 @@ def test_hurts_more_is_calibrated_when_the_top_heads_are_like_any_others():
             values = rng.normal(size=n_draws + 1)
             rv = values[1:]
             res = AblationResult(2, "mean", 0.0, float(values[0]), (0.0, 0.0), rv.tolist(), float(rv.mean()),
-                                 _t_interval(rv, False), _t_interval(rv, True), [], [])
+                                 t_interval(rv, False), t_interval(rv, True), [], [])
             fired.append(res.hurts_more)
         assert 0.015 < np.mean(fired) < 0.035, (n_draws, np.mean(fired))
-        assert np.mean([v[0] < _t_interval(v[1:], False)[0] for v in rng.normal(size=(2000, n_draws + 1))]) > 0.15
+        assert np.mean([v[0] < t_interval(v[1:], False)[0] for v in rng.normal(size=(2000, n_draws + 1))]) > 0.15
 
 
 def test_ablation_refuses_bad_heads():
@@ -150,28 +150,81 @@ def test_ablations_of_a_task_through_its_model_metric(tmp_path):
     assert r["metric"] == "margin" and r["k"] == 2 and r["top_heads"] == [(2, 4), (0, 1)] and len(r["random"]) == 3
     same = r["random_from"]["layers"]  # random heads from layers 0 and 2 only, the top heads' layers
     assert r["pool"] == "all" and same["pool"] == "layers" and same["top"] == r["top"] and len(same["random"]) == 3
-    assert all(l in (0, 2) for draw in same["random_heads"] for l, _ in draw)
+    assert all(sorted(l for l, _ in draw) == [0, 2] for draw in same["random_heads"])  # one head in each
     assert r["top"] != r["clean"]  # the tiny model's answer margins move when its heads are replaced
     assert r["probe_after_scored"]  # capitals probes read the answer token, after the scored prediction
     md = ablation_section(results, tmp_path)
     assert "![ablation: top heads against random heads](ablation.png)" in md
     assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| capitals | margin | 2 | mean |" in md and "| the answer (after*) |" in md and "\\* True/false" in md
-    assert "lands 2.5% of the time (3 draws). Random heads come from all layers, or from the layers" in md
-    for c, pool in [(r, "all layers"), (same, "the same layers")]:
+    assert "lands 2.5% of the time (3 draws). Random heads come from all layers (the top heads left out), or " \
+           "layer-matched" in md
+    for c, pool in [(r, "all layers"), (same, "layer-matched")]:
         (lo, hi), (m_lo, m_hi) = c["random_pi"], c["random_ci"]
         assert (f"| {pool} | {c['random_mean']:.3f} [{m_lo:.3f}, {m_hi:.3f}] | [{lo:.3f}, {hi:.3f}] | "
                 f"{'yes' if c['hurts_more'] else 'no'} | the answer (after*) |") in md
 
 
-def test_random_pool_keeps_to_the_top_heads_layers_and_widens_when_they_are_full():
-    from probes.ablation import random_pool
+def test_random_heads_from_all_layers_or_layer_matched():
+    from probes.ablation import draw_random_heads
 
-    top = [(3, 0), (3, 1), (7, 2)]
-    assert random_pool(top, 10, 4) == [(l, h) for l in range(10) for h in range(4) if (l, h) not in top]
-    assert random_pool(top, 10, 4, "layers") == [(3, 2), (3, 3), (7, 0), (7, 1), (7, 3)]
-    full = [(5, h) for h in range(4)]  # layer 5 holds no other head: its neighbours 4 and 6 are added
-    assert random_pool(full, 10, 4, "layers") == [(l, h) for l in (4, 6) for h in range(4)]
-    assert len(random_pool([(0, h) for h in range(4)] + [(1, 0)], 2, 4, "layers")) == 3  # the whole model is fewer
+    top, rng = [(3, 0), (3, 1), (7, 2)], np.random.default_rng(0)
+    everywhere = [draw_random_heads(top, 10, 4, "all", rng) for _ in range(300)]
+    assert all(len(set(d)) == 3 and not set(d) & set(top) for d in everywhere)
+    assert len({l for d in everywhere for l, _ in d}) == 10
+    matched = [draw_random_heads(top, 10, 4, "layers", rng) for _ in range(2000)]
+    assert all(len(set(d)) == 3 and sorted(l for l, _ in d) == [3, 3, 7] for d in matched)
+    # the top heads are drawn as often as any other head of their layer: 2 of 4 in layer 3, 1 of 4 in layer 7
+    share = {head: np.mean([head in d for d in matched]) for head in [(3, 0), (3, 2), (7, 2), (7, 0)]}
+    assert all(abs(share[h] - 0.5) < 0.04 for h in [(3, 0), (3, 2)]), share
+    assert all(abs(share[h] - 0.25) < 0.04 for h in [(7, 2), (7, 0)]), share
+    full = [(5, h) for h in range(4)]  # a layer of top heads only: every draw is that layer
+    assert draw_random_heads(full, 10, 4, "layers", rng) == full
+    with pytest.raises(ValueError, match="only 3 heads besides the 5 top heads: ablate fewer"):
+        draw_random_heads([(0, h) for h in range(4)] + [(1, 0)], 2, 4, "all", rng)
     with pytest.raises(ValueError, match="use 'all' or 'layers'"):
-        random_pool(top, 10, 4, "model")
+        draw_random_heads(top, 10, 4, "model", rng)
+
+
+@pytest.mark.parametrize("per_layer", [[4, 4], [6, 2], [3, 3, 2], [1] * 8])
+def test_layer_matched_control_is_calibrated_when_heads_matter_by_layer(per_layer):
+    """Heads whose ablation effects add up, differ by layer (early layers hurt more) and are heavy-tailed within a
+    layer; the top set is drawn like the layer-matched controls, so it is no different from the other heads of
+    its layers. "Top hurts more" must then fire at about the nominal 2.5% with 5 draws; against random heads from
+    all layers it fires far more often when the top heads share a few layers (the reason for the second
+    control). Drawing the controls with the top heads left out of their layers fired 9-49% here."""
+    from probes.ablation import AblationResult, draw_random_heads, t_interval
+
+    L, H, k = 30, 9, 8
+    rng = np.random.default_rng(len(per_layer))
+    fired = {"all": [], "layers": []}
+    for _ in range(1500):
+        harm = np.exp(rng.normal(0, 1, L))[:, None] * np.linspace(3, 0.5, L)[:, None] * np.exp(rng.normal(0, 1, (L, H)))
+        layers = rng.choice(L, len(per_layer), replace=False)
+        top = [(int(l), int(h)) for l, c in zip(layers, per_layer) for h in rng.choice(H, c, replace=False)]
+        metric = lambda heads: -sum(harm[l, h] for l, h in heads)  # noqa: E731
+        for pool in fired:
+            rv = np.array([metric(draw_random_heads(top, L, H, pool, rng)) for _ in range(5)])
+            res = AblationResult(k, "mean", 0.0, metric(top), (0.0, 0.0), rv.tolist(), float(rv.mean()),
+                                 t_interval(rv), t_interval(rv, True), top, [], pool)
+            fired[pool].append(res.hurts_more)
+    rate = {pool: float(np.mean(v)) for pool, v in fired.items()}
+    print(per_layer, rate)
+    assert 0.01 < rate["layers"] < 0.07, rate
+    if len(per_layer) <= 3:
+        assert rate["all"] > 0.08, rate
+
+
+def test_ablation_report_without_results_or_from_an_older_ablation_json(tmp_path):
+    from probes.ablation import plot_ablation
+    from probes.attribution_cli import ablation_section
+
+    assert ablation_section({}, tmp_path).endswith("No task with a model metric was ablated.\n")
+    assert not (tmp_path / "ablation.png").exists()
+    with pytest.raises(ValueError, match="no ablation results to plot"):
+        plot_ablation({}, tmp_path / "a.png")
+    old = {"ioi": {"metric": "margin", "k": 2, "mode": "mean", "clean": 1.0, "top": 0.2, "random": [0.9, 0.8],
+                   "random_mean": 0.85, "random_ci": [0.7, 1.0], "hurts_more": True}}  # no pool, no random_pi
+    md = ablation_section(old, tmp_path)
+    assert "| ioi | margin | 2 | mean | 1.000 | 0.200 | all layers | 0.850 [0.700, 1.000] | - | yes | - |" in md
+    assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -88,6 +88,9 @@ def test_every_step_ran_and_every_artefact_is_written(finished_run):
     assert set(ablation) == set(names)  # every task has a model metric to ablate
     assert all({"clean", "top", "random_mean"} <= set(r) for r in ablation.values())
     assert all(r["pool"] == "all" and r["random_from"]["layers"]["top"] == r["top"] for r in ablation.values())
+    layers_of = lambda heads: sorted(l for l, _ in heads)  # noqa: E731
+    assert all(layers_of(d) == layers_of(r["top_heads"]) for r in ablation.values()
+               for d in r["random_from"]["layers"]["random_heads"])  # layer-matched controls
 
     # W&B wrote an offline run per training, with its metrics
     runs = sorted(p.out.rglob("offline-run-*"))

@@ -50,7 +50,7 @@ class RunConfig:
     top_k: int = 8  # heads per task for the causal ablation check
     ablation_draws: int = 5  # random-head draws to compare against
     ablation_examples: int = 64  # task examples per ablation metric
-    ablation_random_from: Literal["all", "layers", "both"] = "both"  # random heads: any layer / top heads' layers
+    ablation_random_from: Literal["all", "layers", "both"] = "both"  # random heads: any layer / layer-matched
     stage_scale: Literal["share", "max"] = "share"  # stage map: evidence scaled by its total (share) or its best head
     sae: SAESettings = field(default_factory=SAESettings)
     progress: bool = True
