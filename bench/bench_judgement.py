@@ -34,11 +34,16 @@ CHAT_QUESTIONS = {  # asked in the model's chat template, as the user; the answe
 
 def asked_in_chat(tokenizer, examples: list[Example], question: str, answers: tuple[str, str]) -> list[Example]:
     """Each statement inside ``question`` as a user message of the tokenizer's chat template; its ``choice`` is the
-    right one of ``answers`` at the start of the assistant's reply."""
+    right one of ``answers`` at the start of the assistant's reply. A template that writes the BOS token itself
+    loses it here, since the metric's tokenizer call adds one."""
+    bos = tokenizer.bos_token
+    adds_bos = bos is not None and tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]
     out = []
     for ex in examples:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": question.format(statement=ex.text)}],
                                                tokenize=False, add_generation_prompt=True)
+        if adds_bos and prompt.startswith(bos):
+            prompt = prompt[len(bos):]
         choice = {"prompt": prompt, "candidates": list(answers), "answer": 0 if ex.label == 1 else 1}
         out.append(Example(text=prompt, label=ex.label, group=ex.group, choice=choice))
     return out

@@ -65,3 +65,25 @@ def test_asked_to_judge_capitals_statements_the_default_model_says_true_to_all(s
     on_false = choice_metric(smollm, [ex for ex in asked if ex.label == 0])
     assert on_true["n"] == on_false["n"] == 20
     assert on_true["metric"] == 1.0 and on_false["metric"] <= 0.1, (on_true, on_false)
+
+
+@pytest.mark.parametrize("adds_bos", [True, False])
+def test_asked_in_chat_keeps_one_bos_when_the_template_writes_it(adds_bos):
+    import importlib.util
+    from pathlib import Path
+
+    from extract.tasks import Example
+    from tests.test_extract_support import byte_tokenizer
+
+    path = Path(__file__).parents[1] / "bench" / "bench_judgement.py"
+    spec = importlib.util.spec_from_file_location("bench_judgement", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    tok = byte_tokenizer(bos=adds_bos)
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+                         "{% if add_generation_prompt %}>{% endif %}")
+    asked = bench.asked_in_chat(tok, [Example(text="Paris is in France.", label=1)], "Q: {statement}",
+                                ("True", "False"))
+    ids = tok(asked[0].choice["prompt"])["input_ids"]
+    assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
+    assert asked[0].choice["prompt"].endswith("[Q: Paris is in France.]>") and asked[0].choice["answer"] == 0
