@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ablate", type=int, default=0, metavar="K", help="ablate each task's top-K heads against K "
                                                                        "random heads")
     p.add_argument("--ablation", choices=["mean", "zero"], default="mean")
-    p.add_argument("--draws", type=int, default=10, help="random-head draws per task")
+    p.add_argument("--draws", type=_at_least_two, default=10, help="random-head draws per task (at least 2)")
     p.add_argument("--random-from", choices=["all", "layers", "both"], default="both",
                    help="where the random heads come from: all layers, layer-matched to the top heads "
                         "(as many per layer), or both (two rows)")
@@ -49,6 +49,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="ablation metric: auto = the continuous one (choice: log-prob margin of the right answer; "
                         "induction: log-prob of copied tokens), accuracy = the share the model gets right")
     p.add_argument("--model", default=None, help="model for the cross-checks (default: the checkpoints' model)")
+
+
+def _at_least_two(text: str) -> int:
+    if not text.lstrip("-").isdigit() or int(text) < 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: the prediction interval needs at least 2 random draws")
+    return int(text)
 
 
 def find_inputs(paths: list[Path]) -> tuple[list[Path], list[Path]]:
@@ -158,12 +164,14 @@ def ablation_section(results: dict[str, dict], folder: Path | None = None) -> st
     if not results:
         return "\n".join(out + ["No task with a model metric was ablated.", ""])
     draws = "/".join(str(n) for n in sorted({len(r["random"]) for r in results.values()}))
+    pools = {c.get("pool", "all") for r in results.values() for c in [r, *r.get("random_from", {}).values()]}
+    about = {"all": "from all layers (the top heads left out)",
+             "layers": "layer-matched: from each layer of the top heads as many as the top set has there, drawn from "
+                       "all of that layer's heads (the top ones included, so that the top set could be one of the "
+                       "draws), which asks whether the heads matter more than other heads of their layers"}
     out += ["Top hurts more: the top-k result lies below the 95% prediction interval of one random draw, where a "
-            f"set of k heads like the random ones lands 2.5% of the time ({draws} draws). Random heads come from all "
-            "layers (the top heads left out), or layer-matched: from each layer of the top heads as many as the top "
-            "set has there, drawn from all of that layer's heads (the top ones included, so that the top set could "
-            "be one of the draws). The second asks whether the heads matter more than other heads of their layers. "
-            "The mean's CI is shown for reference.", ""]
+            f"set of k heads like the random ones lands about 2.5% of the time ({draws} draws). Random heads come "
+            + " or ".join(about[p] for p in POOLS if p in pools) + ". The mean's CI is shown for reference.", ""]
     if folder is not None:
         from probes.ablation import plot_ablation
 

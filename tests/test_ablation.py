@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from extract.hooks import HeadCapture, head_layout, out_projections, spec_for
-from probes.ablation import HeadAblation, causal_check, head_means
+from probes.ablation import HeadAblation, causal_check, causal_checks, head_means
 from tests.conftest import tiny_model
 
 
@@ -104,6 +104,28 @@ def test_causal_check_top_heads_against_random_heads():
     assert lo < res.random_ci[0] and hi > res.random_ci[1]
     assert res.top < min(res.random) and res.top < lo and res.hurts_more
     assert res.to_dict()["hurts_more"] is True
+    both = causal_checks(model, metric, top, n_draws=6, mode="zero", seed=0)  # each pool draws alike alone or not
+    assert both["all"].random_heads == res.random_heads
+    assert both["layers"].random_heads == causal_check(model, metric, top, 6, "zero", seed=0, pool="layers").random_heads
+    assert causal_check(model, metric, top, 6, "zero", seed=1).random_heads != res.random_heads
+
+
+def test_causal_checks_refuse_bad_settings_before_running_the_metric():
+    model, calls = tiny_model("gpt2"), []
+
+    def metric(m) -> np.ndarray:
+        calls.append(1)
+        return np.zeros(2)
+
+    layout = head_layout(model)
+    every = [(l, h) for l in range(layout.n_layers) for h in range(layout.n_heads)]
+    for top, draws, pools, message in [([(0, 1), (0, 1)], 5, ("all",), "name a head twice"),
+                                       ([(0, 1)], 1, ("all",), "draw at least 2"),
+                                       (every[: len(every) // 2 + 1], 5, ("layers", "all"), "ablate fewer top heads"),
+                                       ([(0, 1)], 5, ("model",), "use 'all' or 'layers'")]:
+        with pytest.raises(ValueError, match=message):
+            causal_checks(model, metric, top, draws, "zero", pools=pools)
+    assert not calls
 
 
 def test_hurts_more_is_calibrated_when_the_top_heads_are_like_any_others():
@@ -157,7 +179,7 @@ def test_ablations_of_a_task_through_its_model_metric(tmp_path):
     assert "![ablation: top heads against random heads](ablation.png)" in md
     assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| capitals | margin | 2 | mean |" in md and "| the answer (after*) |" in md and "\\* True/false" in md
-    assert "lands 2.5% of the time (3 draws). Random heads come from all layers (the top heads left out), or " \
+    assert "lands about 2.5% of the time (3 draws). Random heads come from all layers (the top heads left out) or " \
            "layer-matched" in md
     for c, pool in [(r, "all layers"), (same, "layer-matched")]:
         (lo, hi), (m_lo, m_hi) = c["random_pi"], c["random_ci"]
@@ -227,4 +249,5 @@ def test_ablation_report_without_results_or_from_an_older_ablation_json(tmp_path
                    "random_mean": 0.85, "random_ci": [0.7, 1.0], "hurts_more": True}}  # no pool, no random_pi
     md = ablation_section(old, tmp_path)
     assert "| ioi | margin | 2 | mean | 1.000 | 0.200 | all layers | 0.850 [0.700, 1.000] | - | yes | - |" in md
+    assert "Random heads come from all layers (the top heads left out). The mean's" in md  # the one pool it ran
     assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

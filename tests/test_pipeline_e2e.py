@@ -157,10 +157,14 @@ def test_steps_run_once_per_settings_and_know_stale_outputs(tmp_path):
     assert calls == [1, 3] and [s for _, s, _ in again.summary] == ["cached", "ran"]
 
 
-def test_bad_run_options_give_one_line_errors(tmp_path):
+@pytest.mark.parametrize("option, message", [
+    (["--tasks", "[nope]"], "unknown task 'nope': run `headprobe tasks` to list them, or pass a .jsonl/.csv file or "
+                            "hf:NAME"),
+    (["--ablation_draws", "1"], "ablation_draws 1: the ablation check needs at least 2 random draws")])
+def test_bad_run_options_give_one_line_errors(tmp_path, option, message):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    done = subprocess.run([sys.executable, "-c", "from train.cli import main; main()", "run", "--tasks", "[nope]",
+    done = subprocess.run([sys.executable, "-c", "from train.cli import main; main()", "run", *option,
                            "--out", str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
-    assert done.stderr.strip().splitlines() == ["headprobe run: error: unknown task 'nope': run `headprobe tasks` to "
-                                                "list them, or pass a .jsonl/.csv file or hf:NAME"]
+    assert done.stderr.strip().splitlines() == [f"headprobe run: error: {message}"]
+    assert not (tmp_path / "run").exists()  # refused before anything is written

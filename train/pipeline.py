@@ -26,32 +26,61 @@ from extract.models import DEFAULT_MODEL
 
 @dataclass
 class SAESettings:
-    layer: int = 15  # model layer whose concatenated z the SAE reads
+    """The sparse autoencoder of ``headprobe run``.
+
+    Args:
+        layer: model layer whose concatenated z the SAE reads
+        architecture: topk, batchtopk, jumprelu or relu (with train/configs/sae_ARCH.yaml, if any)
+        d_sae: number of latents
+        k: active latents per token (top-k)
+        batch_size: tokens per step
+        tokens: training budget (passes over the train split = tokens / its rows)
+        corpus_examples: corpus documents extracted (~175k tokens; null: all 4,580, ~320k)
+        ce_tokens: held-out tokens for the CE loss recovered (4 forwards of the model each)
+    """
+
+    layer: int = 15
     architecture: str = "topk"
     d_sae: int = 4608
     k: int = 32
     batch_size: int = 4096
-    tokens: int = 800_000  # training budget (passes over the train split = tokens / its rows)
-    corpus_examples: int | None = 2500  # corpus documents extracted (~175k tokens; None: all 4,580, ~320k)
-    ce_tokens: int = 2048  # held-out tokens for CE loss recovered (4 forwards of the model each)
+    tokens: int = 800_000
+    corpus_examples: int | None = 2500
+    ce_tokens: int = 2048
 
 
 @dataclass
 class RunConfig:
-    """Settings of ``headprobe run`` (print them with ``--print_config``; override any with ``--key value``)."""
+    """Settings of ``headprobe run`` (print them with ``--print_config``; override any with ``--key value``).
+
+    Args:
+        model: alias, Hugging Face id or folder, or .gguf file
+        out: run folder; finished steps are cached there
+        tasks: built-in tasks to probe (null: every task with a stage)
+        max_examples: examples per task, for quick runs (null: all)
+        seed: seed of the probes, the SAE and the splits
+        logger: wandb (offline without credentials), csv or none
+        sparse_alpha: group-lasso strength of the sparse probes (null: train/configs/sparse.yaml)
+        top_k: heads per task for the causal ablation check
+        ablation_draws: random-head draws to compare the top heads with (at least 2)
+        ablation_examples: task examples per ablation metric
+        ablation_random_from: random heads from all layers, layer-matched to the top heads, or both
+        stage_scale: stage map: each evidence scaled by its total (share) or by its best head (max)
+        progress: progress bars
+    """
 
     model: str = DEFAULT_MODEL
     out: str = "runs/default"
-    tasks: list[str] | None = None  # None: every built-in task with a stage
-    max_examples: int | None = None  # per task, for quick runs
+    tasks: list[str] | None = None
+    max_examples: int | None = None
     seed: int = 0
-    logger: str = "wandb"  # wandb (offline without credentials), csv or none
-    sparse_alpha: float | None = None  # group-lasso strength of the sparse probes (None: train/configs/sparse.yaml)
-    top_k: int = 8  # heads per task for the causal ablation check
-    ablation_draws: int = 5  # random-head draws to compare against
-    ablation_examples: int = 64  # task examples per ablation metric
-    ablation_random_from: Literal["all", "layers", "both"] = "both"  # random heads: any layer / layer-matched
-    stage_scale: Literal["share", "max"] = "share"  # stage map: evidence scaled by its total (share) or its best head
+    logger: str = "wandb"
+    sparse_alpha: float | None = None
+    top_k: int = 8
+    ablation_draws: int = 5
+    ablation_examples: int = 64
+    ablation_random_from: Literal["all", "layers", "both"] = "both"
+    stage_scale: Literal["share", "max"] = "share"
     sae: SAESettings = field(default_factory=SAESettings)
     progress: bool = True
 
@@ -123,11 +152,13 @@ class Pipeline:
     def __init__(self, cfg: RunConfig):
         from extract.tasks import TASKS, get_task
 
+        if cfg.top_k > 0 and cfg.ablation_draws < 2:
+            raise ValueError(f"ablation_draws {cfg.ablation_draws}: the ablation check needs at least 2 random draws")
+        names = cfg.tasks if cfg.tasks is not None else [n for n, t in TASKS.items() if t.stage]
+        self.tasks = [get_task(n) for n in names]
         self.cfg = cfg
         self.out = Path(cfg.out).resolve()
         self.steps = Steps(self.out)
-        names = cfg.tasks if cfg.tasks is not None else [n for n, t in TASKS.items() if t.stage]
-        self.tasks = [get_task(n) for n in names]
         self._loaded = None
         os.environ.setdefault("WANDB_RUN_GROUP", f"headprobe-run-{self.out.name}")
         if cfg.logger == "wandb":  # offline without credentials; wandb's cache and config stay under --out
@@ -266,7 +297,8 @@ class Pipeline:
         self.train_all()
         keys = {name: self.steps.key_of(name) for name in self.steps.done()}
         settings = {"top_k": self.cfg.top_k, "draws": self.cfg.ablation_draws, "examples": self.cfg.ablation_examples,
-                    "random_from": self.cfg.ablation_random_from, "stage_scale": self.cfg.stage_scale}
+                    "random_from": self.cfg.ablation_random_from, "stage_scale": self.cfg.stage_scale,
+                    "controls": "layer-matched v2"}  # v1 drew from the union of the top heads' layers
         self.steps("attribute", {**keys, **settings}, self.attribute)
         report = self.steps("report", {"inputs": keys, "attribute": self.steps.key_of("attribute")},
                             lambda: {"path": str(build_report(self))})
