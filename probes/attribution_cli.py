@@ -201,16 +201,35 @@ CONTINUOUS = {"choice": "margin", "induction": "copy_logprob"}
 POOLS = {"all": "all layers", "layers": "layer-matched"}  # where an ablation's random heads come from
 
 
+def ablation_metric(loaded, task, n_examples: int, mode: str, metric: str = "auto"):
+    """What the ablation check of ``task`` runs: (its ``n_examples`` examples, the metric's name, ``metric(model)``
+    -> one value per example, the heads' mean z (L, H, D) on those examples for mean ablation, else None)."""
+    import torch
+
+    from extract.tasks.metrics import model_metric
+    from probes.ablation import head_means
+
+    examples = task.examples(0)
+    pick = np.sort(np.random.default_rng(0).choice(len(examples), min(n_examples, len(examples)), replace=False))
+    examples = [examples[i] for i in pick]
+    ids = [list(ex.token_ids) if ex.token_ids is not None else loaded.tokenizer(ex.text)["input_ids"]
+           for ex in examples]
+    width = max(map(len, ids))
+    batch = {"input_ids": torch.tensor([x + [0] * (width - len(x)) for x in ids]),
+             "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])}
+    means = head_means(loaded.model, [batch]) if mode == "mean" else None
+    key = CONTINUOUS.get(task.metric, "metric") if metric == "auto" else "metric"
+    return examples, key, lambda m: model_metric(loaded, task, examples)[key], means
+
+
 def run_ablations(loaded, evidence: list[Evidence], k: int, mode: str, draws: int, n_examples: int,
                   metric: str = "auto", pools: tuple[str, ...] = ("all", "layers")) -> dict[str, dict]:
     """Each task's top-k heads ablated against k random heads from each of ``pools`` (see
     :func:`probes.ablation.draw_random_heads`; the random draws are seeded by the task's name): the first pool's
     result, with the others' under ``random_from``."""
-    import torch
-
     from extract.tasks import TASKS
-    from extract.tasks.metrics import model_metric, probe_reads_after_scoring
-    from probes.ablation import causal_checks, head_means
+    from extract.tasks.metrics import probe_reads_after_scoring
+    from probes.ablation import causal_checks
 
     results = {}
     for task_name in sorted({ev.task for ev in evidence}):
@@ -218,19 +237,9 @@ def run_ablations(loaded, evidence: list[Evidence], k: int, mode: str, draws: in
         if task is None or getattr(task, "metric", "none") == "none":
             print(f"attribute: {task_name}: no model metric, skipping the ablation")
             continue
-        examples = task.examples(0)
-        pick = np.sort(np.random.default_rng(0).choice(len(examples), min(n_examples, len(examples)), replace=False))
-        examples = [examples[i] for i in pick]
-        ids = [list(ex.token_ids) if ex.token_ids is not None else loaded.tokenizer(ex.text)["input_ids"]
-               for ex in examples]
-        width = max(map(len, ids))
-        batch = {"input_ids": torch.tensor([x + [0] * (width - len(x)) for x in ids]),
-                 "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])}
-        means = head_means(loaded.model, [batch]) if mode == "mean" else None
-        key = CONTINUOUS.get(task.metric, "metric") if metric == "auto" else "metric"
-        checks = causal_checks(loaded.model, lambda m: model_metric(loaded, task, examples)[key],
-                               top_heads(evidence, task_name, k), n_draws=draws, mode=mode, means=means, pools=pools,
-                               seed=zlib.crc32(task_name.encode()))
+        examples, key, task_metric, means = ablation_metric(loaded, task, n_examples, mode, metric)
+        checks = causal_checks(loaded.model, task_metric, top_heads(evidence, task_name, k), n_draws=draws, mode=mode,
+                               means=means, pools=pools, seed=zlib.crc32(task_name.encode()))
         first = checks[pools[0]].to_dict()
         results[task_name] = {**first, "metric": key, "n_examples": len(examples),
                               "probe_after_scored": probe_reads_after_scoring(task, examples),

@@ -77,7 +77,7 @@ class RunConfig:
     logger: str = "wandb"
     sparse_alpha: float | None = None
     top_k: int = 8
-    ablation_draws: int = 5
+    ablation_draws: int = 10
     ablation_examples: int = 64
     ablation_random_from: Literal["all", "layers", "both"] = "both"
     stage_scale: Literal["share", "max"] = "share"
