@@ -6,7 +6,7 @@ per control with another seed, and prints per task and control: the verdict with
 among them, and the share of the ``--subset``-draw subsets whose verdict is "top hurts more", i.e. how often a run
 with that many draws would say yes.
 
-    python bench/bench_ablation_draws.py --run runs/default                  # the four tasks with a "yes" (~9 min)
+    python bench/bench_ablation_draws.py --run runs/default                  # four tasks, ~11 min on 2 cores
     python bench/bench_ablation_draws.py --run runs/default --tasks ioi --draws 40
 """
 from __future__ import annotations
