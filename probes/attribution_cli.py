@@ -158,6 +158,14 @@ def _interval(pi) -> str:
     return "-" if pi is None else f"[{pi[0]:.3f}, {pi[1]:.3f}]"  # absent in an older ablation.json
 
 
+def _shared(c: dict) -> str:
+    """Mean number of top heads in a random draw, of k (a layer-matched draw may take some)."""
+    if not c.get("random_heads"):
+        return "-"  # absent in an older ablation.json
+    top = {tuple(h) for h in c["top_heads"]}
+    return f"{np.mean([len(top & {tuple(h) for h in d}) for d in c['random_heads']]):.1f}/{len(top)}"
+
+
 def ablation_section(results: dict[str, dict], folder: Path | None = None) -> str:
     """The ablation table (and, given a ``folder``, ``ablation.png`` written there and shown above the table)."""
     out = ["## Causal check: ablating each task's top heads", ""]
@@ -171,22 +179,24 @@ def ablation_section(results: dict[str, dict], folder: Path | None = None) -> st
                        "draws), which asks whether the heads matter more than other heads of their layers"}
     out += ["Top hurts more: the top-k result lies below the 95% prediction interval of one random draw, where a "
             f"set of k heads like the random ones lands about 2.5% of the time ({draws} draws). Random heads come "
-            + " or ".join(about[p] for p in POOLS if p in pools) + ". The mean's CI is shown for reference.", ""]
+            + " or ".join(about[p] for p in POOLS if p in pools) + ". The mean's CI is shown for reference. A "
+            "layer-matched draw that shares most of the top heads (when they fill most of their layers) can hardly "
+            "differ from them, so a \"no\" there says little.", ""]
     if folder is not None:
         from probes.ablation import plot_ablation
 
         plot_ablation(results, Path(folder) / "ablation.png")
         out += ["![ablation: top heads against random heads](ablation.png)", ""]
     out += ["| task | metric | k | mode | clean | top-k ablated | random k from | random k ablated: mean [95% CI] | "
-            "one random draw: 95% interval | top hurts more | probe reads |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "one random draw: 95% interval | top heads per draw | top hurts more | probe reads |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for task, r in results.items():
         after = r.get("probe_after_scored")  # absent in an ablation.json from an older headprobe
         reads = "-" if after is None else "the answer (after*)" if after else "the scored position"
         for c in [r, *r.get("random_from", {}).values()]:
             out.append(f"| {task} | {r['metric']} | {r['k']} | {r['mode']} | {r['clean']:.3f} | {r['top']:.3f} | "
                        f"{POOLS[c.get('pool', 'all')]} | {c['random_mean']:.3f} [{c['random_ci'][0]:.3f}, "
-                       f"{c['random_ci'][1]:.3f}] | {_interval(c.get('random_pi'))} | "
+                       f"{c['random_ci'][1]:.3f}] | {_interval(c.get('random_pi'))} | {_shared(c)} | "
                        f"{'yes' if c['hurts_more'] else 'no'} | {reads} |")
     if any(r.get("probe_after_scored") for r in results.values()):
         out += ["", "\\* True/false statements: the probes read the answer token, while the margin scores the "

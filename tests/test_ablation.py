@@ -183,8 +183,13 @@ def test_ablations_of_a_task_through_its_model_metric(tmp_path):
            "layer-matched" in md
     for c, pool in [(r, "all layers"), (same, "layer-matched")]:
         (lo, hi), (m_lo, m_hi) = c["random_pi"], c["random_ci"]
+        shared = np.mean([len({(2, 4), (0, 1)} & set(map(tuple, d))) for d in c["random_heads"]])
         assert (f"| {pool} | {c['random_mean']:.3f} [{m_lo:.3f}, {m_hi:.3f}] | [{lo:.3f}, {hi:.3f}] | "
-                f"{'yes' if c['hurts_more'] else 'no'} | the answer (after*) |") in md
+                f"{shared:.1f}/2 | {'yes' if c['hurts_more'] else 'no'} | the answer (after*) |") in md
+    assert "| all layers | " in md and "| 0.0/2 | " in md  # all-layer draws leave the top heads out
+    crowded = {"ioi": {**r, "random_from": {}, "pool": "layers", "top_heads": [(0, 0), (0, 1), (1, 0)],
+                       "random_heads": [[(0, 0), (0, 1), (1, 2)], [(0, 0), (0, 3), (1, 0)]]}}
+    assert "| layer-matched | " in ablation_section(crowded) and " | 2.0/3 | " in ablation_section(crowded)
 
 
 def test_random_heads_from_all_layers_or_layer_matched():
@@ -248,6 +253,6 @@ def test_ablation_report_without_results_or_from_an_older_ablation_json(tmp_path
     old = {"ioi": {"metric": "margin", "k": 2, "mode": "mean", "clean": 1.0, "top": 0.2, "random": [0.9, 0.8],
                    "random_mean": 0.85, "random_ci": [0.7, 1.0], "hurts_more": True}}  # no pool, no random_pi
     md = ablation_section(old, tmp_path)
-    assert "| ioi | margin | 2 | mean | 1.000 | 0.200 | all layers | 0.850 [0.700, 1.000] | - | yes | - |" in md
+    assert "| ioi | margin | 2 | mean | 1.000 | 0.200 | all layers | 0.850 [0.700, 1.000] | - | - | yes | - |" in md
     assert "Random heads come from all layers (the top heads left out). The mean's" in md  # the one pool it ran
     assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
