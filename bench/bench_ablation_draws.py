@@ -1,6 +1,7 @@
 """How stable is the ablation check's verdict with few random draws?
 
-``headprobe run`` compares each task's top-k heads with 5 random draws per control (``ablation_draws``). This script
+``headprobe run`` compares each task's top-k heads with 10 random draws per control (``ablation_draws``; 5 before
+this script showed how often 5 draws miss). This script
 reads a run's ``attribution/ablation.json`` (the top heads, k, mode and examples), draws ``--draws`` new random sets
 per control with another seed, and prints per task and control: the verdict with all draws, the top set's rank
 among them, and the share of the ``--subset``-draw subsets whose verdict is "top hurts more", i.e. how often a run
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import time
 import zlib
 from pathlib import Path
@@ -29,7 +31,7 @@ from probes.attribution_cli import POOLS, ablation_metric
 def share_yes(top: float, values: np.ndarray, subset: int, rng: np.random.Generator, most: int = 20_000) -> float:
     """Share of ``subset``-sized subsets of ``values`` whose one-draw prediction interval lies above ``top``."""
     n = len(values)
-    if np.prod(range(n - subset + 1, n + 1), dtype=float) / np.prod(range(1, subset + 1), dtype=float) <= most:
+    if math.comb(n, subset) <= most:
         subsets = np.array(list(itertools.combinations(range(n), subset)))
     else:
         subsets = np.argsort(rng.random((most, n)), axis=1)[:, :subset]

@@ -115,7 +115,8 @@ class AblationResult:
     def hurts_more(self) -> bool:
         """Ablating the top heads lowers the metric below the range of one random draw (the lower end of its 95%
         prediction interval): under "the top heads are k heads like any others" this happens 2.5% of the time for
-        normally spread draws (2-5.5% with the skewed, layer-dependent harms of ``tests/test_ablation.py``). The mean's CI would not do: it narrows with more draws, while a single random draw stays as spread."""
+        normally spread draws (2-6% with the skewed, layer-dependent harms of ``tests/test_ablation.py``). The
+        mean's CI would not do: it narrows with more draws, while a single random draw stays as spread."""
         return bool(self.top < self.random_pi[0])
 
     def to_dict(self) -> dict:

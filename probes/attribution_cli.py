@@ -16,6 +16,7 @@ import csv
 import json
 import zlib
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -211,7 +212,8 @@ CONTINUOUS = {"choice": "margin", "induction": "copy_logprob"}
 POOLS = {"all": "all layers", "layers": "layer-matched"}  # where an ablation's random heads come from
 
 
-def ablation_metric(loaded, task, n_examples: int, mode: str, metric: str = "auto"):
+def ablation_metric(loaded, task, n_examples: int, mode: str,
+                    metric: str = "auto") -> tuple[list, str, Callable[[object], np.ndarray], "torch.Tensor | None"]:
     """What the ablation check of ``task`` runs: (its ``n_examples`` examples, the metric's name, ``metric(model)``
     -> one value per example, the heads' mean z (L, H, D) on those examples for mean ablation, else None)."""
     import torch
