@@ -22,6 +22,7 @@ _EXPORTS = {
     "HeadAblation": "probes.ablation",
     "causal_check": "probes.ablation",
     "causal_checks": "probes.ablation",
+    "readout_metric": "probes.readout",
 }
 
 

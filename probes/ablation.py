@@ -212,18 +212,25 @@ def causal_checks(model: nn.Module, metric: Callable[[nn.Module], np.ndarray], t
 POOL_COLOURS = {"all": "#8c8c8c", "layers": "#3b75af"}
 
 
+def metric_rows(results: dict[str, dict]) -> list[tuple[str, dict]]:
+    """(task, result) per metric of ``results`` (as in ``ablation.json``): each task's model metric, then its
+    last-layer readout where it has one (see :mod:`probes.readout`)."""
+    return [(task, c) for task, r in results.items() for c in [r, r.get("readout")] if c is not None]
+
+
 def plot_ablation(results: dict[str, dict], path) -> Path:
-    """One row per task (``results`` as in ``ablation.json``): the metric's change from the clean model with the
-    top-k heads ablated (red diamond) and with each random draw (dots, one colour per pool), with one draw's 95%
-    prediction interval as a bar. Metrics differ per task, so each row has its own units."""
+    """One row per task and metric (``results`` as in ``ablation.json``): the metric's change from the clean model
+    with the top-k heads ablated (red diamond) and with each random draw (dots, one colour per pool), with one draw's
+    95% prediction interval as a bar. Metrics differ per row, so each row has its own units."""
     if not results:
         raise ValueError("no ablation results to plot: run the ablation on at least one task with a model metric")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 0.55 * len(results) + 1.4))
-    for i, (task, r) in enumerate(results.items()):
+    rows = metric_rows(results)
+    fig, ax = plt.subplots(figsize=(7.5, 0.55 * len(rows) + 1.4))
+    for i, (task, r) in enumerate(rows):
         controls = [r, *r.get("random_from", {}).values()]
         for j, c in enumerate(controls):
             y = i + (j - (len(controls) - 1) / 2) * 0.28
@@ -235,7 +242,7 @@ def plot_ablation(results: dict[str, dict], path) -> Path:
                        zorder=2)
         ax.scatter([r["top"] - r["clean"]], [i], marker="D", color="#c0392b", s=36, zorder=3)
     ax.axvline(0, color="k", linewidth=0.8)
-    ax.set_yticks(range(len(results)), [f"{t} ({r['metric']})" for t, r in results.items()], fontsize=8)
+    ax.set_yticks(range(len(rows)), [f"{t} ({r['metric']})" for t, r in rows], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("metric with heads ablated minus the clean metric (left: the model does worse)")
     pools = {c.get("pool", "all") for r in results.values() for c in [r, *r.get("random_from", {}).values()]}
@@ -243,7 +250,7 @@ def plot_ablation(results: dict[str, dict], path) -> Path:
     handles += [plt.Line2D([], [], marker="o", color=POOL_COLOURS[p], linewidth=5, alpha=0.6,
                            label=f"k random heads, {'all layers' if p == 'all' else 'layer-matched'}: draws and "
                                  "one draw's 95% interval") for p in POOL_COLOURS if p in pools]
-    ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.06 - 0.5 / len(results)),
+    ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.06 - 0.5 / len(rows)),
               frameon=False)
     path = Path(path)
     fig.savefig(path, dpi=120, bbox_inches="tight")

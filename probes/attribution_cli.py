@@ -172,6 +172,8 @@ def ablation_section(results: dict[str, dict], folder: Path | None = None) -> st
     out = ["## Causal check: ablating each task's top heads", ""]
     if not results:
         return "\n".join(out + ["No task with a model metric was ablated.", ""])
+    from probes.ablation import metric_rows
+
     draws = "/".join(str(n) for n in sorted({len(r["random"]) for r in results.values()}))
     pools = {c.get("pool", "all") for r in results.values() for c in [r, *r.get("random_from", {}).values()]}
     about = {"all": "from all layers (the top heads left out)",
@@ -191,9 +193,10 @@ def ablation_section(results: dict[str, dict], folder: Path | None = None) -> st
     out += ["| task | metric | k | mode | clean | top-k ablated | random k from | random k ablated: mean [95% CI] | "
             "one random draw: 95% interval | top heads per draw | top hurts more | probe reads |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for task, r in results.items():
-        after = r.get("probe_after_scored")  # absent in an ablation.json from an older headprobe
-        reads = "-" if after is None else "the answer (after*)" if after else "the scored position"
+    for task, r in metric_rows(results):
+        after = r.get("probe_after_scored")  # absent in an ablation.json from an older headprobe, and in a readout
+        reads = ("the answer, last layer†" if r["metric"] == "readout_logprob" else "-" if after is None
+                 else "the answer (after*)" if after else "the scored position")
         for c in [r, *r.get("random_from", {}).values()]:
             out.append(f"| {task} | {r['metric']} | {r['k']} | {r['mode']} | {r['clean']:.3f} | {r['top']:.3f} | "
                        f"{POOLS[c.get('pool', 'all')]} | {c['random_mean']:.3f} [{c['random_ci'][0]:.3f}, "
@@ -205,6 +208,13 @@ def ablation_section(results: dict[str, dict], folder: Path | None = None) -> st
                 "they do at the prompt's end, not what the probe read; a \"no\" is weaker evidence against these "
                 "heads. A metric at the answer token would need the model to judge the finished statement when asked; "
                 "`python bench/bench_judgement.py --model MODEL` measures whether it does."]
+    if any("readout" in r for r in results.values()):
+        out += ["", "† readout_logprob: the same heads ablated, scored at the token the probes read. Logistic "
+                "probes fit once on the clean model's final hidden state there (after the last norm, what the LM head "
+                "reads; cross-fit, never on a scored example's group) give each example's log-probability of its "
+                "label. This asks whether the heads carry the label on to the last layer, not whether the model's "
+                "output changes: the model is never asked to judge these statements. A clean value near chance "
+                "(-0.69 for two labels) means the last layer does not carry the label, and the row cannot say yes."]
     return "\n".join(out + [""])
 
 
@@ -238,10 +248,23 @@ def run_ablations(loaded, evidence: list[Evidence], k: int, mode: str, draws: in
                   metric: str = "auto", pools: tuple[str, ...] = ("all", "layers")) -> dict[str, dict]:
     """Each task's top-k heads ablated against k random heads from each of ``pools`` (see
     :func:`probes.ablation.draw_random_heads`; the random draws are seeded by the task's name): the first pool's
-    result, with the others' under ``random_from``."""
+    result, with the others' under ``random_from``. Where the probes read a token after the scored one (true/false
+    statements), the same heads are also checked on the last layer's readout of the label (``readout``, see
+    :mod:`probes.readout`)."""
     from extract.tasks import TASKS
     from extract.tasks.metrics import probe_reads_after_scoring
     from probes.ablation import causal_checks
+    from probes.readout import readout_metric
+
+    def check(task_name: str, key: str, task_metric, means) -> dict:
+        checks = causal_checks(loaded.model, task_metric, top_heads(evidence, task_name, k), n_draws=draws, mode=mode,
+                               means=means, pools=pools, seed=zlib.crc32(task_name.encode()))
+        for pool, res in checks.items():
+            print(f"attribute: {task_name} ({key}): clean {res.clean:.3f}, top-{k} ablated {res.top:.3f}, random "
+                  f"from {POOLS[pool]} {res.random_mean:.3f} [{res.random_ci[0]:.3f}, {res.random_ci[1]:.3f}], "
+                  f"one draw {_interval(res.random_pi)}: top hurts more: {'yes' if res.hurts_more else 'no'}")
+        return {**checks[pools[0]].to_dict(), "metric": key,
+                "random_from": {pool: res.to_dict() for pool, res in checks.items() if pool != pools[0]}}
 
     results = {}
     for task_name in sorted({ev.task for ev in evidence}):
@@ -250,16 +273,12 @@ def run_ablations(loaded, evidence: list[Evidence], k: int, mode: str, draws: in
             print(f"attribute: {task_name}: no model metric, skipping the ablation")
             continue
         examples, key, task_metric, means = ablation_metric(loaded, task, n_examples, mode, metric)
-        checks = causal_checks(loaded.model, task_metric, top_heads(evidence, task_name, k), n_draws=draws, mode=mode,
-                               means=means, pools=pools, seed=zlib.crc32(task_name.encode()))
-        first = checks[pools[0]].to_dict()
-        results[task_name] = {**first, "metric": key, "n_examples": len(examples),
-                              "probe_after_scored": probe_reads_after_scoring(task, examples),
-                              "random_from": {pool: res.to_dict() for pool, res in checks.items() if pool != pools[0]}}
-        for pool, res in checks.items():
-            print(f"attribute: {task_name} ({key}): clean {res.clean:.3f}, top-{k} ablated {res.top:.3f}, random "
-                  f"from {POOLS[pool]} {res.random_mean:.3f} [{res.random_ci[0]:.3f}, {res.random_ci[1]:.3f}], "
-                  f"one draw {_interval(res.random_pi)}: top hurts more: {'yes' if res.hurts_more else 'no'}")
+        after = probe_reads_after_scoring(task, examples)
+        results[task_name] = {**check(task_name, key, task_metric, means), "n_examples": len(examples),
+                              "probe_after_scored": after}
+        if after:
+            readout = readout_metric(loaded.model, loaded.tokenizer, task.examples(0), examples)
+            results[task_name]["readout"] = check(task_name, "readout_logprob", readout, means)
     return results
 
 

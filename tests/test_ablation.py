@@ -175,7 +175,13 @@ def test_ablations_of_a_task_through_its_model_metric(tmp_path):
     assert all(sorted(l for l, _ in draw) == [0, 2] for draw in same["random_heads"])  # one head in each
     assert r["top"] != r["clean"]  # the tiny model's answer margins move when its heads are replaced
     assert r["probe_after_scored"]  # capitals probes read the answer token, after the scored prediction
+    ro = r["readout"]  # so the same heads are also scored on the last layer's readout of the label
+    assert ro["metric"] == "readout_logprob" and ro["top_heads"] == r["top_heads"] and ro["clean"] < 0
+    assert ro["random_heads"] == r["random_heads"]  # paired: the same random draws as the margin's
+    assert ro["random_from"]["layers"]["random_heads"] == same["random_heads"] and ro["top"] != ro["clean"]
     md = ablation_section(results, tmp_path)
+    assert f"| capitals | readout_logprob | 2 | mean | {ro['clean']:.3f} | {ro['top']:.3f} | all layers |" in md
+    assert "| the answer, last layer† |" in md and "† readout_logprob:" in md
     assert "![ablation: top heads against random heads](ablation.png)" in md
     assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| capitals | margin | 2 | mean |" in md and "| the answer (after*) |" in md and "\\* True/false" in md

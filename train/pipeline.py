@@ -298,7 +298,7 @@ class Pipeline:
         keys = {name: self.steps.key_of(name) for name in self.steps.done()}
         settings = {"top_k": self.cfg.top_k, "draws": self.cfg.ablation_draws, "examples": self.cfg.ablation_examples,
                     "random_from": self.cfg.ablation_random_from, "stage_scale": self.cfg.stage_scale,
-                    "controls": "layer-matched v2"}  # v1 drew from the union of the top heads' layers
+                    "controls": "layer-matched v2, readout"}  # v1 drew from the union of the top heads' layers
         self.steps("attribute", {**keys, **settings}, self.attribute)
         report = self.steps("report", {"inputs": keys, "attribute": self.steps.key_of("attribute")},
                             lambda: {"path": str(build_report(self))})
