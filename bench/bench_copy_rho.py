@@ -72,7 +72,8 @@ def main() -> None:
                 early = slice(0, first)
                 ordered = acc.copy()
                 ordered[early] = acc[first:].min() - 1 + induction[early]  # below every later head, in induction order
-                row = {"lists": n, "rows": int(store.shape[0]), "l2": l2, "rho_acc": rho(acc), "rho_neg_loss": rho(-loss),
+                row = {"lists": n, "rows": int(store.shape[0]), "l2": l2, "rho_acc": rho(acc),
+                       "rho_neg_loss": rho(-loss),
                        "rho_acc_early": rho(acc, early), "rho_neg_loss_early": rho(-loss, early),
                        "rho_acc_if_early_ordered": rho(ordered), "first_induction_layer": first}
                 rows.append(row)

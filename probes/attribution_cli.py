@@ -7,7 +7,8 @@ Writes into ``--out``: ``stage_map.png``, ``stage_scores.csv``, ``stage_map.json
 ``report.md``; with ``--head-scores`` also ``head_types.csv`` (attention-pattern scores of every head), the
 Spearman rho of every evidence against them and ``induction_check.png`` (the copy task's evidence against the
 induction scores); with ``--ablate K`` ``ablation.json`` (each task's top-K heads
-mean-ablated against K random heads from all layers and layer-matched ones, with CIs).
+mean-ablated against K random heads from all layers and layer-matched ones, with CIs, on the task's model metric
+and, for true/false statements, on the last layer's readout of the label, see :mod:`probes.readout`).
 """
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head-scores", action="store_true", help="also score previous-token, duplicate-token and "
                                                                  "induction heads from attention patterns")
     p.add_argument("--ablate", type=int, default=0, metavar="K", help="ablate each task's top-K heads against K "
-                                                                       "random heads")
+                                                                       "random heads (true/false statement tasks "
+                                                                       "also on the last layer's readout)")
     p.add_argument("--ablation", choices=["mean", "zero"], default="mean")
     p.add_argument("--draws", type=_at_least_two, default=10, help="random-head draws per task (at least 2)")
     p.add_argument("--random-from", choices=["all", "layers", "both"], default="both",
@@ -48,7 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--examples", type=int, default=64, help="task examples per ablation metric")
     p.add_argument("--metric", choices=["auto", "accuracy"], default="auto",
                    help="ablation metric: auto = the continuous one (choice: log-prob margin of the right answer; "
-                        "induction: log-prob of copied tokens), accuracy = the share the model gets right")
+                        "induction: log-prob of copied tokens), accuracy = the share the model gets right (readout "
+                        "rows always use the readout's log-probability)")
     p.add_argument("--model", default=None, help="model for the cross-checks (default: the checkpoints' model)")
 
 
@@ -173,6 +176,7 @@ def ablation_section(results: dict[str, dict], folder: Path | None = None) -> st
     if not results:
         return "\n".join(out + ["No task with a model metric was ablated.", ""])
     from probes.ablation import metric_rows
+    from probes.readout import READOUT
 
     draws = "/".join(str(n) for n in sorted({len(r["random"]) for r in results.values()}))
     pools = {c.get("pool", "all") for r in results.values() for c in [r, *r.get("random_from", {}).values()]}
@@ -195,7 +199,7 @@ def ablation_section(results: dict[str, dict], folder: Path | None = None) -> st
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for task, r in metric_rows(results):
         after = r.get("probe_after_scored")  # absent in an ablation.json from an older headprobe, and in a readout
-        reads = ("the answer, last layer†" if r["metric"] == "readout_logprob" else "-" if after is None
+        reads = ("the answer, last layer†" if r["metric"] == READOUT else "-" if after is None
                  else "the answer (after*)" if after else "the scored position")
         for c in [r, *r.get("random_from", {}).values()]:
             out.append(f"| {task} | {r['metric']} | {r['k']} | {r['mode']} | {r['clean']:.3f} | {r['top']:.3f} | "
@@ -206,15 +210,18 @@ def ablation_section(results: dict[str, dict], folder: Path | None = None) -> st
         out += ["", "\\* True/false statements: the probes read the answer token, while the margin scores the "
                 "model's prediction of the answer at the positions before it. Ablating the heads there tests what "
                 "they do at the prompt's end, not what the probe read; a \"no\" is weaker evidence against these "
-                "heads. A metric at the answer token would need the model to judge the finished statement when asked; "
-                "`python bench/bench_judgement.py --model MODEL` measures whether it does."]
+                "heads. A behavioural metric at the answer token would need the model to judge the finished "
+                "statement when asked (`python bench/bench_judgement.py --model MODEL` measures whether it does); "
+                "the readout rows (†) score that token from the model's last layer instead."]
     if any("readout" in r for r in results.values()):
-        out += ["", "† readout_logprob: the same heads ablated, scored at the token the probes read. Logistic "
+        out += ["", f"† {READOUT}: the same heads ablated, scored at the token the probes read. Logistic "
                 "probes fit once on the clean model's final hidden state there (after the last norm, what the LM head "
                 "reads; cross-fit, never on a scored example's group) give each example's log-probability of its "
                 "label. This asks whether the heads carry the label on to the last layer, not whether the model's "
                 "output changes: the model is never asked to judge these statements. A clean value near chance "
-                "(-0.69 for two labels) means the last layer does not carry the label, and the row cannot say yes."]
+                "(-0.69 for two labels) means the last layer does not carry the label, so a \"yes\" there would not "
+                "show that the heads carry it; as the readout is fit once, ablation can also push values below "
+                "chance (the hidden states moved along its direction)."]
     return "\n".join(out + [""])
 
 
@@ -226,20 +233,14 @@ def ablation_metric(loaded, task, n_examples: int, mode: str,
                     metric: str = "auto") -> tuple[list, str, Callable[[object], np.ndarray], "torch.Tensor | None"]:
     """What the ablation check of ``task`` runs: (its ``n_examples`` examples, the metric's name, ``metric(model)``
     -> one value per example, the heads' mean z (L, H, D) on those examples for mean ablation, else None)."""
-    import torch
-
-    from extract.tasks.metrics import model_metric
+    from extract.tasks.metrics import example_ids, model_metric, right_padded
     from probes.ablation import head_means
 
     examples = task.examples(0)
     pick = np.sort(np.random.default_rng(0).choice(len(examples), min(n_examples, len(examples)), replace=False))
     examples = [examples[i] for i in pick]
-    ids = [list(ex.token_ids) if ex.token_ids is not None else loaded.tokenizer(ex.text)["input_ids"]
-           for ex in examples]
-    width = max(map(len, ids))
-    batch = {"input_ids": torch.tensor([x + [0] * (width - len(x)) for x in ids]),
-             "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])}
-    means = head_means(loaded.model, [batch]) if mode == "mean" else None
+    ids = [example_ids(loaded.tokenizer, ex) for ex in examples]
+    means = head_means(loaded.model, [right_padded(ids)]) if mode == "mean" else None
     key = CONTINUOUS.get(task.metric, "metric") if metric == "auto" else "metric"
     return examples, key, lambda m: model_metric(loaded, task, examples)[key], means
 
@@ -254,9 +255,9 @@ def run_ablations(loaded, evidence: list[Evidence], k: int, mode: str, draws: in
     from extract.tasks import TASKS
     from extract.tasks.metrics import probe_reads_after_scoring
     from probes.ablation import causal_checks
-    from probes.readout import readout_metric
+    from probes.readout import READOUT, readout_metric
 
-    def check(task_name: str, key: str, task_metric, means) -> dict:
+    def check(task_name: str, key: str, task_metric: Callable[[object], np.ndarray], means) -> dict:
         checks = causal_checks(loaded.model, task_metric, top_heads(evidence, task_name, k), n_draws=draws, mode=mode,
                                means=means, pools=pools, seed=zlib.crc32(task_name.encode()))
         for pool, res in checks.items():
@@ -278,7 +279,7 @@ def run_ablations(loaded, evidence: list[Evidence], k: int, mode: str, draws: in
                               "probe_after_scored": after}
         if after:
             readout = readout_metric(loaded.model, loaded.tokenizer, task.examples(0), examples)
-            results[task_name]["readout"] = check(task_name, "readout_logprob", readout, means)
+            results[task_name]["readout"] = check(task_name, READOUT, readout, means)
     return results
 
 

@@ -165,9 +165,11 @@ def test_ablations_of_a_task_through_its_model_metric(tmp_path):
     loaded = tiny_loaded("llama")
     score = np.full((3, 6), 0.5)
     score[2, 4], score[0, 1], score[1, 3] = 0.9, 0.8, 0.6  # above the null: 2.4, then 0.1; 1.3 below it
-    evidence = [Evidence("capitals", "KR", "linear", score, 0.7, [0, 1, 2])]
+    evidence = [Evidence("capitals", "KR", "linear", score, 0.7, [0, 1, 2]),
+                Evidence("ioi", "ICI", "linear", score, 0.7, [0, 1, 2])]
     assert top_heads(evidence, "capitals", 3) == [(2, 4), (0, 1), (1, 3)]
     results = run_ablations(loaded, evidence, k=2, mode="mean", draws=3, n_examples=8)
+    assert not results["ioi"]["probe_after_scored"] and "readout" not in results["ioi"]  # probes read what is scored
     r = results["capitals"]
     assert r["metric"] == "margin" and r["k"] == 2 and r["top_heads"] == [(2, 4), (0, 1)] and len(r["random"]) == 3
     same = r["random_from"]["layers"]  # random heads from layers 0 and 2 only, the top heads' layers
@@ -176,7 +178,7 @@ def test_ablations_of_a_task_through_its_model_metric(tmp_path):
     assert r["top"] != r["clean"]  # the tiny model's answer margins move when its heads are replaced
     assert r["probe_after_scored"]  # capitals probes read the answer token, after the scored prediction
     ro = r["readout"]  # so the same heads are also scored on the last layer's readout of the label
-    assert ro["metric"] == "readout_logprob" and ro["top_heads"] == r["top_heads"] and ro["clean"] < 0
+    assert ro["metric"] == "readout_logprob" and ro["top_heads"] == r["top_heads"] and ro["clean"] != r["clean"]
     assert ro["random_heads"] == r["random_heads"]  # paired: the same random draws as the margin's
     assert ro["random_from"]["layers"]["random_heads"] == same["random_heads"] and ro["top"] != ro["clean"]
     md = ablation_section(results, tmp_path)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from extract.tasks.base import Example
 from probes.ablation import HeadAblation
@@ -17,20 +18,26 @@ def first_letter_task(n: int, seed: int = 0) -> list[Example]:
             for i, y in enumerate(rng.integers(0, 2, n))]
 
 
-def test_last_hidden_reads_each_sequence_at_its_own_last_token():
-    loaded = tiny_loaded("llama")
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
+def test_last_hidden_reads_each_sequence_at_its_own_last_token(family):
+    loaded = tiny_loaded(family)
     ids = [[1, 5, 6, 7], [1, 8], [1, 9, 10]]
     together = last_hidden(loaded.model, ids)  # padded into one batch
     alone = np.concatenate([last_hidden(loaded.model, [x]) for x in ids])
-    assert together.shape == (3, 48)
+    assert together.shape == (3, loaded.model.config.hidden_size)
     np.testing.assert_allclose(together, alone, atol=1e-5)
+    with torch.no_grad():  # after the last norm: what the LM head reads
+        logits = loaded.model(input_ids=torch.tensor([ids[0]])).logits[0, -1].double().numpy()
+    head = loaded.model.get_output_embeddings()
+    bias = 0 if head.bias is None else head.bias.detach().double().numpy()
+    np.testing.assert_allclose(together[0] @ head.weight.detach().double().numpy().T + bias, logits, atol=1e-4)
 
 
 def test_readout_falls_when_the_heads_that_carry_the_label_are_ablated():
     loaded = tiny_loaded("llama")
     examples = first_letter_task(240)
-    score = examples[:60]  # cross-fit: each scored example's readout never saw its group
-    metric = readout_metric(loaded.model, loaded.tokenizer, examples, score)
+    scored = examples[:60]  # cross-fit: each scored example's readout never saw its group
+    metric = readout_metric(loaded.model, loaded.tokenizer, examples, scored)
     clean = metric(loaded.model)
     assert clean.shape == (60,) and (clean <= 0).all()
     assert np.mean(np.exp(clean) > 0.5) > 0.9  # the clean readout gets the first letter from the last token's state
@@ -42,13 +49,22 @@ def test_readout_falls_when_the_heads_that_carry_the_label_are_ablated():
 
 
 def test_readout_is_fit_without_the_scored_groups():
-    """A readout that saw its scored examples would score memorised noise labels well; a cross-fit one cannot."""
+    """Noise labels, each on two copies of one text (a group): a readout that trained on a scored text's group
+    scores its memorised label well; the cross-fit one is at chance."""
     loaded = tiny_loaded("llama")
     rng = np.random.default_rng(1)
-    noise = [Example(text="".join(rng.choice(list("cdefgh"), 7)), label=int(rng.integers(0, 2)), group=f"g{i}")
-             for i in range(120)]
-    logp = readout_metric(loaded.model, loaded.tokenizer, noise, noise[:40], Cs=(1.0,))(loaded.model)
-    assert abs(np.mean(np.exp(logp) > 0.5) - 0.5) < 0.15  # chance; fit on all 120 at C=1, 35 of the 40 are right
+    texts, labels = ["".join(rng.choice(list("cdefgh"), 7)) for _ in range(60)], rng.integers(0, 2, 60)
+    noise = [Example(text=t, label=int(y), group=f"g{i}") for i, (t, y) in enumerate(zip(texts, labels))
+             for _ in range(2)]
+    scored = noise[::2][:40]
+
+    def accuracy(scored: list[Example]) -> float:
+        logp = readout_metric(loaded.model, loaded.tokenizer, noise, scored, Cs=(1.0,))(loaded.model)
+        return float(np.mean(np.exp(logp) > 0.5))
+
+    leaky = [Example(text=ex.text, label=ex.label, group="other" + ex.group) for ex in scored]  # group not excluded
+    assert accuracy(leaky) > 0.75  # the readout saw the scored texts: the check below could fail
+    assert abs(accuracy(scored) - 0.5) < 0.15
 
 
 def test_readout_refuses_examples_it_cannot_use():
@@ -56,9 +72,13 @@ def test_readout_refuses_examples_it_cannot_use():
     good = first_letter_task(20)
     with pytest.raises(ValueError, match="one label only"):
         readout_metric(loaded.model, loaded.tokenizer, [ex for ex in good if ex.label == 1], good)
-    with pytest.raises(ValueError, match="texts and labels"):
+    with pytest.raises(ValueError, match="texts .or token ids. and labels"):
         readout_metric(loaded.model, loaded.tokenizer, good, [Example(text="abc")])
-    with pytest.raises(ValueError, match="lacks a label"):
+    with pytest.raises(ValueError, match=r"scored labels \[2\] are in none"):
         readout_metric(loaded.model, loaded.tokenizer, good, [Example(text="abc", label=2, group=g) for g in "xy"])
+    with pytest.raises(ValueError, match="lacks a label"):  # the only label-1 examples share the scored group
+        lonely = [Example(text="abc", label=1, group="x")] + [Example(text="cd", label=0, group=f"y{i}") for i in
+                                                               range(12)]
+        readout_metric(loaded.model, loaded.tokenizer, lonely, [lonely[0], lonely[1]])
     with pytest.raises(ValueError, match="one group"):
         readout_metric(loaded.model, loaded.tokenizer, good, good[:2])

@@ -29,6 +29,20 @@ def _token_ids(tokenizer, texts: list[str], special: bool) -> list[list[int]]:
     return [list(x) for x in tokenizer(texts, add_special_tokens=special)["input_ids"]] if texts else []
 
 
+def example_ids(tokenizer, ex: Example) -> list[int]:
+    """The token ids the model reads for ``ex``: its own ``token_ids``, else its tokenized text."""
+    return list(ex.token_ids) if ex.token_ids is not None else tokenizer(ex.text)["input_ids"]
+
+
+def right_padded(seqs: list[list[int]], pad: int = 0, device: torch.device | str | None = None) -> dict:
+    """Model inputs for token id lists of any lengths: ``input_ids`` and ``attention_mask``, (B, longest), padded
+    on the right with ``pad``."""
+    width = max(map(len, seqs))
+    ids = torch.tensor([list(x) + [pad] * (width - len(x)) for x in seqs], device=device)
+    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in seqs], device=device)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
 @torch.inference_mode()
 def token_logprobs(loaded: LoadedModel, seqs: list[list[int]], targets: list[np.ndarray], batch_size: int = 32
                    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
