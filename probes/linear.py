@@ -122,10 +122,10 @@ def _newton_stats(x: Tensor, y: Tensor, W: Tensor, loss: str, probes: Tensor | N
             local.xh = local.xa if dtype == hessian_dtype else x.new_ones(step, N, F1, dtype=hessian_dtype)
             local.xs = x.new_empty(step, K, N, F1, dtype=hessian_dtype) if C == 1 else None
         xa, xh = local.xa[:Pc], local.xh[:Pc]  # (Pc, N, F + 1)
-        p0, p1 = int(idx[0]), int(idx[-1]) + 1
+        run = Pc == 1 or bool((idx.diff() == 1).all())  # consecutive probes in order: a view, no gather
         m = min(a1, nh) - a0  # probes of this chunk that want a Hessian
         for buf in [xa] if local.xh is local.xa or m <= 0 else [xa, xh]:
-            buf[..., :Fd].copy_(x[p0:p1] if p1 - p0 == Pc else x[idx])
+            buf[..., :Fd].copy_(x[int(idx[0]):int(idx[0]) + Pc] if run else x[idx])
         # the products with few columns are written with the K C label-set outputs as rows: (Pc, K C, N)
         Wt = W[:, idx].permute(1, 0, 3, 2).reshape(Pc, K * C, F1)
         eta = torch.bmm(Wt, xa.transpose(1, 2)).view(Pc, K, C, N).transpose(-1, -2)  # (Pc, K, N, C)

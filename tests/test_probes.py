@@ -64,23 +64,26 @@ def test_newton_matches_sklearn_per_probe(loss):
         np.testing.assert_allclose(b, intercept, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, 1 << 21])
+@pytest.mark.parametrize("probes", [[4, 0, 5], [1, 3, 2, 4]])
 @pytest.mark.parametrize("loss,C", [("logistic", 1), ("softmax", 3), ("ridge", 1)])
-def test_newton_stats_match_autograd_whatever_the_threads(loss, C):
-    """Loss, gradient and Hessian of a subset of probes, chunked one probe at a time, against autograd; 1 and 2
-    threads give identical bits."""
+def test_newton_stats_match_autograd_whatever_the_threads(loss, C, probes, chunk_bytes):
+    """Loss, gradient and Hessian of a subset of probes in any order (as the solver reorders them), chunked one
+    probe at a time or all at once, against autograd; 1 and 2 threads give identical bits."""
     g = torch.Generator().manual_seed(0)
     N, P, D, K = 60, 6, 4, 2
     x = torch.randn(N, P, D, generator=g) * torch.logspace(-1, 1, P)[None, :, None]
     y = (torch.randn(N, K, generator=g, dtype=torch.float64) if loss == "ridge"
          else torch.randint(0, max(C, 2), (N, K), generator=g).double())
     W = torch.randn(K, P, D + 1, C, generator=g, dtype=torch.float64) * 0.5
-    probes = torch.tensor([4, 0, 5])
+    probes = torch.tensor(probes)
     before = torch.get_num_threads()
     try:
         outs = []
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            outs.append(newton_stats(x.transpose(0, 1), y, W, loss, probes=probes, chunk_bytes=1))  # (P, N, D)
+            x_pnd = x.transpose(0, 1)  # (P, N, D)
+            outs.append(newton_stats(x_pnd, y, W, loss, probes=probes, chunk_bytes=chunk_bytes))
     finally:
         torch.set_num_threads(before)
     for a, b in zip(*outs):
