@@ -411,10 +411,12 @@ class SparseAutoencoder(L.LightningModule):
             if coeff:
                 logs["train/sparsity"] = penalty.detach()
             if dead is not None and len(dead):
-                k_a = min(hp.k_aux or self.d_in // 2, len(dead))
-                a_vals, j = pre.index_select(1, dead).relu().topk(k_a, dim=1)
-                aux_hat = a_vals @ self.W_dec[dead] if k_a == len(dead) else \
-                    F.embedding_bag(dead[j], self.W_dec, per_sample_weights=a_vals, mode="sum")
+                pre_dead = pre.index_select(1, dead).relu()  # (B, m)
+                if (hp.k_aux or self.d_in // 2) >= len(dead):  # every dead latent, in dead's order
+                    aux_hat = pre_dead @ self.W_dec[dead]
+                else:
+                    a_vals, j = pre_dead.topk(hp.k_aux or self.d_in // 2, dim=1)
+                    aux_hat = F.embedding_bag(dead[j], self.W_dec, per_sample_weights=a_vals, mode="sum")
                 aux = self._aux_loss((x - x_hat).detach(), aux_hat)
                 loss = loss + hp.auxk_alpha * aux
                 logs["train/auxk"] = aux.detach()

@@ -64,6 +64,21 @@ def test_fused_topk_backward_equals_dense_autograd():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("k_aux", [3, 40])
+def test_auxk_of_the_dense_paths_equals_the_fused_kernel(k_aux):
+    """Unfused TopK gives the AuxK loss of the fused kernel (checked against dense autograd above), whether k_aux picks
+    among the dead latents or takes all of them; BatchTopK runs the same AuxK lines."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 16)
+    dead = torch.tensor([2, 5, 6, 11, 17, 30, 41, 47])  # in no particular order of pre-activation
+    aux = {}
+    for name, kw in [("fused", {}), ("unfused", {"fused": False})]:
+        sae = SparseAutoencoder(d_in=16, d_sae=48, k=4, k_aux=k_aux, dead_after_tokens=10, seed=3, **kw)
+        sae.tokens_since_fired[dead] = 100
+        aux[name] = sae.loss(x)[1]["train/auxk"]
+    torch.testing.assert_close(aux["unfused"], aux["fused"])
+
+
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_normalisation_folded_on_save(tmp_path, arch):
     x, _ = sparse_data(512, 24, 48, 3, scale=37.0, offset=5.0)  # raw activations far from unit scale
