@@ -400,7 +400,8 @@ def build_report(p: Pipeline) -> Path:
         f"## Stage map\n\n![stage map]({stage_png})",
         attribution_md.replace("## ", "### "),
         "## Probes per task\n\n" + _probe_table(p),
-        "## Per-task probe accuracy (val accuracy of each head's linear probe)\n\n" + "\n\n".join(
+        "## Per-task probe accuracy (each head's linear probe on held-out rows: test accuracy, or val where a "
+        "store has no test split; the title names it)\n\n" + "\n\n".join(
             f"![{t.name}]({_copy(p.run_dir('linear', t.name) / 'heatmap.png', folder, f'heatmap_{t.name}.png')})"
             for t in p.tasks),
     ]

@@ -199,8 +199,9 @@ VERBS = {1: ["loved", "enjoyed", "adored", "liked"], 0: ["hated", "disliked", "r
 
 
 def _sentiment(seed: int, n: int = 300) -> list[Example]:
-    """Templated reviews (ToyMovieReview-style); label: positive or negative. Grouped by the main adjective, so a
-    probe is tested on sentiment words it never saw."""
+    """Templated reviews (ToyMovieReview-style); label: positive or negative. Grouped by the main adjective, so no
+    test review's main adjective is a training review's main adjective (it may still be a training review's second
+    adjective, and the verb alone tells the label)."""
     rng, out = random.Random(seed), []
     for _ in range(n):
         label = rng.randint(0, 1)
