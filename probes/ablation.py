@@ -21,6 +21,7 @@ from scipy import stats
 from torch import nn
 
 from extract.hooks import head_layout, out_projections
+from probes.metrics import bootstrap_ci
 
 Head = tuple[int, int]  # (layer, head)
 
@@ -123,10 +124,9 @@ class AblationResult:
         return {**asdict(self), "hurts_more": self.hurts_more}
 
 
-def _bootstrap_ci(values: np.ndarray, n: int = 1000, seed: int = 0) -> tuple[float, float]:
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), (n, len(values)))].mean(1)
-    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+def _mean_ci(values: np.ndarray, seed: int) -> tuple[float, float]:
+    lo, hi = bootstrap_ci(values[:, None], seed=seed)  # percentile bootstrap, 95%
+    return float(lo[0]), float(hi[0])
 
 
 def t_interval(values: np.ndarray, one_draw: bool = False) -> tuple[float, float]:
@@ -203,7 +203,7 @@ def causal_checks(model: nn.Module, metric: Callable[[nn.Module], np.ndarray], t
                 random_values.append(float(np.mean(metric(model))))
             draws.append(heads)
         rv = np.asarray(random_values)
-        results[pool] = AblationResult(k, mode, clean, float(top_values.mean()), _bootstrap_ci(top_values, seed=seed),
+        results[pool] = AblationResult(k, mode, clean, float(top_values.mean()), _mean_ci(top_values, seed),
                                        random_values, float(rv.mean()), t_interval(rv, False), t_interval(rv, True),
                                        list(top_heads), draws, pool)
     return results
@@ -218,7 +218,7 @@ def metric_rows(results: dict[str, dict]) -> list[tuple[str, dict]]:
     return [(task, c) for task, r in results.items() for c in [r, r.get("readout")] if c is not None]
 
 
-def plot_ablation(results: dict[str, dict], path) -> Path:
+def plot_ablation(results: dict[str, dict], path: str | Path) -> Path:
     """One row per task and metric (``results`` as in ``ablation.json``): the metric's change from the clean model
     with the top-k heads ablated (red diamond) and with each random draw (dots, one colour per pool), with one draw's
     95% prediction interval as a bar. Metrics differ per row, so each row has its own units."""

@@ -26,8 +26,7 @@ import numpy as np
 import torch
 from scipy.stats import norm, rankdata
 
-
-STAGE_CODES = ("KR", "ICI", "LR", "EP")
+from extract.tasks.base import STAGES
 
 
 @dataclass
@@ -321,7 +320,7 @@ def _sae_evidence_on_stores(saes: list[tuple[Path, object, dict]], stores: list,
     out = []
     for store in stores:
         meta = store.meta
-        if meta.label_kind != "class" or meta.stage not in STAGE_CODES:
+        if meta.label_kind != "class" or meta.stage not in STAGES:
             continue
         labels = store.labels
         rows = np.flatnonzero(labels >= 0)
@@ -364,7 +363,7 @@ def evidence_from_checkpoints(folders: list[str | Path], stores: list | None = N
         config, tensors, metrics = read_checkpoint(folder)
         if config.cls == "SparseAutoencoder":
             saes.append((folder, config, tensors))
-        elif config.stage not in STAGE_CODES:
+        elif config.stage not in STAGES:
             continue
         elif config.cls == "LinearProbes":
             same = [s for s in stores or [] if s.meta.task == config.task and s.meta.weights_hash == config.weights_hash]

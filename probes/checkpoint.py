@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -86,6 +87,12 @@ class CheckpointConfig:
                 f"layers {self.layers}, {self.n_heads}x{self.d_head}) but the activations come from {meta.model_id} "
                 f"(weights {meta.weights_hash}, {meta.hook_point}, layers {list(meta.layers)}, "
                 f"{meta.n_heads}x{meta.d_head}): extract with the checkpoint's model and layers")
+
+
+def init_hparams(module) -> dict:
+    """The module's hyperparameters that its constructor takes (LightningCLI adds bookkeeping keys), tuples as lists."""
+    names = inspect.signature(type(module).__init__).parameters
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in module.hparams.items() if k in names}
 
 
 def sha256(path: str | Path) -> str:
@@ -212,7 +219,7 @@ def checkpoint_class(name: str) -> type:
     return CLASSES[name]
 
 
-def load_local(folder: str | Path, expected_sha256: dict[str, str] | None = None):
+def load_local(folder: str | Path, expected_sha256: dict[str, str] | None = None) -> torch.nn.Module:
     """Instantiate the module saved in a local checkpoint folder (verified as in :func:`read_checkpoint`).
 
     The module gets ``checkpoint_config_loaded`` and ``checkpoint_metrics_loaded`` attributes (names chosen not

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -66,7 +67,7 @@ def pattern_scores(attn: torch.Tensor, tokens: torch.Tensor, n: int | None = Non
 
 
 @contextmanager
-def eager_attention(model: nn.Module):
+def eager_attention(model: nn.Module) -> Iterator[nn.Module]:
     """Switch a Hugging Face model to eager attention (so it returns attention patterns), then back."""
     old = getattr(model.config, "_attn_implementation", None)
     if old != "eager":
@@ -169,8 +170,8 @@ def copy_carriers(score: np.ndarray, layers: list[int], induction: np.ndarray, k
     return int(n), len(ranked), first
 
 
-def plot_against_pattern(pattern: np.ndarray, panels: list[tuple[str, np.ndarray, list[int]]], path,
-                         name: str = "induction", threshold: float = TYPE_THRESHOLD):
+def plot_against_pattern(pattern: np.ndarray, panels: list[tuple[str, np.ndarray, list[int]]], path: str | Path,
+                         name: str = "induction", threshold: float = TYPE_THRESHOLD) -> Path:
     """One scatter per (title, score (L', H), model layers): each head's score against its ``pattern`` score
     (L, H), coloured by layer; heads typed by the pattern (above ``threshold``) are named."""
     import matplotlib

@@ -20,23 +20,23 @@ steps compute only the probes not yet done, and a probe already near its optimum
 Controls (Hewitt & Liang 2019) are extra probes on the same activations with other labels, solved in the same
 batch: ``control`` gives every word type (the token at the row, or the example group) a random label drawn from
 the label distribution; ``shuffled`` permutes the labels within each split. Selectivity = accuracy - control
-accuracy. The ITI mass-mean direction (mean of positives - mean of negatives, unit norm, with the std of the
-projections) is computed per head for binary tasks.
+accuracy. The ITI mass-mean direction (mean of positives - mean of negatives, unit norm, with the midpoint of the
+two means' projections as its threshold) is computed per head for binary tasks.
 """
 from __future__ import annotations
 
-import inspect
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import Iterator
 
 import lightning as L
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from probes.checkpoint import CheckpointConfig, register
+from probes.checkpoint import CheckpointConfig, init_hparams, register
 from probes.metrics import bootstrap_ci, predictions, probe_metrics
 
 LOSSES = ("auto", "logistic", "softmax", "ridge")
@@ -45,7 +45,7 @@ CONTROLS = ("control", "shuffled")
 
 # --- the batched Newton solver (shared with probes.sparse) ------------------------------------------------------
 @contextmanager
-def one_thread():
+def one_thread() -> Iterator[int]:
     """Torch ops inside run on one thread (the count is restored after); yields the count from before.
 
     The solver's many small batched ops gain nothing from a second thread, and on a busy machine every op that
@@ -78,7 +78,8 @@ def loss_terms(eta: Tensor, y: Tensor, loss: str) -> tuple[Tensor, Tensor, Tenso
 
 
 def newton_stats(x: Tensor, y: Tensor, W: Tensor, loss: str, probes: Tensor | None = None,
-                 n_hessian: int | None = None, chunk_bytes: int = 1 << 21, hessian_dtype=torch.float32
+                 n_hessian: int | None = None, chunk_bytes: int = 1 << 21,
+                 hessian_dtype: torch.dtype = torch.float32
                  ) -> tuple[Tensor, Tensor, Tensor]:
     """Objective terms of one batch at weights W for the probes ``probes`` (indices, default all), summed over rows.
 
@@ -203,7 +204,7 @@ def cholesky_factor(H: Tensor) -> Tensor:
 
 
 def fit_newton(x: Tensor, y: Tensor, loss: str, n_classes: int = 2, l2: float = 1.0, tol: float = 1e-8,
-               max_steps: int = 50, dtype=torch.float64) -> tuple[Tensor, dict]:
+               max_steps: int = 50, dtype: torch.dtype = torch.float64) -> tuple[Tensor, dict]:
     """Fit all probes on in-memory data without Lightning (used by k-sparse probing and benchmarks).
 
     x (N, P, F), y (N, K). Returns W (K, P, F + 1, C) and {"steps", "probe_steps" (the probes solved, summed over
@@ -305,12 +306,6 @@ class NewtonState:
         self.W, self.W_prev, self.obj_prev, self.grad = state["W"], state["W_prev"], state["obj_prev"], state["grad"]
         self.factor, self.active = state["factor"], state["active"]
         self.steps, self.probe_steps, self.hessians, self.n_hessian = (int(v) for v in state["counters"])
-
-
-def init_hparams(module) -> dict:
-    """The module's hyperparameters that its constructor takes (LightningCLI adds bookkeeping keys)."""
-    names = inspect.signature(type(module).__init__).parameters
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in module.hparams.items() if k in names}
 
 
 def resolve_loss(loss: str, label_kind: str, n_labels: int) -> tuple[str, int]:

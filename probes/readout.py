@@ -37,7 +37,7 @@ def last_hidden(model: nn.Module, ids: list[list[int]], batch_size: int = 32) ->
     return np.concatenate(out)
 
 
-def readout_metric(model: nn.Module, tokenizer, examples: list[Example], scored: list[Example], folds: int = 4,
+def readout_metric(model: nn.Module, tokenizer: object, examples: list[Example], scored: list[Example], folds: int = 4,
                    Cs: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)) -> Callable[[nn.Module], np.ndarray]:
     """Fit readouts on the clean model and return ``metric(model)``: each ``scored`` example's log-probability of
     its label under a readout fit without its group, (len(scored),).

@@ -24,7 +24,6 @@ The reconstruction loss of every architecture is the batch FVU, sum((x - x_hat)^
 """
 from __future__ import annotations
 
-import inspect
 import math
 import warnings
 from pathlib import Path
@@ -34,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from probes.checkpoint import CheckpointConfig, register, save_checkpoint
+from probes.checkpoint import CheckpointConfig, init_hparams, register, save_checkpoint
 
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
@@ -135,7 +134,7 @@ class TopKSAEFunction(torch.autograd.Function):
 
 
 def topk_sae(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: int,
-             dead: Tensor | None = None, k_aux: int = 0):
+             dead: Tensor | None = None, k_aux: int = 0) -> tuple[Tensor, ...]:
     """Functional form of :class:`TopKSAEFunction` (see there for shapes)."""
     return TopKSAEFunction.apply(x, W_enc, b_enc, W_dec, b_dec, k, dead, k_aux)
 
@@ -516,8 +515,7 @@ class SparseAutoencoder(L.LightningModule):
         meta = meta or self.meta
         if meta is None:
             raise ValueError("this SAE has no record of its training data: pass the store's meta to save it")
-        known = inspect.signature(type(self).__init__).parameters
-        hparams = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.hparams.items() if k in known}
+        hparams = init_hparams(self)
         norm = {"input_norm": self.hparams.input_norm, "input_scale": float(self.input_scale), "folded": True,
                 "b_dec_init": self.hparams.b_dec_init}
         cfg = CheckpointConfig.from_store(meta, type(self).__name__, hparams, heads=self.heads, normalisation=norm)

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from extract.hooks import head_layout, out_projections
 from extract.store import Store
+from extract.tasks.metrics import right_padded
 
 
 class ReconstructionStats:
@@ -128,7 +129,8 @@ def density_histogram(fire_counts: Tensor, n_tokens: int, path: str | Path, titl
 
 # --- splicing into the model ---------------------------------------------------------------------------------
 @contextmanager
-def splice(model: torch.nn.Module, layer: int, heads: list[int] | None, replace: Callable[[Tensor], Tensor]):
+def splice(model: torch.nn.Module, layer: int, heads: list[int] | None,
+           replace: Callable[[Tensor], Tensor]) -> Iterator[None]:
     """Replace the per-head outputs of ``heads`` (None: all) of ``layer`` during forwards inside the block.
 
     ``replace`` maps (N, len(heads) * d_head) to the same shape: the selected heads' z of every token,
@@ -156,16 +158,8 @@ def splice(model: torch.nn.Module, layer: int, heads: list[int] | None, replace:
 def token_batches(sequences: list[list[int]], batch_size: int = 8, pad_id: int = 0
                   ) -> list[tuple[Tensor, Tensor]]:
     """Right-padded (input_ids, attention_mask) batches, (B, S) each."""
-    out = []
-    for i in range(0, len(sequences), batch_size):
-        chunk = sequences[i:i + batch_size]
-        width = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for b, s in enumerate(chunk):
-            ids[b, :len(s)], mask[b, :len(s)] = torch.tensor(s), 1
-        out.append((ids, mask))
-    return out
+    return [tuple(right_padded(sequences[i:i + batch_size], pad_id).values())
+            for i in range(0, len(sequences), batch_size)]
 
 
 def store_sequences(path: str | Path, split: str = "test", max_tokens: int = 16384) -> list[list[int]]:

@@ -27,11 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
+from extract.tasks.base import STAGES as STAGE_NAMES
 from probes.attribution import Evidence
 
-STAGES = ("KR", "ICI", "LR", "EP")
-STAGE_NAMES = {"KR": "Knowledge Recalling", "ICI": "In-Context Identification", "LR": "Latent Reasoning",
-               "EP": "Expression Preparation"}
+STAGES = tuple(STAGE_NAMES)  # ("KR", "ICI", "LR", "EP")
 COLOURS = {"KR": "#1f77b4", "ICI": "#ff7f0e", "LR": "#2ca02c", "EP": "#d62728"}
 
 

@@ -23,7 +23,7 @@ import warnings
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, Logger
 
 from train.callbacks import ExportRun, SaveLast
 from train.data import StoreDataModule
@@ -90,7 +90,7 @@ def remove_run_files(out: Path) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
-def make_logger(kind: str, out: Path, project: str, resume: bool = False):
+def make_logger(kind: str, out: Path, project: str, resume: bool = False) -> Logger | bool:
     if kind == "none":
         return False
     if kind == "csv":  # a resume logs into a folder of its own: Lightning empties a reused one's metrics.csv
