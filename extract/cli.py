@@ -15,8 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, help="built-in task name (see `headprobe tasks`), a .jsonl/.csv file, "
                                                  "or hf:NAME?text=COL&label=COL (needs `pip install datasets`)")
     p.add_argument("--out", required=True, type=Path, help="output HDF5 file")
-    p.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")], default=None,
-                   help="comma-separated layers (default: all)")
+    p.add_argument("--layers", type=_layer_list, default=None, help="comma-separated layers (default: all)")
     p.add_argument("--positions", choices=["last", "all", "task"], default=None,
                    help="which tokens to store (default: the task's rule)")
     p.add_argument("--store-dtype", choices=["fp16", "fp32"], default="fp16")
@@ -34,6 +33,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted extraction")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--no-progress", action="store_true")
+
+
+def _layer_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: layer numbers separated by commas, such as 3,4,5") from None
 
 
 def run(args: argparse.Namespace) -> None:

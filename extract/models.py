@@ -142,6 +142,20 @@ def _auto_class(config) -> type:
     return AutoModelForCausalLM if causal or config.model_type in {"gpt2", "gpt_neox", "llama", "mistral", "qwen2"} else AutoModel
 
 
+def check_device(device: str) -> torch.device:
+    """``device`` as a torch device, or a one-line error if torch does not know it or has no such accelerator."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ModelLoadError(f"unknown device {device!r}: pass cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r}: this torch ({torch.__version__}) sees no CUDA GPU: pass cpu, or "
+                             f"install a CUDA build of torch")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError(f"device {device!r}: this machine has no MPS backend: pass cpu")
+    return dev
+
+
 def load_model(name: str = DEFAULT_MODEL, dtype: str = "fp32", device: str = "cpu",
                attn_implementation: str | None = None, device_map: str | dict | None = None) -> LoadedModel:
     """Load ``name``: an alias (``smollm2-135m``), a local folder, a ``.gguf`` file or a hub id.
@@ -151,6 +165,8 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "fp32", device: str = "cp
     """
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if device_map is None:
+        check_device(device)
     kwargs = {"dtype": DTYPES[dtype]}
     if device_map is not None:
         kwargs["device_map"] = device_map

@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="folder for the stage map and the report")
     p.add_argument("--stores", nargs="*", type=Path, default=[],
                    help="labelled HDF5 stores to tie SAE latents to tasks")
-    p.add_argument("--alpha", type=float, default=0.01, help="family-wise level of the nulls (Bonferroni over heads)")
+    p.add_argument("--alpha", type=_level, default=0.01, help="family-wise level of the nulls (Bonferroni over heads)")
     p.add_argument("--top", type=int, default=8, help="heads listed per stage in the report")
     p.add_argument("--reduce", choices=["mean", "max"], default="mean", help="pooling over a stage's evidence")
     p.add_argument("--scale", choices=SCALES, default="share",
@@ -53,6 +53,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "induction: log-prob of copied tokens), accuracy = the share the model gets right (readout "
                         "rows always use the readout's log-probability)")
     p.add_argument("--model", default=None, help="model for the cross-checks (default: the checkpoints' model)")
+    p.add_argument("--overwrite", action="store_true", help="replace the attribution in an --out that holds one")
+
+
+OUTPUTS = ("report.md", "stage_map.png", "stage_map.json", "stage_map.md", "stage_scores.csv", "head_types.csv",
+           "induction_check.png", "ablation.json", "ablation.png")  # what `headprobe attribute` may write to --out
+
+
+def earlier_outputs(out: Path, overwrite: bool) -> list[Path]:
+    """The files of an attribution already in ``out``, to remove before writing (so that none is left from a run
+    with other options); refuse an --out that is a file, or holds an attribution unless ``overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: pass a folder")
+    old = [out / name for name in OUTPUTS if (out / name).exists()]
+    if old and not overwrite:
+        raise ValueError(f"--out {out} holds an attribution ({old[0].name}): pass --overwrite to replace it, or "
+                         f"another --out")
+    return old
+
+
+def _level(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a level between 0 and 1, such as 0.01")
+    return value
 
 
 def _at_least_two(text: str) -> int:
@@ -287,6 +314,7 @@ def run(args: argparse.Namespace) -> None:
     from extract.store import Store
     from probes.checkpoint import CheckpointError
 
+    earlier = earlier_outputs(args.out, args.overwrite)
     checkpoints, found = find_inputs(args.paths)
     stores = [Store(p) for p in dict.fromkeys(found + list(args.stores))]
     try:
@@ -299,6 +327,8 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError("no checkpoint spoke to a task with a stage (KR, ICI, LR, EP); for SAEs pass labelled "
                          "stores with --stores")
     stage_map = build_stage_map(evidence, args.reduce, args.scale)
+    for path in earlier:
+        path.unlink()
     paths = write_stage_map(stage_map, args.out, args.top)
     report = [markdown_section(stage_map, args.top, image=paths["png"].name)]
     if args.head_scores or args.ablate:

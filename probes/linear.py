@@ -354,6 +354,14 @@ class SplitEval:
             # Data-parallel (DDP): the solvers sum statistics over ranks themselves; torch's DDP wrapper has no
             # gradients to synchronise and refuses such modules, so Lightning runs them unwrapped (as in eval).
             self.trainer.strategy.configure_ddp = lambda: None
+        if not len(dm.split_rows["val"]):
+            raise ValueError(f"{dm.path}: the val split holds no rows ({sum(map(len, dm.split_rows.values()))} rows in "
+                             f"all; splits go 60/20/20 by group): extract more examples")
+        if dm.meta.label_kind == "class":
+            seen = np.unique(dm.columns()["label"][dm.split_rows["train"]])
+            if len(seen) < 2:
+                raise ValueError(f"{dm.path}: every training row has the label {dm.meta.label_names[seen[0]]!r}: a "
+                                 f"probe needs rows of two labels or more (check the task's labels)")
         return resolve_loss(self.hparams.loss, dm.meta.label_kind, len(dm.meta.label_names))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -433,6 +441,8 @@ class LinearProbes(SplitEval, L.LightningModule):
             raise ValueError(f"unknown scope {scope!r}: choose head or layer")
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}: choose one of {', '.join(LOSSES)}")
+        if not l2 >= 0:
+            raise ValueError(f"--model.l2 {l2}: the ridge penalty must be 0 or more")
         for c in controls:
             if c not in CONTROLS:
                 raise ValueError(f"unknown control {c!r}: choose from {', '.join(CONTROLS)}")

@@ -25,6 +25,7 @@ The reconstruction loss of every architecture is the batch FVU, sum((x - x_hat)^
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -262,6 +263,11 @@ class SparseAutoencoder(L.LightningModule):
         hp = self.hparams
         hp.d_in = d_in
         n = hp.d_sae or hp.expansion * d_in
+        need, ram = 32 * n * d_in / 2**30, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+        if need > ram:  # encoder and decoder in float32, each with a gradient and two Adam moments
+            raise ValueError(f"an SAE of {n} latents on {d_in} inputs needs ~{need:.0f} GB for its weights, gradients "
+                             f"and Adam state, more than this machine's {ram:.0f} GB: train on fewer layers "
+                             f"(--data.layers) or set a smaller --model.d_sae or --model.expansion")
         g = torch.Generator().manual_seed(hp.seed)
         W_dec = torch.randn(n, d_in, generator=g)
         W_dec /= W_dec.norm(dim=1, keepdim=True)

@@ -63,6 +63,9 @@ class SparseProbe(SplitEval, L.LightningModule):
         super().__init__()
         if penalty not in PENALTIES:
             raise ValueError(f"unknown penalty {penalty!r}: choose one of {', '.join(PENALTIES)}")
+        if not alpha > 0 or not 0 <= l1_ratio <= 1:
+            raise ValueError(f"--model.alpha {alpha}, --model.l1_ratio {l1_ratio}: alpha must be above 0 and l1_ratio "
+                             f"within 0..1")
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.meta, self.layers, self.heads = None, None, None

@@ -78,6 +78,24 @@ def test_attribute_command_on_a_run_folder(run_dir, tmp_path, capsys):
     assert "14 checkpoints, 6 stores" in capsys.readouterr().out
 
 
+def test_attribute_refuses_an_earlier_attribution_unless_overwrite_which_leaves_nothing_stale(run_dir, tmp_path,
+                                                                                                 capsys):
+    out = tmp_path / "attr"
+    headprobe(["attribute", str(run_dir), "--out", str(out)])
+    before = (out / "report.md").read_text()
+    with pytest.raises(SystemExit) as exc:
+        headprobe(["attribute", str(run_dir), "--out", str(out), "--top", "3"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "holds an attribution (report.md): pass --overwrite" in err and err.count("\n") == 1
+    assert (out / "report.md").read_text() == before
+    (out / "ablation.json").write_text("{}")  # as left by an earlier run with --ablate
+    headprobe(["attribute", str(run_dir), "--out", str(out), "--top", "3", "--overwrite"])
+    assert not (out / "ablation.json").exists() and (out / "report.md").exists() and (out / "stage_scores.csv").exists()
+    with pytest.raises(SystemExit) as exc:
+        headprobe(["attribute", str(run_dir), "--out", str(tmp_path / "other"), "--alpha", "2"])
+    assert exc.value.code == 2 and "'2': a level between 0 and 1" in capsys.readouterr().err
+
+
 def test_attribute_command_errors(run_dir, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     for argv, message in [([str(tmp_path / "empty")], "no checkpoint found"),

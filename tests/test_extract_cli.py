@@ -15,6 +15,7 @@ import time
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from extract import ExtractConfig, ExtractError, Store, StoreError, extract
 from extract.models import LoadedModel, ModelLoadError, load_model, weights_fingerprint
@@ -162,6 +163,10 @@ def test_cli_bad_input_gives_one_line_errors_and_no_complete_looking_file(tmp_pa
     empty = tmp_path / "empty-folder"
     empty.mkdir()
     one_line_error(*run_cli([*base, "--model", str(empty)], log), "could not load a model from")
+    one_line_error(*run_cli([*base, "--model", str(empty), "--device", "bogus"], log), "unknown device 'bogus'")
+    if not torch.cuda.is_available():
+        one_line_error(*run_cli([*base, "--model", str(empty), "--device", "cuda"], log), "sees no CUDA GPU",
+                       "pass cpu")
     for flag in ("--block-examples", "--max-examples", "--batch-tokens"):  # refused before the model loads
         one_line_error(*run_cli([*base, "--model", str(empty), flag, "0"], log), f"{flag} 0", "positive")
     assert not out.exists() and not (tmp_path / "x.h5.partial").exists()
@@ -191,6 +196,19 @@ def test_cli_bad_input_gives_one_line_errors_and_no_complete_looking_file(tmp_pa
                    "interrupted extraction", "--resume")
     with pytest.raises(StoreError, match="incomplete"):
         Store(tmp_path / "y.h5.partial")
+
+    proc = cli_process([*base, "--model", model_folder, "--out", str(tmp_path / "z.h5"), *SLOW_ARGS], log)
+    while proc.is_alive() and not (tmp_path / "z.h5.partial.json").exists():
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGINT)  # Ctrl-C
+    proc.join(30)
+    text = log.read_text()
+    assert proc.exitcode == 130 and "Traceback" not in text, text
+    assert text.strip().splitlines()[-1].startswith("headprobe: interrupted; finished work is kept")
+    assert "--resume" in text
+    code, text = run_cli([*base, "--model", model_folder, "--out", str(tmp_path / "z.h5"), *SLOW_ARGS, "--resume"],
+                         log)
+    assert code == 0 and Store(tmp_path / "z.h5").shape[0] > 0, text
 
 
 def test_empty_data_is_refused_before_anything_is_written(tmp_path):

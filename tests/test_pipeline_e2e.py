@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from extract.tasks import TASKS
 from probes.checkpoint import load_local
 from tests.conftest import save_tiny_llama
 from train.loggers import read_offline_run
@@ -160,7 +161,13 @@ def test_steps_run_once_per_settings_and_know_stale_outputs(tmp_path):
 @pytest.mark.parametrize("option, message", [
     (["--tasks", "[nope]"], "unknown task 'nope': run `headprobe tasks` to list them, or pass a .jsonl/.csv file or "
                             "hf:NAME"),
-    (["--ablation_draws", "1"], "ablation_draws 1: the ablation check needs at least 2 random draws")])
+    (["--ablation_draws", "1"], "ablation_draws 1: the ablation check needs at least 2 random draws"),
+    (["--tasks", "[ioi,corpus]"], "--tasks ['ioi', 'corpus']: corpus: pick tasks with a stage ("
+                                  + ", ".join(n for n, t in TASKS.items() if t.stage)
+                                  + "); the SAE's corpus is extracted anyway"),
+    (["--max_examples", "0"], "--max_examples 0: pass a positive number, or null for every example"),
+    (["--logger", "xyz"], "--logger: Expected one of 'wandb', 'csv', 'none'. Got value: xyz (`headprobe run --help` "
+                          "lists the options)")])
 def test_bad_run_options_give_one_line_errors(tmp_path, option, message):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     done = subprocess.run([sys.executable, "-c", "from train.cli import main; main()", "run", *option,

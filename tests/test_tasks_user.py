@@ -65,7 +65,7 @@ def test_bad_jsonl_rows_name_file_and_line(tmp_path, lines, line, match):
 @pytest.mark.parametrize("content, line, match", [
     ("text,label\na,1\nb\n", 3, "columns expected"),
     ("text,label\na,1\nb,1,extra\n", 3, "columns expected"),
-    ("text,category\na,1\n", 2, "no 'label' value"),
+    ("text,category\na,1\n", 1, "header \\(text, category\\) has no label column"),
     ("text,label\na,1\nb,\n", 3, "no 'label' value"),
     ("", 1, "no rows"),
     ("text,label\n", 1, "no rows"),
@@ -76,6 +76,12 @@ def test_bad_csv_rows_name_file_and_line(tmp_path, content, line, match):
     with pytest.raises(UserDataError, match=match) as err:
         resolve_task(str(path))
     assert str(err.value).startswith(f"{path}:{line}:")
+
+
+def test_one_label_only_is_refused(tmp_path):
+    (tmp_path / "one.csv").write_text("text,label\na,pos\nb,pos\n")
+    with pytest.raises(UserDataError, match="every row has the label 'pos': a probing task needs two labels"):
+        resolve_task(str(tmp_path / "one.csv"))
 
 
 def test_missing_file_and_hf_without_datasets(tmp_path, monkeypatch):

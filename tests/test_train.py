@@ -233,3 +233,37 @@ def test_resume_check_catches_changes_to_zero_false_and_other_values(tmp_path, k
     check_resume(ckpt, SimpleNamespace(hparams={**fresh, key: saved} if key != "loss" else fresh), data)
     with pytest.raises(TrainError, match=f"--model.{key} "):
         check_resume(ckpt, SimpleNamespace(hparams={**fresh, key: now}), data)
+
+
+def test_bad_train_input_gives_one_line_errors_before_training(store, tmp_path, capsys):
+    """Parse errors (jsonargparse's are many lines), unknown models, bad settings and data a probe cannot use all end
+    in one line, exit 2, with nothing trained."""
+    from train.cli import main
+
+    z, _, split = planted(n=40)
+    one = write_store(tmp_path / "one.h5", z, np.zeros(40, dtype=np.int64), split)
+    base = ["--data.path", str(store), "--out", str(tmp_path / "run"), "--logger", "none"]
+    for argv, message in [
+            (["foo"], "unknown model 'foo': choose one of linear, sparse, sae"),
+            (["linear", *base, "--model.l2", "abc"], "--model.l2: Expected a float. Got value: abc (`headprobe train"),
+            (["linear", *base, "--model.nosuch", "3"], "--model: Option 'nosuch' is not accepted"),
+            (["linear", *base, "--trainer.max_epochs", "x"], "--trainer.max_epochs: expected int or null, got 'x'"),
+            (["linear", *base, "--model.l2", "-1"], "--model.l2 -1.0: the ridge penalty must be 0 or more"),
+            (["sparse", *base, "--model.alpha", "0"], "--model.alpha 0.0, --model.l1_ratio 0.5: alpha must be above 0"),
+            (["linear", "--data.path", str(one), "--out", str(tmp_path / "run"), "--logger", "none"],
+             "every training row has the label 'no': a probe needs rows of two labels or more")]:
+        with pytest.raises(SystemExit) as exit_:
+            main(["train", *argv])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.count("\n") == 1 and err.startswith("headprobe: error: "), err
+        assert message in err, err
+        assert not (tmp_path / "run" / "checkpoint").exists()
+    main(["train"])
+    assert "headprobe train {linear,sparse,sae}" in capsys.readouterr().out
+
+
+def test_an_sae_too_big_for_the_machine_is_refused_before_allocation():
+    from probes.sae import SparseAutoencoder
+
+    with pytest.raises(ValueError, match=r"an SAE of 2000000 latents on 1000000 inputs needs ~\d+ GB .* \(--data.layers\)"):
+        SparseAutoencoder(d_in=1_000_000, d_sae=2_000_000)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
+from typing import Callable
 
 # subcommand -> (module with add_arguments(parser) and run(args), or main(argv) for pass-through; help)
 COMMANDS = {
@@ -33,12 +35,48 @@ def known_errors() -> tuple[type[Exception], ...]:
     from extract.tasks import TaskError
     from probes.checkpoint import CheckpointError
 
-    return ModelLoadError, ExtractError, StoreError, TaskError, CheckpointError, FileNotFoundError, ValueError
+    return (ModelLoadError, ExtractError, StoreError, TaskError, CheckpointError, FileNotFoundError, ValueError,
+            FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
-def _error(msg: str) -> None:
-    print(f"headprobe: error: {msg}", file=sys.stderr)
-    sys.exit(2)
+def one_line(err: BaseException) -> str:
+    """An error's first line; an OS error on a path says which path and what to do."""
+    if isinstance(err, OSError) and err.filename and err.strerror:
+        return f"{err.filename}: {err.strerror.lower()}: pass another path"
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def parse_error(err: Exception) -> str:
+    """jsonargparse's many-line parse error as one line: the innermost option and what was wrong with it."""
+    message = str(err)
+    keys = re.findall(r'Parser key "([^"]+)":', message)
+    if not keys and not message.startswith("Does not validate"):
+        return one_line(err)
+    lines = [re.sub(r"^\s*- ", "", line).strip() for line in
+             (message.split(f'Parser key "{keys[-1]}":', 1)[1] if keys else message).strip().splitlines()]
+    clean = lambda text: re.sub(r"(?:a )?typing\.Literal\[(.*?)\]", r"one of \1", re.sub(
+        r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", text)).replace("NoneType", "null")
+    noise = ("Does not validate", "Subtypes:", "Errors:", "Given value", "Problem with given class_path", "Expected a")
+    specific = [line for line in lines if line and not line.startswith(noise)]
+    got = next((line for line in lines if ". Got value: " in line), None)
+    expected = [clean(m) for line in lines for m in re.findall(r"Expected a (<class '[\w.]+'>)", line)]
+    given = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Given value:")), "")
+    detail = (clean(got) if got else specific[0] if specific
+              else f"expected {' or '.join(expected)}, got {given!r}" if expected else lines[0])
+    return f"--{'.'.join(keys)}: {detail}" if keys else detail
+
+
+def guarded(prog: str, work: Callable[[], object]) -> None:
+    """Run ``work``; bad input (``known_errors``) exits 2 with one line, Ctrl-C exits 130 with one line."""
+    try:
+        work()
+    except known_errors() as err:
+        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted; finished work is kept: run the same command again to go on "
+              f"(`headprobe extract` needs --resume)", file=sys.stderr)
+        sys.exit(130)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -57,10 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     cmd = argparse.ArgumentParser(prog=f"headprobe {argv[0]}", description=COMMANDS[argv[0]][1])
     module.add_arguments(cmd)
     args = cmd.parse_args(argv[1:])
-    try:
-        module.run(args)
-    except known_errors() as err:
-        _error(str(err))
+    guarded("headprobe", lambda: module.run(args))
 
 
 if __name__ == "__main__":

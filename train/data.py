@@ -194,6 +194,9 @@ class StoreDataModule(L.LightningDataModule):
         with Store(path) as store:
             self.meta = store.meta
             self.split_rows = {s: store.rows(s) for s in ("train", "val", "test")}
+            if not len(self.split_rows["train"]):
+                raise ValueError(f"{path}: the train split holds no rows ({len(store)} rows in all; splits go "
+                                 f"60/20/20 by group): extract more examples")
             L_, H, D = store.shape[1:]
             for name, picked, n in (("layers", layers, L_), ("heads", heads, H)):
                 if picked is not None and (not picked or not all(0 <= int(i) < n for i in picked)):

@@ -22,10 +22,12 @@ import sys
 import warnings
 from pathlib import Path
 
+from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, Logger
 
 from train.callbacks import ExportRun, SaveLast
+from train.cli import parse_error
 from train.data import StoreDataModule
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -33,6 +35,13 @@ CONFIGS = Path(__file__).resolve().parent / "configs"
 MODELS = {"linear": ("probes.linear", "linear.yaml"), "sparse": ("probes.sparse", "sparse.yaml"),
           "sae": ("probes.sae", "sae.yaml")}
 LOGGERS = ("wandb", "csv", "none")
+USAGE = """usage: headprobe train {linear,sparse,sae} --data.path STORE.h5 --out DIR [options]
+       headprobe train --config FILE.yaml [options]
+
+Train per-head linear probes, a group-lasso sparse probe or a sparse autoencoder on an activation store
+(LightningCLI; NAME loads train/configs/NAME.yaml). Options of the data module, the run and the Lightning Trainer:
+`headprobe train linear --help`; of a model: `headprobe train linear --model.help LinearProbes` (SparseProbe,
+SparseAutoencoder); a whole configuration: `headprobe train linear --print_config`."""
 
 
 class TrainError(ValueError):
@@ -103,6 +112,8 @@ def make_logger(kind: str, out: Path, project: str, resume: bool = False) -> Log
 
 def expand_short_form(argv: list[str]) -> list[str]:
     """``NAME rest...`` -> ``--config train/configs/NAME.yaml rest...``; the model's module must exist."""
+    if argv and not argv[0].startswith("-") and argv[0] not in MODELS:
+        raise TrainError(f"unknown model {argv[0]!r}: choose one of {', '.join(MODELS)}, or pass --config FILE")
     if not argv or argv[0] not in MODELS:
         return argv
     module, config = MODELS[argv[0]]
@@ -119,10 +130,18 @@ def run(argv: list[str]) -> HeadprobeCLI:
     """Parse, fit (resuming if asked), test and export; returns the CLI (its .trainer and .model)."""
     with warnings.catch_warnings():  # argv is sys.argv minus `headprobe train`, passed on purpose
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-        cli = HeadprobeCLI(model_class=None, datamodule_class=StoreDataModule, subclass_mode_model=True,
-                           save_config_callback=LogConfig, save_config_kwargs={"overwrite": True}, run=False,
-                           args=argv, parser_kwargs={"prog": "headprobe train"})
+        try:
+            cli = HeadprobeCLI(model_class=None, datamodule_class=StoreDataModule, subclass_mode_model=True,
+                               save_config_callback=LogConfig, save_config_kwargs={"overwrite": True}, run=False,
+                               args=argv, parser_kwargs={"prog": "headprobe train", "exit_on_error": False})
+        except ArgumentError as err:
+            raise TrainError(f"{parse_error(err)} (`headprobe train NAME --help` lists the options)") from None
+        except ValueError as err:  # a class refused its settings; jsonargparse wraps the message in its own
+            raise TrainError(parse_error(err)) from None
     out = Path(cli.config.out)
+    if cli.config.test and not len(cli.datamodule.split_rows["test"]):
+        raise TrainError(f"{cli.datamodule.path}: the test split holds no rows: extract more examples, or pass "
+                         f"--test false")
     ckpt = None
     if cli.config.resume:
         ckpt = out / "checkpoints" / "last.ckpt"
@@ -177,13 +196,12 @@ def check_resume(ckpt: Path, model, datamodule) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from train.cli import known_errors
+    if argv in ([], ["-h"], ["--help"]):
+        print(USAGE)
+        return
+    from train.cli import guarded
 
-    try:
-        run(expand_short_form(argv))
-    except known_errors() as err:  # TrainError is a ValueError
-        print(f"headprobe: error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
-        sys.exit(2)
+    guarded("headprobe", lambda: run(expand_short_form(argv)))  # TrainError is a ValueError
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ class RunConfig:
     tasks: list[str] | None = None
     max_examples: int | None = None
     seed: int = 0
-    logger: str = "wandb"
+    logger: Literal["wandb", "csv", "none"] = "wandb"
     sparse_alpha: float | None = None
     top_k: int = 8
     ablation_draws: int = 10
@@ -156,6 +156,13 @@ class Pipeline:
             raise ValueError(f"ablation_draws {cfg.ablation_draws}: the ablation check needs at least 2 random draws")
         names = cfg.tasks if cfg.tasks is not None else [n for n, t in TASKS.items() if t.stage]
         self.tasks = [get_task(n) for n in names]
+        unstaged = [t.name for t in self.tasks if not t.stage]
+        if unstaged or not self.tasks:
+            raise ValueError(f"--tasks {names}: {', '.join(unstaged) or 'none given'}: pick tasks with a stage "
+                             f"({', '.join(n for n, t in TASKS.items() if t.stage)}); the SAE's corpus is extracted "
+                             f"anyway")
+        if cfg.max_examples is not None and cfg.max_examples < 1:
+            raise ValueError(f"--max_examples {cfg.max_examples}: pass a positive number, or null for every example")
         self.cfg = cfg
         self.out = Path(cfg.out).resolve()
         self.steps = Steps(self.out)
@@ -193,12 +200,18 @@ class Pipeline:
         from extract.tasks import get_task
 
         cfg = self.cfg
+        corpus_key = {"model": cfg.model, "layer": cfg.sae.layer, "n": cfg.sae.corpus_examples, "seed": cfg.seed}
+        if self.steps.key_of("extract/corpus") != self.steps.digest(corpus_key):  # check before the other tasks run
+            from extract.hooks import head_layout
+
+            n_layers = head_layout(self.loaded.model).n_layers
+            if not 0 <= cfg.sae.layer < n_layers:
+                raise ValueError(f"--sae.layer {cfg.sae.layer}: {cfg.model} has layers 0..{n_layers - 1}")
         for task in self._bar(self.tasks, "extract"):
             key = {"model": cfg.model, "task": task.name, "seed": cfg.seed, "max": cfg.max_examples}
             config = ExtractConfig(seed=cfg.seed, max_examples=cfg.max_examples)
             self._extract(f"extract/{task.name}", key, task, config)
-        key = {"model": cfg.model, "layer": cfg.sae.layer, "n": cfg.sae.corpus_examples, "seed": cfg.seed}
-        self._extract("extract/corpus", key, get_task("corpus"),
+        self._extract("extract/corpus", corpus_key, get_task("corpus"),
                       ExtractConfig(layers=[cfg.sae.layer], seed=cfg.seed, max_examples=cfg.sae.corpus_examples))
 
     def _extract(self, step: str, key: dict, task, config) -> None:
@@ -286,7 +299,7 @@ class Pipeline:
                                   "--draws", str(self.cfg.ablation_draws), "--examples",
                                   str(self.cfg.ablation_examples), "--random-from", self.cfg.ablation_random_from,
                                   "--scale", self.cfg.stage_scale,
-                                  "--model", self.cfg.model])
+                                  "--model", self.cfg.model, "--overwrite"])
         out.mkdir(parents=True, exist_ok=True)
         attribute(args)
         return {}
@@ -428,19 +441,19 @@ def _yaml(d: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 
-    parser = ArgumentParser(prog="headprobe run", description=__doc__.splitlines()[0])
+    from train.cli import guarded, parse_error
+
+    parser = ArgumentParser(prog="headprobe run", description=__doc__.splitlines()[0], exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below "
                         "(--print_config prints the current configuration)")
     parser.add_class_arguments(RunConfig, nested_key=None, fail_untyped=False)
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv).as_dict()
+    try:
+        args = parser.parse_args(sys.argv[1:] if argv is None else argv).as_dict()
+    except ArgumentError as err:
+        print(f"headprobe run: error: {parse_error(err)} (`headprobe run --help` lists the options)", file=sys.stderr)
+        sys.exit(2)
     args.pop("config", None)
     args = {k: v for k, v in args.items() if not k.startswith("__")}
-    from train.cli import known_errors
-
-    try:
-        Pipeline(RunConfig(**{**args, "sae": SAESettings(**args["sae"])})).run()
-    except known_errors() as err:
-        print(f"headprobe run: error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
-        sys.exit(2)
+    guarded("headprobe run", lambda: Pipeline(RunConfig(**{**args, "sae": SAESettings(**args["sae"])})).run())

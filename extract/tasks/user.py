@@ -35,11 +35,15 @@ def _rows_jsonl(path: Path):
             yield n, row
 
 
-def _rows_csv(path: Path):
+def _rows_csv(path: Path, needed: tuple[str, str] = ("text", "label")):
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None:
             return
+        missing = [c for c in needed if c not in reader.fieldnames]
+        if missing:
+            raise UserDataError(f"{path}:1: the header ({', '.join(reader.fieldnames)}) has no {' or '.join(missing)} "
+                                f"column: name the columns {' and '.join(needed)}")
         for row in reader:
             if None in row or None in row.values():
                 raise UserDataError(f"{path}:{reader.line_num}: {len(reader.fieldnames)} columns expected "
@@ -87,6 +91,8 @@ def examples_from_rows(rows, where: str, text: str = "text", label: str = "label
             raise UserDataError(f"{where}:{n}: label {value!r} mixes text and numbers (line {first_n} has "
                                 f"{first_value!r}): use one kind of label")
     values = [p[2] for p in parsed]
+    if len(set(values)) == 1 and not isinstance(first_value, float):
+        raise UserDataError(f"{where}: every row has the label {first_value!r}: a probing task needs two labels or more")
     if isinstance(first_value, str):
         names, kind = sorted(set(values)), "class"
         labels = [names.index(v) for v in values]
@@ -119,7 +125,7 @@ def load_user_task(path: str | Path, stage: str = "", text: str = "text", label:
         raise UserDataError(f"dataset file {path} does not exist: check the path")
     if path.suffix not in (".jsonl", ".csv"):
         raise UserDataError(f"{path}: user datasets are .jsonl or .csv files")
-    rows = _rows_jsonl(path) if path.suffix == ".jsonl" else _rows_csv(path)
+    rows = _rows_jsonl(path) if path.suffix == ".jsonl" else _rows_csv(path, (text, label))
     examples, names, kind, has_pos = examples_from_rows(rows, str(path), text, label, position, group)
     return _task(path.stem, examples, names, kind, has_pos, stage, f"user dataset {path}")
 
