@@ -432,6 +432,10 @@ class LinearProbes(SplitEval, L.LightningModule):
         n_layers, n_groups, n_features, n_classes: the weight shape; filled from the data at setup.
     """
 
+    # Each epoch's sums make one Newton step, and a step is kept only if it lowered the objective: every epoch
+    # must sum over the same rows, all of them (``StoreDataModule`` then gives DDP ranks every row once).
+    full_pass_epochs = True
+
     def __init__(self, loss: str = "auto", scope: str = "head", l2: float = 1.0, tol: float = 1e-8,
                  max_steps: int = 50, controls: list[str] = ["control", "shuffled"], control_by: str = "token_id",
                  top_k: int = 16, n_boot: int = 1000, seed: int = 0, dtype: str = "float64", n_layers: int = 0,

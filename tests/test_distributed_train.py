@@ -1,7 +1,8 @@
 """Training under Lightning's DDP: `headprobe train linear --trainer.strategy ddp --trainer.devices 2` on 2 CPU
 processes (torchrun, gloo) gives the per-head probe accuracies of 1 process, the DataModule shards the rows once
 (not again by Lightning's distributed sampler), in memory and streamed, and an SAE's val metrics and token counts
-cover all ranks.
+cover all ranks. Newton probes on minibatches see every training row each epoch (ranks padded with empty batches)
+and take the steps of one process.
 
 The worker is this file run under torchrun: ``python tests/test_distributed_train.py STORE OUT``.
 """
@@ -48,17 +49,25 @@ def probe_run(store: Path, out: Path, *trainer_args: str):
                                   "--test", "false", "--model.controls", "[]", *trainer_args]))
 
 
-def shard_rows(store: Path, in_memory: bool) -> dict:
-    """Rows of this rank's training and validation batches after Lightning's dataloader processing (batch 64)."""
-    from probes.linear import LinearProbes
-
+def shard_rows(store: Path, in_memory: bool, module: L.LightningModule) -> dict:
+    """Rows of this rank's training and validation batches after Lightning's dataloader processing (batch 64),
+    and its number of training batches, when fitting ``module``."""
     dm = StoreDataModule(str(store), batch_size=64, in_memory=in_memory, shuffle_buffer=256)
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", strategy="ddp", devices=2, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0)
-    trainer.fit(LinearProbes(controls=[]), dm)
-    return {split: [r for batch in loader for r in batch["row"].tolist()]
-            for split, loader in (("train", trainer.train_dataloader), ("val", trainer.val_dataloaders))}
+    trainer.fit(module, dm)
+    out = {split: [r for batch in loader for r in batch["row"].tolist()]
+           for split, loader in (("train", trainer.train_dataloader), ("val", trainer.val_dataloaders))}
+    return {**out, "train_batches": sum(1 for _ in trainer.train_dataloader)}
+
+
+def newton_fit(store: Path, out: Path, in_memory: bool, ddp: bool = False) -> dict:
+    """Linear probes fitted on batches of 64 (one Newton step per epoch): steps taken, rows per epoch, weights."""
+    two = ("--trainer.strategy", "ddp", "--trainer.devices", "2") if ddp else ()
+    cli = probe_run(store, out, "--data.batch_size", "64", "--data.in_memory", str(in_memory).lower(), *two)
+    m = cli.model
+    return {"steps": m.newton.steps, "rows": m._n_all, "W": m.newton.W[0].flatten().tolist()}
 
 
 def sae_run(store: Path) -> dict:
@@ -77,6 +86,40 @@ def sae_run(store: Path) -> dict:
     return {"logged": {k: float(trainer.callback_metrics[f"val/{k}"]) for k in ("fve", "l0", "n_tokens")},
             "fresh": {k: float(fresh[k]) for k in ("fve", "l0", "n_tokens")}, "tokens_seen": int(sae.tokens_seen),
             "steps": trainer.global_step}
+
+
+def test_full_pass_sharding_covers_every_row_once_with_equal_batches_per_rank(tmp_path, monkeypatch):
+    """Simulated ranks and dataloader workers (no processes): with ``full_pass``, the ranks' training batches hold
+    every row exactly once and each rank takes as many batches as the others, in memory and streamed."""
+    import types
+
+    import train.data as data
+
+    store = synthetic_store(tmp_path / "syn.h5", n=5000)
+    with Store(store) as s:
+        rows = s.rows("train")
+    for world, workers in [(3, 1), (2, 2), (4, 3), (3, 2)]:
+        seen, batches = [], []
+        for rank in range(world):
+            monkeypatch.setattr(data, "_dist", lambda rank=rank: (rank, world))
+            sampler = data.EpochBatches(len(rows), 64, shuffle=True, seed=1, full_pass=True)
+            sampler.set_epoch(2)
+            mine = list(sampler)
+            assert len(mine) == len(sampler)
+            stream = data.StreamingRows(str(store), rows, 64, shuffle=True, seed=1, block_rows=256, buffer_rows=512,
+                                        full_pass=True)
+            stream.set_epoch(2)
+            streamed = []
+            for wid in range(workers):
+                monkeypatch.setattr(data, "get_worker_info", lambda wid=wid: types.SimpleNamespace(id=wid,
+                                                                                                 num_workers=workers))
+                streamed += list(stream)
+            seen.append((np.concatenate(mine), np.concatenate([b["row"].numpy() for b in streamed])))
+            batches.append((len(mine), len(streamed)))
+        for kind in range(2):  # 0: in memory (positions into the split), 1: streamed (store rows)
+            got = np.sort(np.concatenate([s[kind] for s in seen]))
+            np.testing.assert_array_equal(got, np.arange(len(rows)) if kind == 0 else np.sort(rows))
+            assert len({b[kind] for b in batches}) == 1, (world, workers, kind, batches)
 
 
 def test_ddp_two_processes_match_one_process(tmp_path):
@@ -105,6 +148,17 @@ def test_ddp_two_processes_match_one_process(tmp_path):
             assert len(train0) == len(train1) and 0 < len(train0) <= n_train // 2 and len(train0) % 64 == 0
         val0, val1 = (r[mode]["val"] for r in results)
         assert not set(val0) & set(val1) and len(val0) + len(val1) == n_val, mode  # every val row exactly once
+        # Newton probes sum over the epoch: every training row once, ranks padded to the same number of batches
+        full0, full1 = (r[mode + "_full"] for r in results)
+        assert not set(full0["train"]) & set(full1["train"]), mode
+        assert len(full0["train"]) + len(full1["train"]) == n_train, mode
+        assert full0["train_batches"] == full1["train_batches"], mode
+    for in_memory in (True, False):  # batches of 64 under DDP: the same Newton steps as one process, to float error
+        one = newton_fit(store, tmp_path / f"one_{in_memory}", in_memory)
+        for r in results:
+            two = r[f"newton_{in_memory}"]
+            assert one["rows"] == two["rows"] == n_train and one["steps"] == two["steps"] < 20, (one["steps"], two["steps"])
+            np.testing.assert_allclose(two["W"], one["W"], atol=1e-7)
     for r in results:  # SAE under DDP: val metrics reduced over ranks; tokens counted over ranks
         sae = r["sae"]
         assert sae["logged"]["n_tokens"] == sae["fresh"]["n_tokens"] == n_val
@@ -116,6 +170,15 @@ if __name__ == "__main__":  # worker under torchrun: python tests/test_distribut
     torch.set_num_threads(1)
     store, out = Path(sys.argv[1]), Path(sys.argv[2])
     cli = probe_run(store, out, "--trainer.strategy", "ddp", "--trainer.devices", "2")
+    from probes.linear import LinearProbes
+    from probes.sae import SparseAutoencoder
+
+    equal_steps = dict(architecture="topk", expansion=2, k=4)  # a minibatch trainer: equal shares per rank
     result = {"rank": cli.trainer.global_rank, "acc": cli.model.tables["val"]["acc"][0].tolist(),
-              "memory": shard_rows(store, True), "stream": shard_rows(store, False), "sae": sae_run(store)}
+              **{mode: shard_rows(store, mode == "memory", SparseAutoencoder(**equal_steps))
+                 for mode in ("memory", "stream")},
+              **{mode + "_full": shard_rows(store, mode == "memory", LinearProbes(controls=[]))
+                 for mode in ("memory", "stream")},
+              **{f"newton_{m}": newton_fit(store, Path(f"{out}_newton_{m}"), m, ddp=True) for m in (True, False)},
+              "sae": sae_run(store)}
     Path(f"{out}.rank{result['rank']}.json").write_text(json.dumps(result))

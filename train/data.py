@@ -35,15 +35,17 @@ class EpochBatches(DistributedSampler):
     whole split in one process comes in order (the order within a batch changes nothing).
 
     Training (``shuffle=True``) gives every rank ``n // world`` positions, so ranks take the same number of steps
-    (the other ``n % world`` wait for a later epoch's draw). Evaluation (``shuffle=False``) splits all positions
-    into contiguous shares, differing by at most one, so every row is evaluated exactly once: reduce metrics as
-    sums over ranks. A ``DistributedSampler`` subclass (rank and world are read when iterating, not at
+    (the other ``n % world`` wait for a later epoch's draw), unless ``full_pass``: then, as in evaluation, the
+    ranks' shares differ by at most one and cover every row once (for modules that sum statistics over the epoch),
+    and a rank whose share needs fewer batches ends with empty ones (Lightning steps all ranks together). Evaluation (``shuffle=False``) splits all positions into contiguous shares,
+    so every row is evaluated exactly once: reduce metrics as sums over ranks. A ``DistributedSampler`` subclass (rank and world are read when iterating, not at
     construction), so Lightning's ``use_distributed_sampler`` leaves it alone instead of sharding it again.
     """
 
-    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False):
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False,
+                 full_pass: bool = False):
         self.n, self.batch_size, self.shuffle, self.seed, self.drop_last = n, batch_size, shuffle, seed, drop_last
-        self.epoch = 0
+        self.full_pass, self.epoch = full_pass, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -55,7 +57,7 @@ class EpochBatches(DistributedSampler):
                  else np.arange(self.n))
         if world == 1:
             return order
-        if self.shuffle:
+        if self.shuffle and not self.full_pass:
             per_rank = self.n // world  # equal shares, so ranks step together
             return order[rank * per_rank:(rank + 1) * per_rank]
         return np.array_split(order, world)[rank]
@@ -65,8 +67,12 @@ class EpochBatches(DistributedSampler):
         stop = len(pos) - len(pos) % self.batch_size if self.drop_last else len(pos)
         for i in range(0, stop, self.batch_size):
             yield pos[i:i + self.batch_size]
+        for _ in range(len(self) - math.ceil(stop / self.batch_size)):
+            yield pos[:0]  # full_pass: empty batches, so that every rank takes as many steps as the fullest
 
     def __len__(self) -> int:
+        if self.full_pass:  # the largest share has ceil(n / world) rows
+            return max(1, math.ceil(math.ceil(self.n / _dist()[1]) / self.batch_size))
         n = len(self._positions())
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
@@ -94,39 +100,70 @@ class StreamingRows(IterableDataset):
     """Rows streamed from the store: whole chunk-aligned blocks in shuffled order, mixed in a shuffle buffer.
 
     Blocks are sharded across dataloader workers and distributed ranks; each worker opens its own file handle.
+    Training under DDP stops every rank after the batches the emptiest (rank, worker) can fill, so ranks step
+    together, unless ``full_pass``: then every row comes once per epoch, and ranks with fewer batches end with
+    empty ones.
     """
 
     def __init__(self, path: str, rows: np.ndarray, batch_size: int, layers=None, heads=None, shuffle: bool = True,
-                 seed: int = 0, block_rows: int = 8 * CHUNK_ROWS, buffer_rows: int = 32768):
+                 seed: int = 0, block_rows: int = 8 * CHUNK_ROWS, buffer_rows: int = 32768, full_pass: bool = False):
         self.path, self.rows, self.batch_size = path, np.sort(rows), batch_size
         self.layers, self.heads, self.shuffle, self.seed = layers, heads, shuffle, seed
-        self.block_rows, self.buffer_rows, self.epoch = block_rows, buffer_rows, 0
+        self.block_rows, self.buffer_rows, self.full_pass, self.epoch = block_rows, buffer_rows, full_pass, 0
         block_of = self.rows // block_rows
         self.blocks = [self.rows[block_of == b] for b in np.unique(block_of)]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _my_blocks(self) -> list[np.ndarray]:
+    def _deal(self) -> tuple[np.ndarray, int, int, int]:
+        """This epoch's block order, the number of (rank, worker) slots it is dealt to in turn, this worker's slot,
+        and the workers per rank."""
         order = (np.random.default_rng((self.seed, self.epoch)).permutation(len(self.blocks)) if self.shuffle
                  else np.arange(len(self.blocks)))
         rank, world = _dist()
         info = get_worker_info()
         wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
-        return [self.blocks[b] for b in order[rank * nworkers + wid::world * nworkers]]
+        return order, world * nworkers, rank * nworkers + wid, nworkers
+
+    def _my_blocks(self) -> list[np.ndarray]:
+        order, slots, slot, _ = self._deal()
+        return [self.blocks[b] for b in order[slot::slots]]
+
+    def _slot_rows(self) -> list[int]:
+        order, slots, _, _ = self._deal()
+        return [sum(len(self.blocks[b]) for b in order[s::slots]) for s in range(slots)]
 
     def _step_cap(self) -> int | None:
         """Training batches per (rank, worker) under DDP: the fewest any of them can fill, so ranks step together."""
-        world = _dist()[1]
-        if world == 1 or not self.shuffle:
+        if _dist()[1] == 1 or not self.shuffle or self.full_pass:
             return None
-        info = get_worker_info()
-        slots = world * (info.num_workers if info else 1)
-        order = np.random.default_rng((self.seed, self.epoch)).permutation(len(self.blocks))
-        return min(sum(len(self.blocks[b]) for b in order[s::slots]) for s in range(slots)) // self.batch_size
+        return min(self._slot_rows()) // self.batch_size
+
+    def _padding(self) -> int:
+        """``full_pass``: the empty batches that worker 0 of this rank appends so that every rank takes as many
+        batches as the fullest (Lightning steps DDP ranks together); a worker yields ceil(rows / batch) batches."""
+        if not (self.full_pass and self.shuffle):
+            return 0
+        _, _, slot, nworkers = self._deal()
+        if slot % nworkers:
+            return 0
+        rows = self._slot_rows()
+        per_rank = [sum(math.ceil(n / self.batch_size) for n in rows[r:r + nworkers])
+                    for r in range(0, len(rows), nworkers)]
+        return max(max(per_rank), 1) - per_rank[slot // nworkers]
 
     def __iter__(self):
-        return itertools.islice(self._batches(), self._step_cap())
+        return itertools.chain(itertools.islice(self._batches(), self._step_cap()), self._empty_batches())
+
+    def _empty_batches(self):
+        n = self._padding()
+        if n:
+            with Store(self.path) as store:
+                none = self.rows[:0]
+                batch = {"z": torch.from_numpy(store.activations(none, self.layers, self.heads)).float(),
+                         "label": torch.from_numpy(store.labels[none]), "row": torch.from_numpy(none)}
+            yield from itertools.repeat(batch, n)
 
     def _batches(self):
         rng = np.random.default_rng((self.seed, self.epoch, *(_dist()), get_worker_info().id if get_worker_info() else 0))
@@ -260,16 +297,22 @@ class StoreDataModule(L.LightningDataModule):
                 self._cache[name] = InMemoryRows(z, store.labels[rows], rows)
         return self._cache[name]
 
+    def _full_pass(self) -> bool:
+        """Whether the module being trained needs every training row in every epoch (``full_pass_epochs``)."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        return bool(getattr(module, "full_pass_epochs", False))
+
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         rows = self.split_rows[name]
         bs = self.batch_size or max(len(rows), 1)
         epoch_of = self._epoch if shuffle else None
+        full = shuffle and self._full_pass()
         if self.in_memory:
-            sampler = EpochBatches(len(rows), bs, shuffle, self.seed)
+            sampler = EpochBatches(len(rows), bs, shuffle, self.seed, full_pass=full)
             return EpochLoader(self.split(name), sampler=sampler, batch_size=None, num_workers=self.num_workers,
                                persistent_workers=self.num_workers > 0, epoch_of=epoch_of)
         ds = StreamingRows(self.path, rows, bs, self.layers, self.heads, shuffle, self.seed,
-                           block_rows=self.block_rows, buffer_rows=self.shuffle_buffer)
+                           block_rows=self.block_rows, buffer_rows=self.shuffle_buffer, full_pass=full)
         return EpochLoader(ds, batch_size=None, num_workers=self.num_workers, epoch_of=epoch_of)
 
     def train_dataloader(self) -> DataLoader:
