@@ -13,8 +13,10 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -157,6 +159,22 @@ def check_device(device: str) -> torch.device:
     return dev
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face endpoint (``HF_ENDPOINT``) takes a connection; False in offline mode
+    (``HF_HUB_OFFLINE``). Checked once before loading a hub id, so that an offline machine reads its cache at once
+    instead of waiting out the hub client's retries."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def load_model(name: str = DEFAULT_MODEL, dtype: str = "fp32", device: str = "cpu",
                attn_implementation: str | None = None, device_map: str | dict | None = None) -> LoadedModel:
     """Load ``name``: an alias (``smollm2-135m``), a local folder, a ``.gguf`` file or a hub id.
@@ -188,17 +206,19 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "fp32", device: str = "cp
     else:
         folder, model_id = None, name
     source = str(folder) if folder else name
+    offline = folder is None and not hub_reachable()
     from transformers import AutoConfig, AutoTokenizer
 
     try:
-        config = AutoConfig.from_pretrained(source)
-        model = _auto_class(config).from_pretrained(source, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source, local_files_only=offline)
+        model = _auto_class(config).from_pretrained(source, local_files_only=offline, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline)
     except (OSError, ValueError) as err:
         if folder is None:
-            raise ModelLoadError(f"could not load {name!r} from the Hugging Face Hub (unknown id, or the hub is "
-                                 f"unreachable: {str(err).splitlines()[0][:160]}); pass a local folder or a .gguf "
-                                 f"file, or the alias {DEFAULT_MODEL!r}") from None
+            why = ("the Hugging Face Hub is unreachable and the local cache does not hold it" if offline else
+                   f"unknown id: {str(err).splitlines()[0][:160]}")
+            raise ModelLoadError(f"could not load {name!r} ({why}); pass a local folder or a .gguf file, or the "
+                                 f"alias {DEFAULT_MODEL!r}") from None
         raise ModelLoadError(f"could not load a model from {folder}: {str(err).splitlines()[0][:200]}") from None
     model.eval()
     if device_map is None:

@@ -303,6 +303,9 @@ def push_to_folder(folder: str | Path, hub_dir: str | Path, ref: str, revision: 
     the registry already holds is replaced only with ``overwrite``."""
     folder, hub_dir = Path(folder), Path(hub_dir)
     read_checkpoint(folder)  # refuse anything that is not a valid checkpoint
+    if hub_dir.exists() and not hub_dir.is_dir():
+        raise CheckpointError(f"{hub_dir} is a file, not a hub folder: pass a folder (it is created if missing) or "
+                              f"hf:org/name")
     dest = hub_dir / check_id(ref)
     registry = Registry.open(hub_dir) if (hub_dir / REGISTRY_FILE).exists() else Registry(hub_dir, {})
     if ref in registry.entries and not overwrite:

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -256,9 +257,27 @@ def test_hub_id_offline_fails_with_a_clear_message(tmp_path):
     res = subprocess.run([sys.executable, "-m", "train.cli", "extract", "--model", "someone/not-a-real-model",
                           "--task", "capitals", "--out", str(tmp_path / "h.h5")], env=env, capture_output=True,
                          text=True, timeout=300)
-    one_line_error(res.returncode, res.stdout + res.stderr, "could not load 'someone/not-a-real-model' from the "
-                   "Hugging Face Hub", "local folder")
+    one_line_error(res.returncode, res.stdout + res.stderr, "could not load 'someone/not-a-real-model' (the "
+                   "Hugging Face Hub is unreachable and the local cache does not hold it)", "local folder")
     assert not (tmp_path / "h.h5").exists()
+
+
+def test_a_hub_id_in_the_local_cache_loads_when_the_hub_is_unreachable(tmp_path):
+    """No offline switch, but an endpoint that refuses connections: the model comes from the hub cache."""
+    from tests.conftest import save_tiny_llama
+
+    snapshot = tmp_path / "hub" / "models--someone--tiny" / "snapshots" / "0123abc"
+    save_tiny_llama(snapshot)
+    (tmp_path / "hub" / "models--someone--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someone--tiny" / "refs" / "main").write_text("0123abc")
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_HUB_CACHE=str(tmp_path / "hub"), HF_ENDPOINT="http://127.0.0.1:9", OMP_NUM_THREADS="1")
+    code = ("from extract.models import hub_reachable, load_model; m = load_model('someone/tiny'); "
+            "print(hub_reachable(), m.model_id, m.model.config.num_hidden_layers)")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split() == ["False", "someone/tiny", "3"]
 
 
 def test_model_load_errors_in_process(tmp_path):

@@ -189,6 +189,14 @@ def test_path_traversal_ids_are_refused(tmp_path, served, ref):
         probes.load(f"{url}/../secret")
 
 
+def test_a_hub_folder_that_is_a_file_is_refused_by_its_name(tmp_path):
+    make_checkpoint(tmp_path / "ck")
+    (tmp_path / "hub").write_text("mine")
+    with pytest.raises(CheckpointError, match=f"^{tmp_path / 'hub'} is a file, not a hub folder"):
+        push_to_folder(tmp_path / "ck", tmp_path / "hub", "v0/scorer")
+    assert (tmp_path / "hub").read_text() == "mine"
+
+
 def test_hostile_registry_entries_are_refused(tmp_path):
     make_checkpoint(tmp_path / "ck")
     hub = tmp_path / "hub"
