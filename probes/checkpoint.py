@@ -21,6 +21,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -109,6 +110,18 @@ def file_hashes(folder: str | Path) -> dict[str, str]:
     return {name: sha256(folder / name) for name in FILES if (folder / name).is_file()}
 
 
+def json_safe(value):
+    """``value`` with numpy scalars as floats and NaN or infinite floats as None, so that any JSON parser (a web
+    hub's browser included) reads it; containers are walked."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    return value
+
+
 def save_checkpoint(folder: str | Path, tensors: dict[str, torch.Tensor], config: CheckpointConfig,
                     metrics: dict | None = None, card: str | None = None, dtype: torch.dtype | None = None) -> Path:
     """Write a checkpoint folder; returns it. ``config.tensors_sha256`` is filled in. ``dtype`` (e.g.
@@ -120,7 +133,8 @@ def save_checkpoint(folder: str | Path, tensors: dict[str, torch.Tensor], config
     save_file(tensors, folder / "model.safetensors")
     config = replace(config, tensors_sha256=sha256(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
-    (folder / "metrics.json").write_text(json.dumps(metrics or {}, indent=2, default=float) + "\n")
+    (folder / "metrics.json").write_text(json.dumps(json_safe(metrics or {}), indent=2, default=float,
+                                                    allow_nan=False) + "\n")
     (folder / "README.md").write_text(card or default_card(config, metrics or {}))
     return folder
 

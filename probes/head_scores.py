@@ -29,6 +29,9 @@ TYPE_THRESHOLD = 0.4
 def repeated_random_tokens(n: int = 50, batch: int = 8, vocab_size: int = 1000, bos: int | None = None,
                            low: int = 0, seed: int = 0) -> torch.Tensor:
     """(batch, [1 +] 2n) token ids: [BOS,] r1..rn, r1..rn with r drawn without replacement from [low, vocab_size)."""
+    if n > vocab_size - low:
+        raise ValueError(f"{n} distinct tokens asked from the {vocab_size - low} ids in [{low}, {vocab_size}): use a "
+                         f"shorter sequence")
     g = torch.Generator().manual_seed(seed)
     r = torch.stack([low + torch.randperm(vocab_size - low, generator=g)[:n] for _ in range(batch)])
     tokens = torch.cat([r, r], dim=1)

@@ -41,12 +41,14 @@ def r2(pred: Tensor, y: Tensor) -> Tensor:
 
 
 def auroc(scores: Tensor, y: Tensor) -> Tensor:
-    """Binary AUROC per probe from scores (N, P) and 0/1 labels (N, P) (Mann-Whitney U; ties count 1/2)."""
+    """Binary AUROC per probe from scores (N, P) and 0/1 labels (N, P) (Mann-Whitney U; ties count 1/2); NaN
+    where the labels hold one class only."""
     ranks = torch.from_numpy(rankdata(scores.double().cpu().numpy(), axis=0))
     pos = y.cpu().double()
     n_pos, n_neg = pos.sum(0), (1 - pos).sum(0)
     u = (ranks * pos).sum(0) - n_pos * (n_pos + 1) / 2
-    return u / (n_pos * n_neg).clamp_min(1)
+    pairs = n_pos * n_neg
+    return torch.where(pairs > 0, u / pairs.clamp_min(1), torch.nan)
 
 
 def probe_metrics(logits: Tensor, y: Tensor, loss: str) -> dict[str, Tensor]:

@@ -72,6 +72,7 @@ class SparseProbe(SplitEval, L.LightningModule):
         self.tables: dict[str, dict[str, np.ndarray]] = {}
         self.summary: dict[str, float] = {}
         self._outputs: dict[str, list] = {}
+        self._saved_norm: Tensor | None = None  # group norms of a probe loaded from a checkpoint
         if n_layers:
             self._build()
 
@@ -93,10 +94,10 @@ class SparseProbe(SplitEval, L.LightningModule):
         if not hp.n_layers or any(hp[k] != v for k, v in shape.items()):
             hp.update(shape)
             self._build()
-            if stage == "fit":
-                mean, std = dm.feature_stats()
-                self.mean.copy_(torch.from_numpy(mean))
-                self.std.copy_(torch.from_numpy(std).clamp_min(1e-8))
+        if stage == "fit":  # (a resumed run's checkpoint then restores its own)
+            mean, std = dm.feature_stats()
+            self.mean.copy_(torch.from_numpy(mean))
+            self.std.copy_(torch.from_numpy(std).clamp_min(1e-8))
 
     # --- forward ------------------------------------------------------------------------------------------------
     def _std(self, z: Tensor) -> Tensor:
@@ -167,6 +168,8 @@ class SparseProbe(SplitEval, L.LightningModule):
 
     def group_norm(self) -> Tensor:
         """(L, H) norm of each head's weights on the standardised scale (0: the head was dropped)."""
+        if self._saved_norm is not None:  # loaded: W is on the raw scale
+            return self._saved_norm
         return self.W.pow(2).sum((2, 3)).sqrt()
 
     # --- evaluation ---------------------------------------------------------------------------------------------
@@ -198,16 +201,23 @@ class SparseProbe(SplitEval, L.LightningModule):
         return cfg
 
     def checkpoint_metrics(self) -> dict:
+        """Summary metrics, the (L, H) group norms, and the selected heads as model [layer, head] numbers, largest
+        norm first."""
         norms = self.group_norm().cpu().numpy()
+        H = norms.shape[1]
+        heads = list(self.heads) if self.heads is not None else list(range(H))
         order = np.argsort(-norms.ravel(), kind="stable")
-        selected = [[int(i // norms.shape[1]), int(i % norms.shape[1])] for i in order if norms.ravel()[i] > 0]
+        selected = [[int(self.layers[i // H]), int(heads[i % H])] for i in order if norms.ravel()[i] > 0]
         return {**self.summary, "selected_heads": selected, "group_norm": norms.tolist()}
 
     @classmethod
     def from_checkpoint(cls, config: CheckpointConfig, tensors: dict[str, Tensor]) -> "SparseProbe":
+        """A probe on raw activations (the standardisation is folded into the weights); its group norms are the
+        saved ones, on the standardised scale the probe was trained on."""
         module = cls(**config.hparams)
         module.W.copy_(tensors["weight"])
         module.b.copy_(tensors["bias"])
+        module._saved_norm = tensors["group_norm"].float()
         module.layers, module.heads = list(config.layers), config.heads
         return module.eval()
 

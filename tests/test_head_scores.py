@@ -18,6 +18,8 @@ def test_repeated_tokens_layout():
     assert t.shape == (3, 1 + 2 * N)
     assert (t[:, 0] == 1).all() and torch.equal(t[:, 1:N + 1], t[:, N + 1:])
     assert (t[:, 1:] >= 5).all() and all(len(set(row[1:N + 1].tolist())) == N for row in t)
+    with pytest.raises(ValueError, match="46 distinct tokens asked from the 45 ids"):
+        repeated_random_tokens(n=46, vocab_size=50, low=5)
 
 
 def test_scores_of_hand_set_patterns():

@@ -1,6 +1,7 @@
 """Probes: the batched Newton solver against scikit-learn, head selection, controls, metrics, checkpoints."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning as L
@@ -212,6 +213,8 @@ def test_auroc_and_bootstrap():
     s[:10, 0] = s[10:20, 0]  # ties
     ours = auroc(torch.from_numpy(s), torch.from_numpy(y)).numpy()
     np.testing.assert_allclose(ours, [roc_auc_score(y[:, i], s[:, i]) for i in range(3)], atol=1e-12)
+    y[:, 1] = 1  # one class only: undefined, not 0
+    assert np.isnan(auroc(torch.from_numpy(s), torch.from_numpy(y)).numpy()[1])
     correct = rng.random((400, 2)) < np.array([0.6, 0.9])
     lo, hi = bootstrap_ci(correct.astype(float))
     assert (lo < correct.mean(0)).all() and (correct.mean(0) < hi).all() and (hi - lo < 0.12).all()
@@ -229,6 +232,30 @@ def test_checkpoints_round_trip(tmp_path):
         loaded = load_local(folder)
         zz = torch.from_numpy(z[:50]).float()
         np.testing.assert_allclose(loaded(zz).double().numpy(), module(zz).double().numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_sparse_probe_on_a_subset_names_model_heads_and_keeps_its_norms_when_loaded(tmp_path):
+    z, y, split = planted()  # label in (0, 1), (1, 2), (2, 3); the probe sees layers 1-2 and heads 1-3 only
+    path = write_store(tmp_path / "planted.h5", z, y, split)
+    module = SparseProbe(penalty="group_lasso", alpha=0.05, inner_steps=100)
+    fit(module, path, epochs=3, layers=[1, 2], heads=[1, 2, 3])
+    metrics = module.checkpoint_metrics()
+    assert metrics["selected_heads"][:2] in ([[1, 2], [2, 3]], [[2, 3], [1, 2]]), metrics["selected_heads"]
+    folder = save_checkpoint(tmp_path / "ck", module.checkpoint_tensors(), module.checkpoint_config(), metrics)
+    loaded = load_local(folder)
+    np.testing.assert_allclose(loaded.group_norm().numpy(), module.group_norm().numpy(), rtol=1e-6)
+    assert loaded.checkpoint_metrics()["selected_heads"] == metrics["selected_heads"]
+
+
+def test_undefined_metrics_are_saved_as_strict_json_nulls(tmp_path):
+    z, y, split = planted()
+    module = SparseProbe(inner_steps=5)
+    fit(module, write_store(tmp_path / "planted.h5", z, y, split), epochs=1)
+    metrics = {**module.checkpoint_metrics(), "val/auroc": float("nan"), "scores": [np.float32(0.5), np.inf]}
+    folder = save_checkpoint(tmp_path / "ck", module.checkpoint_tensors(), module.checkpoint_config(), metrics)
+    saved = json.loads((folder / "metrics.json").read_text(), parse_constant=pytest.fail)  # NaN would call fail
+    assert saved["val/auroc"] is None and saved["scores"] == [0.5, None]
+    assert saved["val/acc"] == pytest.approx(module.summary["val/acc"])
 
 
 def test_unlabelled_store_is_refused(tmp_path):
