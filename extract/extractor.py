@@ -86,16 +86,19 @@ def prepends_special_tokens(tokenizer) -> bool:
 
 
 def _positions(ex: Example, length: int, rule: str) -> list[int]:
+    """The token positions of ``ex`` that become rows, less those a token labeler left without a label (None)."""
     if rule == "last":
-        return [length - 1]
-    if rule == "all":  # every token, less those a token labeler left without a label (None)
-        return [p for p in range(length) if ex.token_labels is None or ex.token_labels[p] is not None]
-    if ex.position is None:
-        raise ExtractError("position rule 'task' needs every example to name a position; use --positions last")
-    pos = ex.position if ex.position >= 0 else length + ex.position
-    if not 0 <= pos < length:
-        raise ExtractError(f"example position {ex.position} is outside its {length} tokens: fix the dataset")
-    return [pos]
+        positions = [length - 1]
+    elif rule == "all":
+        positions = list(range(length))
+    else:
+        if ex.position is None:
+            raise ExtractError("position rule 'task' needs every example to name a position; use --positions last")
+        pos = ex.position if ex.position >= 0 else length + ex.position
+        if not 0 <= pos < length:
+            raise ExtractError(f"example position {ex.position} is outside its {length} tokens: fix the dataset")
+        positions = [pos]
+    return positions if ex.token_labels is None else [p for p in positions if ex.token_labels[p] is not None]
 
 
 def _row_labels(ex: Example, positions: list[int], kind: str) -> list:
@@ -194,7 +197,8 @@ def extract(loaded: LoadedModel, task: Task, out: str | Path, config: ExtractCon
         dataset_hash=dataset_hash(examples), n_examples=len(examples), n_rows=int(row_offsets[-1]),
         has_writes=cfg.writes, headprobe_version=_version(),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), config=settings)
-    if out.exists() and not overwrite:  # resume of a finished run
+    resumable = resume and partial_path(out).exists() and progress_path(out).exists()
+    if out.exists() and not overwrite and not resumable:  # resume of a finished run
         with Store(out) as done:
             why = done.meta.mismatch(meta)
         if why:
@@ -244,7 +248,10 @@ def extract(loaded: LoadedModel, task: Task, out: str | Path, config: ExtractCon
                         block["position"][rows] = pos
                         block["token_id"][rows] = tokens[i][pos]
                         block["label"][rows] = _row_labels(examples[i], pos, task.label_kind)
-                    cap.select(torch.tensor(b_index, device=device), torch.tensor(p_index, device=device))
+                    if not b_index:  # no row wanted from these examples: nothing to run
+                        continue
+                    cap.select(torch.tensor(b_index, dtype=torch.long, device=device),
+                               torch.tensor(p_index, dtype=torch.long, device=device))
                     kwargs = {"input_ids": torch.from_numpy(ids).to(device),
                               "attention_mask": torch.from_numpy(mask).to(device)}
                     if "position_ids" in params:

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,6 +121,23 @@ def test_full_pass_sharding_covers_every_row_once_with_equal_batches_per_rank(tm
             got = np.sort(np.concatenate([s[kind] for s in seen]))
             np.testing.assert_array_equal(got, np.arange(len(rows)) if kind == 0 else np.sort(rows))
             assert len({b[kind] for b in batches}) == 1, (world, workers, kind, batches)
+
+
+def test_streamed_whole_split_batches_under_ddp_are_equal_shares(tmp_path, monkeypatch):
+    """batch_size 0 (sparse probes' default) on a streamed store, 2 simulated ranks: one equal, non-empty batch
+    each (the whole split is larger than either rank's share, which once left every rank with no batch)."""
+    import train.data as data
+
+    store = synthetic_store(tmp_path / "syn.h5", n=5000)
+    sizes = []
+    for rank in range(2):
+        monkeypatch.setattr(data, "_dist", lambda rank=rank: (rank, 2))
+        dm = StoreDataModule(str(store), batch_size=0, in_memory=False, block_chunks=1)
+        sizes.append([len(b["row"]) for b in dm.train_dataloader()])
+    assert len(sizes[0]) == len(sizes[1]) == 1 and sizes[0] == sizes[1] and sizes[0][0] > 0, sizes
+    with pytest.raises(ValueError, match="cannot feed every process and dataloader worker"):
+        monkeypatch.setattr(data, "_dist", lambda: (0, 64))
+        list(StoreDataModule(str(store), batch_size=0, in_memory=False).train_dataloader())
 
 
 def test_ddp_two_processes_match_one_process(tmp_path):

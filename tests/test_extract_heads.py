@@ -128,6 +128,21 @@ def test_position_rules_and_padding_sides(tmp_path, family):
         np.testing.assert_allclose(got["z"], full["z"][match], rtol=1e-6, atol=1e-6)
 
 
+def test_token_labels_keep_only_labelled_positions_under_every_rule(tmp_path):
+    """A token labeler's None leaves no row, whatever the position rule; a batch of examples without any labelled
+    token runs nothing (the long "c"/"d" texts share a batch and have no labelled token)."""
+    texts = ["aaaa", "bbbbbbbb", "c" * 25, "d" * 25, "ee"]
+    lab = lambda ids, tok: [1 if t in (3 + ord("a"), 3 + ord("e")) else None for t in ids]  # ByteTokenizer ids
+    loaded = tiny_loaded("llama")
+    make = lambda seed: [Example(text=t, group=str(i)) for i, t in enumerate(texts)]
+    for rule, examples in (("all", [0] * 4 + [4] * 2), ("last", [0, 4])):
+        task = Task("t", "ICI", "", ["x", "y"], make, position_rule=rule, token_labeler=lab)
+        cfg = ExtractConfig(batch_tokens=60)
+        with Store(extract(loaded, task, tmp_path / f"{rule}.h5", cfg, progress=False)) as s:
+            np.testing.assert_array_equal(s.column("example_id"), examples)
+            assert (s.column("label") == 1).all()
+
+
 @pytest.mark.parametrize("bos", [None, 1])
 def test_bos_is_recorded_and_kept(tmp_path, bos):
     loaded = tiny_loaded("llama", bos=bos)

@@ -158,6 +158,43 @@ def test_steps_run_once_per_settings_and_know_stale_outputs(tmp_path):
     assert calls == [1, 3] and [s for _, s, _ in again.summary] == ["cached", "ran"]
 
 
+def test_interrupted_extractions_resume_under_their_own_settings_and_restart_under_others(tmp_path, monkeypatch):
+    """Run 1 (40 examples) dies after a block; run 2 asks for 20: it starts again (it used to resume the 40-example
+    file, be refused, and name an option `headprobe run` lacks, on every rerun). Run 3 asks for 40 again over run
+    2's finished store, dies, and run 4 resumes its file instead of starting over."""
+    from extract.extractor import ExtractConfig
+    from extract.store import Store, StoreWriter, partial_path, progress_path
+    from tests.conftest import tiny_loaded
+
+    pipeline = Pipeline(RunConfig(out=str(tmp_path / "run"), tasks=["ioi"], logger="none", progress=False))
+    pipeline._loaded = tiny_loaded("llama")
+    task, write = TASKS["ioi"], StoreWriter.write_block
+    store = pipeline.store("ioi")
+
+    def die(self, n, block):
+        write(self, n, block)
+        raise KeyboardInterrupt
+
+    def extract(n: int, write_block=write):
+        monkeypatch.setattr(StoreWriter, "write_block", write_block)
+        key = {"model": "tiny", "task": "ioi", "seed": 0, "max": n}
+        try:
+            pipeline._extract("extract/ioi", key, task, ExtractConfig(max_examples=n, block_examples=16))
+        except KeyboardInterrupt:
+            return json.loads(progress_path(store).read_text())["examples_done"]
+
+    assert extract(40, die) == 16
+    extract(20)
+    with Store(store) as s:
+        assert s.meta.n_examples == 20 and not partial_path(store).exists()
+    assert extract(40, die) == 16
+    seen = []
+    extract(40, lambda self, n, block: seen.append(self.examples_done) or write(self, n, block))
+    assert seen == [16, 32]  # resumed after the first block
+    with Store(store) as s:
+        assert s.meta.n_examples == 40
+
+
 @pytest.mark.parametrize("option, message", [
     (["--tasks", "[nope]"], "unknown task 'nope': run `headprobe tasks` to list them, or pass a .jsonl/.csv file or "
                             "hf:NAME"),

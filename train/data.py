@@ -37,9 +37,11 @@ class EpochBatches(DistributedSampler):
     Training (``shuffle=True``) gives every rank ``n // world`` positions, so ranks take the same number of steps
     (the other ``n % world`` wait for a later epoch's draw), unless ``full_pass``: then, as in evaluation, the
     ranks' shares differ by at most one and cover every row once (for modules that sum statistics over the epoch),
-    and a rank whose share needs fewer batches ends with empty ones (Lightning steps all ranks together). Evaluation (``shuffle=False``) splits all positions into contiguous shares,
-    so every row is evaluated exactly once: reduce metrics as sums over ranks. A ``DistributedSampler`` subclass (rank and world are read when iterating, not at
-    construction), so Lightning's ``use_distributed_sampler`` leaves it alone instead of sharding it again.
+    and a rank whose share needs fewer batches ends with empty ones (Lightning steps all ranks together).
+    Evaluation (``shuffle=False``) splits all positions into contiguous shares, so every row is evaluated exactly
+    once: reduce metrics as sums over ranks. A ``DistributedSampler`` subclass (rank and world are read when
+    iterating, not at construction), so Lightning's ``use_distributed_sampler`` leaves it alone instead of
+    sharding it again.
     """
 
     def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False,
@@ -134,11 +136,25 @@ class StreamingRows(IterableDataset):
         order, slots, _, _ = self._deal()
         return [sum(len(self.blocks[b]) for b in order[s::slots]) for s in range(slots)]
 
+    def _equal_steps(self) -> bool:
+        """Whether every (rank, worker) must yield the same number of equal batches (DDP training)."""
+        return _dist()[1] > 1 and self.shuffle and not self.full_pass
+
+    def _batch_rows(self) -> int:
+        """Rows per batch: ``batch_size``, or under DDP training at most what the emptiest (rank, worker) holds (a
+        whole-split batch is then each one's equal share)."""
+        if not self._equal_steps():
+            return self.batch_size
+        fewest = min(self._slot_rows())
+        if fewest == 0:
+            raise ValueError(f"{self.path}: the train split's {len(self.blocks)} streamed blocks cannot feed every "
+                             f"process and dataloader worker: use fewer --data.num_workers or processes, a smaller "
+                             f"--data.block_chunks, or --data.in_memory true")
+        return min(self.batch_size, fewest)
+
     def _step_cap(self) -> int | None:
         """Training batches per (rank, worker) under DDP: the fewest any of them can fill, so ranks step together."""
-        if _dist()[1] == 1 or not self.shuffle or self.full_pass:
-            return None
-        return min(self._slot_rows()) // self.batch_size
+        return min(self._slot_rows()) // self._batch_rows() if self._equal_steps() else None
 
     def _padding(self) -> int:
         """``full_pass``: the empty batches that worker 0 of this rank appends so that every rank takes as many
@@ -154,7 +170,8 @@ class StreamingRows(IterableDataset):
         return max(max(per_rank), 1) - per_rank[slot // nworkers]
 
     def __iter__(self):
-        return itertools.chain(itertools.islice(self._batches(), self._step_cap()), self._empty_batches())
+        return itertools.chain(itertools.islice(self._batches(self._batch_rows()), self._step_cap()),
+                               self._empty_batches())
 
     def _empty_batches(self):
         n = self._padding()
@@ -165,7 +182,7 @@ class StreamingRows(IterableDataset):
                          "label": torch.from_numpy(store.labels[none]), "row": torch.from_numpy(none)}
             yield from itertools.repeat(batch, n)
 
-    def _batches(self):
+    def _batches(self, batch_rows: int):
         rng = np.random.default_rng((self.seed, self.epoch, *(_dist()), get_worker_info().id if get_worker_info() else 0))
         with Store(self.path) as store:
             labels = store.labels
@@ -174,9 +191,9 @@ class StreamingRows(IterableDataset):
             def drain(final: bool):
                 z, r = np.concatenate(buf_z), np.concatenate(buf_r)
                 perm = rng.permutation(len(r)) if self.shuffle else np.arange(len(r))
-                keep = len(r) if final else len(r) - len(r) % self.batch_size
-                for i in range(0, keep, self.batch_size):
-                    p = perm[i:i + self.batch_size]
+                keep = len(r) if final else len(r) - len(r) % batch_rows
+                for i in range(0, keep, batch_rows):
+                    p = perm[i:i + batch_rows]
                     yield {"z": torch.from_numpy(z[p]).float(), "label": torch.from_numpy(labels[r[p]]),
                            "row": torch.from_numpy(r[p])}
                 buf_z[:], buf_r[:] = ([z[perm[keep:]]], [r[perm[keep:]]]) if keep < len(r) else ([], [])

@@ -4,7 +4,8 @@
     -> attention-pattern scores -> attribution to heads and stages -> causal ablation check -> report
 
 Every step caches its result under ``--out`` keyed by the settings it depends on: a second run with nothing
-changed skips finished work, and an interrupted run picks up where it stopped (extractions resume mid-file).
+changed skips finished work, and an interrupted run picks up where it stopped (extractions resume mid-file);
+a step whose settings changed starts again.
 """
 from __future__ import annotations
 
@@ -215,12 +216,24 @@ class Pipeline:
                       ExtractConfig(layers=[cfg.sae.layer], seed=cfg.seed, max_examples=cfg.sae.corpus_examples))
 
     def _extract(self, step: str, key: dict, task, config) -> None:
+        """Extract ``task`` as step ``step``. An interrupted extraction resumes only under the settings it started
+        with (recorded beside the step's marker); other settings, or a finished store made with other settings,
+        start again."""
         from extract.extractor import extract
+        from extract.store import partial_path
 
-        stale = self.steps.stale(step, key)  # settings changed since the last run: extract again, don't resume
-        self.steps(step, key, lambda: {"rows": _rows(extract(self.loaded, task, self.store(task.name), config,
-                                                             resume=not stale, overwrite=stale,
-                                                             progress=self.cfg.progress))})
+        store, digest = self.store(task.name), self.steps.digest(key)
+        started = self.steps.folder / f"{step.replace('/', '_')}.started"
+        if partial_path(store).exists():
+            resume = started.exists() and started.read_text() == digest
+        else:
+            resume = not self.steps.stale(step, key)
+
+        def run() -> dict:
+            started.write_text(digest)
+            return {"rows": _rows(extract(self.loaded, task, store, config, resume=resume, overwrite=not resume,
+                                          progress=self.cfg.progress))}
+        self.steps(step, key, run)
 
     # --- 2. probes and the SAE --------------------------------------------------------------------------------------
     def _fit(self, step: str, key: dict, kind: str, store: Path, folder: Path, extra: list[str]) -> None:
