@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -38,6 +39,9 @@ def test_csv_integer_and_regression_labels(tmp_path):
     task = resolve_task(str(tmp_path / "ints.csv"))
     assert task.label_names == ["0", "1", "2"] and [e.label for e in task.examples(0)] == [0, 2, 1]
     assert task.examples(0)[2].text == "a, quoted\nline" and task.position_rule == "last"
+    (tmp_path / "ratings.csv").write_text("text,label\ngood,2\nbad,1\nfine,10\n")  # classes 1, 2, 10: no empty ones
+    ratings = resolve_task(str(tmp_path / "ratings.csv"))
+    assert ratings.label_names == ["1", "2", "10"] and [e.label for e in ratings.examples(0)] == [1, 0, 2]
     (tmp_path / "reg.csv").write_text("label,text\n0.5,a\n-1.25,b\n")
     reg = resolve_task(str(tmp_path / "reg.csv"))
     assert reg.label_kind == "regression" and [e.label for e in reg.examples(0)] == [0.5, -1.25]
@@ -82,6 +86,30 @@ def test_one_label_only_is_refused(tmp_path):
     (tmp_path / "one.csv").write_text("text,label\na,pos\nb,pos\n")
     with pytest.raises(UserDataError, match="every row has the label 'pos': a probing task needs two labels"):
         resolve_task(str(tmp_path / "one.csv"))
+
+
+class FakeHFDataset(list):
+    """What ``load_hf_task`` uses of a ``datasets.Dataset``: rows, column names, features, select."""
+
+    def __init__(self, rows: list[dict], label_names: list[str]):
+        super().__init__(rows)
+        self.column_names = list(rows[0])
+        self.features = {"label": types.SimpleNamespace(names=label_names)}
+
+    def select(self, idx):
+        return FakeHFDataset([self[i] for i in idx], self.features["label"].names)
+
+
+def test_hf_class_label_ids_keep_their_names_and_unlabelled_rows_are_refused(monkeypatch):
+    names = ["neg", "neutral", "pos"]
+    rows = [{"text": f"t{i}", "label": lab} for i, lab in enumerate([0, 2, 2, 0])]  # no "neutral" in this subset
+    fake = types.SimpleNamespace(load_dataset=lambda name, config, split: FakeHFDataset(rows, names))
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    task = resolve_task("hf:someone/reviews")
+    assert task.label_names == names and [e.label for e in task.examples(0)] == [0, 2, 2, 0]
+    rows[1]["label"] = -1
+    with pytest.raises(UserDataError, match="someone/reviews.train. row 2: label -1 is none of the 3 classes"):
+        resolve_task("hf:someone/reviews")
 
 
 def test_missing_file_and_hf_without_datasets(tmp_path, monkeypatch):

@@ -2,8 +2,8 @@
 
 Columns: ``text`` and ``label`` (required), ``position`` (token index to read; negative counts from the end) and
 ``group`` (examples of one group never land in two splits; default: every row its own group). Labels that are all
-integers >= 0 are class indices (names "0".."max"); labels that are strings become classes named by their sorted
-distinct values; other numbers make a regression task. Every bad row raises ``UserDataError`` naming the file and
+integers >= 0, and labels that are strings, become classes named by their sorted distinct values (labels 1 and 2:
+two classes, "1" and "2"); other numbers make a regression task. Every bad row raises ``UserDataError`` naming the file and
 line; no row is dropped.
 """
 from __future__ import annotations
@@ -63,8 +63,10 @@ def _as_number(value):
 
 
 def examples_from_rows(rows, where: str, text: str = "text", label: str = "label", position: str = "position",
-                       group: str = "group") -> tuple[list[Example], list[str], str, bool]:
-    """Examples from (line, row dict) pairs; returns (examples, label names, label kind, has positions)."""
+                       group: str = "group", class_names: list[str] | None = None
+                       ) -> tuple[list[Example], list[str], str, bool]:
+    """Examples from (line, row dict) pairs; returns (examples, label names, label kind, has positions).
+    ``class_names``: the labels are ids into these (a Hugging Face ClassLabel column)."""
     parsed = []
     for n, row in rows:
         for col in (text, label):
@@ -93,12 +95,18 @@ def examples_from_rows(rows, where: str, text: str = "text", label: str = "label
     values = [p[2] for p in parsed]
     if len(set(values)) == 1 and not isinstance(first_value, float):
         raise UserDataError(f"{where}: every row has the label {first_value!r}: a probing task needs two labels or more")
-    if isinstance(first_value, str):
+    if class_names is not None:
+        for n, _, value, _, _ in parsed:
+            if not (isinstance(value, int) and 0 <= value < len(class_names)):
+                raise UserDataError(f"{where} {n}: label {value!r} is none of the {len(class_names)} classes (-1 "
+                                    f"marks an unlabelled row): filter such rows out, e.g. with a split that has labels")
+        labels, names, kind = values, list(class_names), "class"
+    elif isinstance(first_value, str):
         names, kind = sorted(set(values)), "class"
         labels = [names.index(v) for v in values]
     elif all(isinstance(v, int) or float(v).is_integer() for v in values) and min(values) >= 0:
-        labels, kind = [int(v) for v in values], "class"
-        names = [str(k) for k in range(max(labels) + 1)]
+        ints = sorted({int(v) for v in values})  # 1/2 labels are two classes, not three with an empty 0
+        labels, kind, names = [ints.index(int(v)) for v in values], "class", [str(k) for k in ints]
     else:
         labels, names, kind = [float(v) for v in values], [], "regression"
     with_pos = [p[3] is not None for p in parsed]
@@ -157,9 +165,8 @@ def load_hf_task(ref: str) -> Task:
             raise UserDataError(f"{ref}: no column {cols[k]!r} (columns: {', '.join(data.column_names)}): map it with "
                                 f"?{k}=COLUMN")
     rows = ((i + 1, {k: row.get(c) for k, c in cols.items()}) for i, row in enumerate(data))
-    examples, names, kind, has_pos = examples_from_rows(rows, f"{name}[{split}] row")
     feature = data.features.get(cols["label"])
-    if kind == "class" and hasattr(feature, "names"):
-        names = list(feature.names)
+    examples, names, kind, has_pos = examples_from_rows(rows, f"{name}[{split}] row",
+                                                        class_names=getattr(feature, "names", None))
     return _task(name.replace("/", "_"), examples, names, kind, has_pos, opts.get("stage", ""),
                  f"Hugging Face dataset {name} ({split})")
