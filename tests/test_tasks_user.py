@@ -120,3 +120,6 @@ def test_missing_file_and_hf_without_datasets(tmp_path, monkeypatch):
         resolve_task("hf:stanfordnlp/imdb?text=text&label=label")
     with pytest.raises(UserDataError, match="unknown option"):
         resolve_task("hf:stanfordnlp/imdb?colour=red")
+    monkeypatch.setitem(sys.modules, "datasets", types.ModuleType("datasets"))  # a data folder found by that name
+    with pytest.raises(UserDataError, match="pip install datasets"):
+        resolve_task("hf:stanfordnlp/imdb?text=text&label=label")

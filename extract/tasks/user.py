@@ -148,7 +148,8 @@ def load_hf_task(ref: str) -> Task:
                             f"position, group, limit, stage")
     try:
         import datasets
-    except ImportError:
+        datasets.load_dataset  # without the library, `import datasets` may find a folder of that name (as here)
+    except (ImportError, AttributeError):
         raise UserDataError("Hugging Face datasets need the `datasets` library: run `pip install datasets`, "
                             "or export the data to a .jsonl file") from None
     split = opts.get("split", "train")
