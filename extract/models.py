@@ -85,6 +85,24 @@ def gguf_digest(gguf: Path, samples: int = 16, chunk: int = 1 << 16) -> str:
     return h.hexdigest()[:12]
 
 
+def source_fingerprint(name: str) -> str:
+    """A cheap identity of what :func:`load_model` would load for ``name``, without loading it: the sampled digest
+    of an alias's or a path's GGUF file, the names, sizes and modification times of a folder's files, or a hub id
+    as it is (which revision it resolves to is the hub's business)."""
+    path = Path(name).expanduser()
+    if name in ALIASES:
+        return gguf_digest(_alias_gguf(name))
+    if path.suffix == ".gguf" and path.is_file():
+        return gguf_digest(path)
+    if path.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            st = f.stat()
+            h.update(f"{f.relative_to(path)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()[:16]
+    return name
+
+
 def _converted_gguf(gguf: Path) -> Path:
     """De-quantise a GGUF file once into a safetensors folder in the cache; return that folder.
 

@@ -132,6 +132,25 @@ def test_second_run_is_cached_and_does_not_load_the_model(finished_run):
     assert again._loaded is None and page.stat().st_mtime_ns == before
 
 
+def test_a_model_folder_whose_files_change_invalidates_the_cached_steps(tmp_path):
+    """The extraction keys hold an identity of the model's files (read without loading the model), so new weights
+    in the same folder are extracted again instead of reusing the old stores and everything trained on them."""
+    import os
+
+    from extract.models import gguf_digest, source_fingerprint
+
+    model = save_tiny_llama(tmp_path / "model")
+    key = Pipeline(tiny_config(model, tmp_path / "run")).model_key
+    assert Pipeline(tiny_config(model, tmp_path / "run")).model_key == key
+    weights = next(model.glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))  # rewritten in place
+    assert Pipeline(tiny_config(model, tmp_path / "run")).model_key != key
+    assert source_fingerprint("someone/hub-model") == "someone/hub-model"
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(range(256)) * 10)
+    assert source_fingerprint(str(gguf)) == gguf_digest(gguf)
+
+
 def test_chromium_loads_every_image_of_the_page(finished_run, tmp_path):
     _, page, *_ = finished_run
     browser = shutil.which("chromium") or shutil.which("chromium-browser")

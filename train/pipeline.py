@@ -168,6 +168,7 @@ class Pipeline:
         self.out = Path(cfg.out).resolve()
         self.steps = Steps(self.out)
         self._loaded = None
+        self._model_key: dict | None = None
         os.environ.setdefault("WANDB_RUN_GROUP", f"headprobe-run-{self.out.name}")
         if cfg.logger == "wandb":  # offline without credentials; wandb's cache and config stay under --out
             from train.loggers import wandb_environment
@@ -183,6 +184,16 @@ class Pipeline:
 
             self._loaded = load_model(self.cfg.model)
         return self._loaded
+
+    @property
+    def model_key(self) -> dict:
+        """What the extractions depend on of the model: its name and an identity of its files (a folder or GGUF
+        whose weights change invalidates every cached step), computed without loading it."""
+        if self._model_key is None:
+            from extract.models import source_fingerprint
+
+            self._model_key = {"model": self.cfg.model, "source": source_fingerprint(self.cfg.model)}
+        return self._model_key
 
     def store(self, name: str) -> Path:
         return self.out / "stores" / f"{name}.h5"
@@ -201,7 +212,7 @@ class Pipeline:
         from extract.tasks import get_task
 
         cfg = self.cfg
-        corpus_key = {"model": cfg.model, "layer": cfg.sae.layer, "n": cfg.sae.corpus_examples, "seed": cfg.seed}
+        corpus_key = {**self.model_key, "layer": cfg.sae.layer, "n": cfg.sae.corpus_examples, "seed": cfg.seed}
         if self.steps.key_of("extract/corpus") != self.steps.digest(corpus_key):  # check before the other tasks run
             from extract.hooks import head_layout
 
@@ -209,7 +220,7 @@ class Pipeline:
             if not 0 <= cfg.sae.layer < n_layers:
                 raise ValueError(f"--sae.layer {cfg.sae.layer}: {cfg.model} has layers 0..{n_layers - 1}")
         for task in self._bar(self.tasks, "extract"):
-            key = {"model": cfg.model, "task": task.name, "seed": cfg.seed, "max": cfg.max_examples}
+            key = {**self.model_key, "task": task.name, "seed": cfg.seed, "max": cfg.max_examples}
             config = ExtractConfig(seed=cfg.seed, max_examples=cfg.max_examples)
             self._extract(f"extract/{task.name}", key, task, config)
         self._extract("extract/corpus", corpus_key, get_task("corpus"),
