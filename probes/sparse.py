@@ -95,6 +95,7 @@ class SparseProbe(SplitEval, L.LightningModule):
             hp.update(shape)
             self._build()
         if stage == "fit":  # (a resumed run's checkpoint then restores its own)
+            self._saved_norm = None  # the weights will change: norms come from them again
             mean, std = dm.feature_stats()
             self.mean.copy_(torch.from_numpy(mean))
             self.std.copy_(torch.from_numpy(std).clamp_min(1e-8))

@@ -175,7 +175,8 @@ def test_ddp_two_processes_match_one_process(tmp_path):
         one = newton_fit(store, tmp_path / f"one_{in_memory}", in_memory)
         for r in results:
             two = r[f"newton_{in_memory}"]
-            assert one["rows"] == two["rows"] == n_train and one["steps"] == two["steps"] < 20, (one["steps"], two["steps"])
+            steps = (one["steps"], two["steps"])
+            assert one["rows"] == two["rows"] == n_train and steps[0] == steps[1] < 20, steps
             np.testing.assert_allclose(two["W"], one["W"], atol=1e-7)
     for r in results:  # SAE under DDP: val metrics reduced over ranks; tokens counted over ranks
         sae = r["sae"]

@@ -3,8 +3,8 @@
 Columns: ``text`` and ``label`` (required), ``position`` (token index to read; negative counts from the end) and
 ``group`` (examples of one group never land in two splits; default: every row its own group). Labels that are all
 integers >= 0, and labels that are strings, become classes named by their sorted distinct values (labels 1 and 2:
-two classes, "1" and "2"); other numbers make a regression task. Every bad row raises ``UserDataError`` naming the file and
-line; no row is dropped.
+two classes, "1" and "2"); other numbers make a regression task. Every bad row raises ``UserDataError`` naming the
+file and line; no row is dropped.
 """
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ def examples_from_rows(rows, where: str, text: str = "text", label: str = "label
         for n, _, value, _, _ in parsed:
             if not (isinstance(value, int) and 0 <= value < len(class_names)):
                 raise UserDataError(f"{where} {n}: label {value!r} is none of the {len(class_names)} classes (-1 "
-                                    f"marks an unlabelled row): filter such rows out, e.g. with a split that has labels")
+                                    f"marks an unlabelled row): filter such rows out, e.g. with a labelled split")
         labels, names, kind = values, list(class_names), "class"
     elif isinstance(first_value, str):
         names, kind = sorted(set(values)), "class"
@@ -148,8 +148,9 @@ def load_hf_task(ref: str) -> Task:
                             f"position, group, limit, stage")
     try:
         import datasets
-        datasets.load_dataset  # without the library, `import datasets` may find a folder of that name (as here)
-    except (ImportError, AttributeError):
+        if not hasattr(datasets, "load_dataset"):  # not the library: a folder of that name (as this repo's)
+            raise ImportError
+    except ImportError:
         raise UserDataError("Hugging Face datasets need the `datasets` library: run `pip install datasets`, "
                             "or export the data to a .jsonl file") from None
     split = opts.get("split", "train")
