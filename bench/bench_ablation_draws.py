@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from extract.models import load_model
-from extract.tasks import get_task
-from probes.ablation import causal_checks, t_interval
-from probes.attribution_cli import POOLS, ablation_metric
+from headprobe.extract.models import load_model
+from headprobe.extract.tasks import get_task
+from headprobe.probes.ablation import causal_checks, t_interval
+from headprobe.probes.attribution_cli import POOLS, ablation_metric
 
 
 def share_yes(top: float, values: np.ndarray, subset: int, rng: np.random.Generator, most: int = 20_000) -> float:

@@ -18,15 +18,15 @@ import lightning as L
 import numpy as np
 import torch
 
-from extract.extractor import ExtractConfig, extract
-from extract.models import DEFAULT_MODEL, load_model
-from extract.tasks import get_task
-from probes.checkpoint import save_checkpoint
-from probes.head_scores import head_type_scores, rank_agreement
-from probes.linear import LinearProbes
-from probes.sparse import SparseProbe
-from train.cli import main as headprobe
-from train.data import StoreDataModule
+from headprobe.extract.extractor import ExtractConfig, extract
+from headprobe.extract.models import DEFAULT_MODEL, load_model
+from headprobe.extract.tasks import get_task
+from headprobe.probes.checkpoint import save_checkpoint
+from headprobe.probes.head_scores import head_type_scores, rank_agreement
+from headprobe.probes.linear import LinearProbes
+from headprobe.probes.sparse import SparseProbe
+from headprobe.train.cli import main as headprobe
+from headprobe.train.data import StoreDataModule
 
 
 def fit(module: L.LightningModule, store: Path, epochs: int) -> L.LightningModule:

@@ -23,13 +23,13 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from extract.extractor import ExtractConfig, extract
-from extract.models import load_model
-from extract.store import Store
-from extract.tasks import get_task
-from extract.tasks.builtin import _repeats
-from probes.head_scores import head_type_scores
-from probes.linear import fit_newton
+from headprobe.extract.extractor import ExtractConfig, extract
+from headprobe.extract.models import load_model
+from headprobe.extract.store import Store
+from headprobe.extract.tasks import get_task
+from headprobe.extract.tasks.builtin import _repeats
+from headprobe.probes.head_scores import head_type_scores
+from headprobe.probes.linear import fit_newton
 
 
 def held_out_scores(store: Store, l2: float) -> tuple[np.ndarray, np.ndarray]:

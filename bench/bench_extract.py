@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from extract import ExtractConfig, extract, load_model
-from extract.extractor import Tokens, _batches, _pad
-from extract.tasks import Example, Task, get_task
+from headprobe.extract import ExtractConfig, extract, load_model
+from headprobe.extract.extractor import Tokens, _batches, _pad
+from headprobe.extract.tasks import Example, Task, get_task
 
 
 def many_statements(n: int) -> Task:
@@ -72,7 +72,7 @@ def read_speed(rows: int, picks: int = 1024) -> None:
     """Scattered-row reads of a (rows, 30, 9, 64) fp16 store: Store.activations vs h5py point reads."""
     import h5py
 
-    from extract.store import Store, StoreMeta, StoreWriter
+    from headprobe.extract.store import Store, StoreMeta, StoreWriter
 
     rng = np.random.default_rng(0)
     shape = (30, 9, 64)

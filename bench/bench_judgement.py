@@ -17,9 +17,9 @@ import time
 
 import torch
 
-from extract.models import load_model
-from extract.tasks import Example, get_task
-from extract.tasks.metrics import asked_to_judge, choice_metric
+from headprobe.extract.models import load_model
+from headprobe.extract.tasks import Example, get_task
+from headprobe.extract.tasks.metrics import asked_to_judge, choice_metric
 
 TRUE_FALSE_TASKS = "capitals,city_country,arithmetic,successor,greater_than,facts"
 QUESTIONS = {  # question appended to the statement, (answer if true, answer if false)

@@ -71,7 +71,7 @@ def sklearn_loop(x: np.ndarray, y: np.ndarray, split: np.ndarray, heads: np.ndar
 
 def newton_direct(x: np.ndarray, y: np.ndarray, split: np.ndarray, tol: float = 1e-8):
     """probes.linear.fit_newton on in-memory arrays (no Lightning). Returns (seconds, val acc (P,), info)."""
-    from probes.linear import fit_newton, probe_logits
+    from headprobe.probes.linear import fit_newton, probe_logits
 
     tr, va = torch.from_numpy(split == 0), torch.from_numpy(split == 1)
     t = time.perf_counter()
@@ -89,8 +89,8 @@ def newton_lightning(path: Path):
     read is timed apart."""
     import lightning as L
 
-    from probes.linear import LinearProbes
-    from train.data import StoreDataModule
+    from headprobe.probes.linear import LinearProbes
+    from headprobe.train.data import StoreDataModule
 
     t = time.perf_counter()
     dm = StoreDataModule(str(path), batch_size=0, in_memory=True)
@@ -133,7 +133,7 @@ def bench(scale: str, loop_heads: int, lightning: bool, repeats: int, blas_threa
     with tempfile.TemporaryDirectory() as tmp:
         path = None
         if lightning:
-            from extract.store import write_array_store
+            from headprobe.extract.store import write_array_store
 
             path = write_array_store(Path(tmp) / "bench.h5", z, y, split, dtype="float16")
         times = {"loop": [], "direct": [], "loose": [], "lightning": [], "read": []}

@@ -31,11 +31,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from extract.store import Store
-from probes.sae import SparseAutoencoder
-from probes.sae_eval import (ReconstructionStats, ce_loss_recovered, density_histogram, evaluate, store_sequences,
-                             token_batches)
-from train.data import EpochBatches, InMemoryRows
+from headprobe.extract.store import Store
+from headprobe.probes.sae import SparseAutoencoder
+from headprobe.probes.sae_eval import (
+    ReconstructionStats,
+    ce_loss_recovered,
+    density_histogram,
+    evaluate,
+    store_sequences,
+    token_batches,
+)
+from headprobe.train.data import EpochBatches, InMemoryRows
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
@@ -101,7 +107,7 @@ def train_sparsify(train: np.ndarray, tokens: int, d_sae: int, k: int, batch: in
         stub = types.ModuleType("datasets")
         stub.Dataset = stub.DatasetDict = stub.load_dataset = None
         sys.modules["datasets"] = stub
-    from sparsify import SaeConfig, Trainer, TrainConfig
+    from sparsify import SaeConfig, TrainConfig, Trainer
 
     seq = 256
     n_seq = tokens // seq
@@ -175,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
               f"held-out FVE {results[0]['heldout_fve']:.4f} vs {results[1]['heldout_fve']:.4f}", flush=True)
 
     if args.ce_tokens:
-        from extract.models import load_model
+        from headprobe.extract.models import load_model
 
         with Store(args.store) as store:
             layer, meta = store.meta.layers[0], store.meta

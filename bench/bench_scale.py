@@ -45,11 +45,11 @@ def _barrier(world: int) -> None:
 
 
 def worker_extract(args) -> dict:
-    from extract.distributed import extract_share, join_shards
-    from extract.extractor import ExtractConfig
-    from extract.models import load_model
-    from extract.store import Store
-    from extract.tasks import get_task
+    from headprobe.extract.distributed import extract_share, join_shards
+    from headprobe.extract.extractor import ExtractConfig
+    from headprobe.extract.models import load_model
+    from headprobe.extract.store import Store
+    from headprobe.extract.tasks import get_task
 
     rank, world = _world()
     loaded = load_model(args.model)
@@ -70,8 +70,8 @@ def worker_extract(args) -> dict:
 def worker_sae(args) -> dict:
     import lightning as L
 
-    from probes.sae import SparseAutoencoder
-    from train.data import StoreDataModule
+    from headprobe.probes.sae import SparseAutoencoder
+    from headprobe.train.data import StoreDataModule
 
     rank, world = _world()
 
@@ -154,7 +154,7 @@ def main() -> None:
     print(f"{'stage':8} {'procs':>5} {'thr/proc':>8} {'tokens':>8} {'wall s':>7} {'tok/s':>9} {'vs 1':>5}")
     for what, n, thr, tok, wall, rate, ratio in rows:
         print(f"{what:8} {n:5d} {thr:8d} {tok:8d} {wall:7.1f} {rate:9,.0f} {ratio:5.2f}")
-    from extract.distributed import shard_path
+    from headprobe.extract.distributed import shard_path
 
     for n in {c[0] for c in configs}:
         for r in range(n):

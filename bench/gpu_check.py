@@ -86,7 +86,7 @@ def random_llama(layers: int, heads: int, d_head: int):
 
 def loaded_model(args, dtype: str, device):
     """A LoadedModel: the local folder if given, else the random Llama (same weights every call)."""
-    from extract.models import LoadedModel, load_model, weights_fingerprint
+    from headprobe.extract.models import LoadedModel, load_model, weights_fingerprint
 
     if args.model:
         return load_model(args.model, dtype=dtype, device=str(device))
@@ -97,7 +97,7 @@ def loaded_model(args, dtype: str, device):
 
 
 def random_task(n: int, length: int, vocab: int, positions: str = "last"):
-    from extract.tasks import Example, Task
+    from headprobe.extract.tasks import Example, Task
 
     rng = np.random.default_rng(0)
     examples = [Example(token_ids=[1] + rng.integers(3, vocab, length - 1).tolist(), group=str(i)) for i in range(n)]
@@ -117,7 +117,7 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
 def hooks_module():
     """extract.hooks (torch only), loaded from its file if the package's other dependencies (h5py) are missing."""
     try:
-        import extract.hooks as hooks
+        import headprobe.extract.hooks as hooks
     except ImportError:
         import importlib.util
         spec = importlib.util.spec_from_file_location("headprobe_hooks", ROOT / "extract" / "hooks.py")
@@ -179,7 +179,7 @@ def check_capture(args, tmp: Path, dev) -> None:
 
 @section("extract")
 def check_extraction(args, tmp: Path, dev) -> None:
-    from extract import ExtractConfig, Store, extract
+    from headprobe.extract import ExtractConfig, Store, extract
 
     vocab = 256 if args.model else 32000
     task = random_task(args.sequences, args.seq_len, vocab)
@@ -242,7 +242,7 @@ def planted_store(tmp: Path) -> Path:
 
 
 def fit_probes(store: Path, out: Path, *extra: str):
-    from train.fit import expand_short_form, run
+    from headprobe.train.fit import expand_short_form, run
 
     return run(expand_short_form(["linear", "--data.path", str(store), "--out", str(out), "--logger", "none",
                                   "--test", "false", "--model.controls", "[]", "--trainer.accelerator", ACCEL,
@@ -268,9 +268,9 @@ def check_probes(args, tmp: Path, dev) -> None:
 def check_sae(args, tmp: Path, dev) -> None:
     import lightning as L
 
-    from extract import ExtractConfig, extract
-    from probes.sae import SparseAutoencoder
-    from train.data import StoreDataModule
+    from headprobe.extract import ExtractConfig, extract
+    from headprobe.probes.sae import SparseAutoencoder
+    from headprobe.train.data import StoreDataModule
 
     loaded = loaded_model(args, "bf16", dev)
     layer = len(hooks_module().out_projections(loaded.model)) // 2

@@ -34,7 +34,7 @@ class Job:
 
 
 def jobs() -> list[Job]:
-    from extract.tasks import TASKS
+    from headprobe.extract.tasks import TASKS
 
     out = []
     for task in (t for t in TASKS.values() if t.label_kind != "none"):
@@ -58,9 +58,9 @@ def command(job: Job) -> str:
 
 def build(job: Job, hub: Path, release: str) -> Path:
     """Run the job's commands in the current folder and ship its checkpoint into ``hub/release/name``."""
-    from probes.checkpoint import read_checkpoint, save_checkpoint
-    from probes.hub import push_to_folder
-    from train.cli import main
+    from headprobe.probes.checkpoint import read_checkpoint, save_checkpoint
+    from headprobe.probes.hub import push_to_folder
+    from headprobe.train.cli import main
 
     store = Path(job.extract[job.extract.index("--out") + 1])
     if not store.exists():
@@ -81,7 +81,7 @@ KEY_METRICS = ("val/acc_mean", "val/acc_max", "val/acc", "val/heads_selected", "
 
 def write_readme(hub: Path) -> Path:
     """checkpoints/README.md: one row per registry entry, with its key metrics and reproducing command."""
-    from probes.hub import Registry
+    from headprobe.probes.hub import Registry
 
     registry = Registry.open(hub)
     lines = ["# Shipped checkpoints", "",

@@ -4,10 +4,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from extract.extractor import ExtractConfig, check_output, extract
-from extract.models import DEFAULT_MODEL, load_model
-from extract.store import Store
-from extract.tasks import resolve_task
+from headprobe.extract.extractor import ExtractConfig, check_output, extract
+from headprobe.extract.models import DEFAULT_MODEL, load_model
+from headprobe.extract.store import Store
+from headprobe.extract.tasks import resolve_task
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

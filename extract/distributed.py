@@ -1,7 +1,7 @@
 """Extraction across processes and nodes: every rank extracts a contiguous share of a task's examples into its own
 shard store, and rank 0 joins the shards into one master store made of HDF5 virtual datasets.
 
-    torchrun --nproc_per_node 2 -m extract.distributed --task capitals --out capitals.h5
+    torchrun --nproc_per_node 2 -m headprobe.extract.distributed --task capitals --out capitals.h5
 
 Shares are runs of whole ``block_examples`` blocks (so batches, and hence activations, are the ones a one-process
 run computes), balanced over the ranks. Each rank writes ``<out stem>.shard-RRRRR-of-WWWWW<suffix>`` through
@@ -27,9 +27,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from extract.extractor import ExtractConfig, ExtractError, check_output, extract
-from extract.store import StoreError, StoreMeta
-from extract.tasks import Task, assign_splits, dataset_hash
+from headprobe.extract.extractor import ExtractConfig, ExtractError, check_output, extract
+from headprobe.extract.store import StoreError, StoreMeta
+from headprobe.extract.tasks import Task, assign_splits, dataset_hash
 
 PER_EXAMPLE = ("example_id", "group", "split")  # columns that depend on every example: stored in the master
 
@@ -167,11 +167,11 @@ def _barrier(world: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from extract.cli import add_arguments
-    from extract.models import ModelLoadError, load_model
-    from extract.tasks import TaskError, resolve_task
+    from headprobe.extract.cli import add_arguments
+    from headprobe.extract.models import ModelLoadError, load_model
+    from headprobe.extract.tasks import TaskError, resolve_task
 
-    p = argparse.ArgumentParser(prog="torchrun ... -m extract.distributed",
+    p = argparse.ArgumentParser(prog="torchrun ... -m headprobe.extract.distributed",
                                 description="extract a task over all torchrun ranks and join the shards "
                                             "(shares are whole --block-examples blocks)")
     add_arguments(p)
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         elif args.join_only:
             join_shards(args.out, task, cfg, world, overwrite=args.overwrite)
         if rank == 0:
-            from extract.store import Store
+            from headprobe.extract.store import Store
             with Store(args.out) as store:
                 print(f"wrote {args.out}: {store.shape[0]} rows x {store.shape[1]} layers x {store.shape[2]} heads x "
                       f"{store.shape[3]} d_head from {world} shard(s)")

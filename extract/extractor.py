@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from extract.hooks import HeadCapture, StopForward, head_layout, hook_point, output_weights
-from extract.models import LoadedModel
-from extract.store import Store, StoreMeta, StoreWriter, partial_path, progress_path
-from extract.tasks import POSITION_RULES, Example, Task, assign_splits, dataset_hash
+from headprobe.extract.hooks import HeadCapture, StopForward, head_layout, hook_point, output_weights
+from headprobe.extract.models import LoadedModel
+from headprobe.extract.store import Store, StoreMeta, StoreWriter, partial_path, progress_path
+from headprobe.extract.tasks import POSITION_RULES, Example, Task, assign_splits, dataset_hash
 
 STORE_DTYPES = {"fp16": np.float16, "fp32": np.float32}
 STORE_TORCH = {"float16": torch.float16, "float32": torch.float32}

@@ -57,7 +57,7 @@ def spec_for(model: nn.Module) -> HookSpec:
     if model_type not in ARCHITECTURES:
         raise UnsupportedArchitecture(
             f"architecture {model_type!r} is not supported (supported families: {FAMILIES}); add one registry "
-            f"entry: extract.hooks.ARCHITECTURES[{model_type!r}] = HookSpec(layers='<path to blocks>', "
+            f"entry: headprobe.extract.hooks.ARCHITECTURES[{model_type!r}] = HookSpec(layers='<path to blocks>', "
             f"out_proj='<path to the attention output projection in a block>')")
     return ARCHITECTURES[model_type]
 

@@ -7,22 +7,22 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "load": "probes.hub",
-    "CheckpointConfig": "probes.checkpoint",
-    "CheckpointError": "probes.checkpoint",
-    "save_checkpoint": "probes.checkpoint",
-    "read_checkpoint": "probes.checkpoint",
-    "LinearProbes": "probes.linear",
-    "SparseProbe": "probes.sparse",
-    "SparseAutoencoder": "probes.sae",
-    "evidence_from_checkpoints": "probes.attribution",
-    "build_stage_map": "probes.stage_map",
-    "write_stage_map": "probes.stage_map",
-    "head_type_scores": "probes.head_scores",
-    "HeadAblation": "probes.ablation",
-    "causal_check": "probes.ablation",
-    "causal_checks": "probes.ablation",
-    "readout_metric": "probes.readout",
+    "load": "headprobe.probes.hub",
+    "CheckpointConfig": "headprobe.probes.checkpoint",
+    "CheckpointError": "headprobe.probes.checkpoint",
+    "save_checkpoint": "headprobe.probes.checkpoint",
+    "read_checkpoint": "headprobe.probes.checkpoint",
+    "LinearProbes": "headprobe.probes.linear",
+    "SparseProbe": "headprobe.probes.sparse",
+    "SparseAutoencoder": "headprobe.probes.sae",
+    "evidence_from_checkpoints": "headprobe.probes.attribution",
+    "build_stage_map": "headprobe.probes.stage_map",
+    "write_stage_map": "headprobe.probes.stage_map",
+    "head_type_scores": "headprobe.probes.head_scores",
+    "HeadAblation": "headprobe.probes.ablation",
+    "causal_check": "headprobe.probes.ablation",
+    "causal_checks": "headprobe.probes.ablation",
+    "readout_metric": "headprobe.probes.readout",
 }
 
 

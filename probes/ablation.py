@@ -20,8 +20,8 @@ import torch
 from scipy import stats
 from torch import nn
 
-from extract.hooks import head_layout, out_projections
-from probes.metrics import bootstrap_ci
+from headprobe.extract.hooks import head_layout, out_projections
+from headprobe.probes.metrics import bootstrap_ci
 
 Head = tuple[int, int]  # (layer, head)
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from scipy.stats import norm, rankdata
 
-from extract.tasks.base import STAGES
+from headprobe.extract.tasks.base import STAGES
 
 
 @dataclass
@@ -314,7 +314,7 @@ def _sae_evidence_on_stores(saes: list[tuple[Path, object, dict]], stores: list,
     """One evidence per labelled store, from every SAE (folder, config, tensors) on the store's rows; SAEs on other
     layers are pooled into the same evidence (one Bonferroni family over all their latents)."""
     import probes.sae  # noqa: F401  (registers the class)
-    from probes.checkpoint import load_local
+    from headprobe.probes.checkpoint import load_local
 
     modules = [(load_local(folder), config, tensors) for folder, config, tensors in saes]
     out = []
@@ -356,7 +356,7 @@ def evidence_from_checkpoints(folders: list[str | Path], stores: list | None = N
     ``stores`` (:class:`extract.store.Store`) from the same model, every SAE's latents computed on the store's
     rows and SAEs on different layers pooled.
     """
-    from probes.checkpoint import read_checkpoint
+    from headprobe.probes.checkpoint import read_checkpoint
 
     out, saes = [], []
     for folder in map(Path, folders):

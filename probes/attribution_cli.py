@@ -21,8 +21,8 @@ from typing import Callable
 
 import numpy as np
 
-from probes.attribution import Evidence, evidence_from_checkpoints
-from probes.stage_map import SCALES, STAGES, build_stage_map, markdown_section, write_stage_map
+from headprobe.probes.attribution import Evidence, evidence_from_checkpoints
+from headprobe.probes.stage_map import SCALES, STAGES, build_stage_map, markdown_section, write_stage_map
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -135,9 +135,17 @@ TOP_SHARED = 8
 def head_type_section(scores: dict[str, np.ndarray], evidence: list[Evidence], stage_map,
                       folder: Path | None = None) -> str:
     """The report's cross-check section; with ``folder``, also ``induction_check.png`` for the copy tasks."""
-    from extract.tasks import TASKS
-    from probes.head_scores import (HEAD_TYPE_STAGE, TYPE_THRESHOLD, copy_carriers, head_types,
-                                    plot_against_pattern, rank_agreement, top_overlap, typed_auroc)
+    from headprobe.extract.tasks import TASKS
+    from headprobe.probes.head_scores import (
+        HEAD_TYPE_STAGE,
+        TYPE_THRESHOLD,
+        copy_carriers,
+        head_types,
+        plot_against_pattern,
+        rank_agreement,
+        top_overlap,
+        typed_auroc,
+    )
 
     out = ["## Attention-pattern cross-check", "",
            f"Scores on [BOS, r1..r50, r1..r50] (TransformerLens 'mul' score; a head is typed above {TYPE_THRESHOLD}). "
@@ -202,8 +210,8 @@ def ablation_section(results: dict[str, dict], folder: Path | None = None) -> st
     out = ["## Causal check: ablating each task's top heads", ""]
     if not results:
         return "\n".join(out + ["No task with a model metric was ablated.", ""])
-    from probes.ablation import metric_rows
-    from probes.readout import READOUT
+    from headprobe.probes.ablation import metric_rows
+    from headprobe.probes.readout import READOUT
 
     draws = "/".join(str(n) for n in sorted({len(r["random"]) for r in results.values()}))
     pools = {c.get("pool", "all") for r in results.values() for c in [r, *r.get("random_from", {}).values()]}
@@ -217,7 +225,7 @@ def ablation_section(results: dict[str, dict], folder: Path | None = None) -> st
             "layer-matched draw that shares most of the top heads (when they fill most of their layers) can hardly "
             "differ from them, so a \"no\" there says little.", ""]
     if folder is not None:
-        from probes.ablation import plot_ablation
+        from headprobe.probes.ablation import plot_ablation
 
         plot_ablation(results, Path(folder) / "ablation.png")
         out += ["![ablation: top heads against random heads](ablation.png)", ""]
@@ -260,8 +268,8 @@ def ablation_metric(loaded, task, n_examples: int, mode: str,
                     metric: str = "auto") -> tuple[list, str, Callable[[object], np.ndarray], "torch.Tensor | None"]:
     """What the ablation check of ``task`` runs: (its ``n_examples`` examples, the metric's name, ``metric(model)``
     -> one value per example, the heads' mean z (L, H, D) on those examples for mean ablation, else None)."""
-    from extract.tasks.metrics import example_ids, model_metric, right_padded
-    from probes.ablation import head_means
+    from headprobe.extract.tasks.metrics import example_ids, model_metric, right_padded
+    from headprobe.probes.ablation import head_means
 
     examples = task.examples(0)
     pick = np.sort(np.random.default_rng(0).choice(len(examples), min(n_examples, len(examples)), replace=False))
@@ -279,10 +287,10 @@ def run_ablations(loaded, evidence: list[Evidence], k: int, mode: str, draws: in
     result, with the others' under ``random_from``. Where the probes read a token after the scored one (true/false
     statements), the same heads are also checked on the last layer's readout of the label (``readout``, see
     :mod:`probes.readout`)."""
-    from extract.tasks import TASKS
-    from extract.tasks.metrics import probe_reads_after_scoring
-    from probes.ablation import causal_checks
-    from probes.readout import READOUT, readout_metric
+    from headprobe.extract.tasks import TASKS
+    from headprobe.extract.tasks.metrics import probe_reads_after_scoring
+    from headprobe.probes.ablation import causal_checks
+    from headprobe.probes.readout import READOUT, readout_metric
 
     def check(task_name: str, key: str, task_metric: Callable[[object], np.ndarray], means) -> dict:
         checks = causal_checks(loaded.model, task_metric, top_heads(evidence, task_name, k), n_draws=draws, mode=mode,
@@ -311,8 +319,8 @@ def run_ablations(loaded, evidence: list[Evidence], k: int, mode: str, draws: in
 
 
 def run(args: argparse.Namespace) -> None:
-    from extract.store import Store
-    from probes.checkpoint import CheckpointError
+    from headprobe.extract.store import Store
+    from headprobe.probes.checkpoint import CheckpointError
 
     earlier = earlier_outputs(args.out, args.overwrite)
     checkpoints, found = find_inputs(args.paths)
@@ -332,7 +340,7 @@ def run(args: argparse.Namespace) -> None:
     paths = write_stage_map(stage_map, args.out, args.top)
     report = [markdown_section(stage_map, args.top, image=paths["png"].name)]
     if args.head_scores or args.ablate:
-        from extract.models import load_model
+        from headprobe.extract.models import load_model
 
         loaded = load_model(args.model or _model_of(checkpoints))
         hashes = {json.loads((c / "config.json").read_text())["weights_hash"] for c in checkpoints}
@@ -340,7 +348,7 @@ def run(args: argparse.Namespace) -> None:
             raise ValueError(f"{loaded.model_id} (weights {loaded.weights_hash}) is not the model the checkpoints were "
                              f"trained on: pass that model with --model")
         if args.head_scores:
-            from probes.head_scores import HEAD_TYPES, head_type_scores
+            from headprobe.probes.head_scores import HEAD_TYPES, head_type_scores
 
             scores = head_type_scores(loaded.model)
             with open(args.out / "head_types.csv", "w", newline="") as f:

@@ -28,7 +28,8 @@ from safetensors.torch import load_file, save_file
 FORMAT_VERSION = 1
 FILES = ("model.safetensors", "config.json", "metrics.json", "README.md")
 CLASSES: dict[str, type] = {}
-BUILTIN_MODULES = ("probes.linear", "probes.sparse", "probes.sae")  # imported when a class name is not yet known
+# imported when a class name is not yet known
+BUILTIN_MODULES = ("headprobe.probes.linear", "headprobe.probes.sparse", "headprobe.probes.sae")
 
 
 class CheckpointError(RuntimeError):
@@ -265,7 +266,7 @@ class PretrainedMixin:
     @classmethod
     def from_pretrained(cls, ref: str | Path, **kwargs):
         """Load from a folder, registry id, Hugging Face repo or static hub URL (see :func:`probes.hub.load`)."""
-        from probes.hub import load
+        from headprobe.probes.hub import load
 
         module = load(ref, **kwargs)
         if not isinstance(module, cls):

@@ -26,9 +26,16 @@ import urllib.request
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from extract.shipped import shipped_folder
-from probes.checkpoint import (CheckpointError, FILES, file_hashes, load_local, read_checkpoint, scalar_metrics,
-                               sha256)
+from headprobe.extract.shipped import shipped_folder
+from headprobe.probes.checkpoint import (
+    FILES,
+    CheckpointError,
+    file_hashes,
+    load_local,
+    read_checkpoint,
+    scalar_metrics,
+    sha256,
+)
 
 REGISTRY_FILE = "registry.json"
 REGISTRY_VERSION = 1
@@ -152,7 +159,7 @@ def _parse_registry(raw: bytes, where: str) -> dict[str, RegistryEntry]:
 
 
 def _hub_cache(base_url: str) -> Path:
-    from extract.models import cache_dir
+    from headprobe.extract.models import cache_dir
 
     return cache_dir() / "hubs" / hashlib.sha256(base_url.encode()).hexdigest()[:16]
 

@@ -10,8 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
-from probes.checkpoint import CheckpointError, read_checkpoint, scalar_metrics
-from probes.hub import Registry, push_to_folder, push_to_hf, resolve
+from headprobe.probes.checkpoint import CheckpointError, read_checkpoint, scalar_metrics
+from headprobe.probes.hub import Registry, push_to_folder, push_to_hf, resolve
 
 HUB_HELP = "a hub folder with registry.json, or an http(s) base URL (default: the checkpoints shipped with headprobe)"
 

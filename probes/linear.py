@@ -36,8 +36,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from probes.checkpoint import CheckpointConfig, init_hparams, register
-from probes.metrics import bootstrap_ci, predictions, probe_metrics
+from headprobe.probes.checkpoint import CheckpointConfig, init_hparams, register
+from headprobe.probes.metrics import bootstrap_ci, predictions, probe_metrics
 
 LOSSES = ("auto", "logistic", "softmax", "ridge")
 CONTROLS = ("control", "shuffled")

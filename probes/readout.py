@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from extract.tasks.base import Example
-from extract.tasks.metrics import example_ids, right_padded
+from headprobe.extract.tasks.base import Example
+from headprobe.extract.tasks.metrics import example_ids, right_padded
 
 READOUT = "readout_logprob"  # the metric's name in ablation.json and the report
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from probes.checkpoint import CheckpointConfig, init_hparams, register, save_checkpoint
+from headprobe.probes.checkpoint import CheckpointConfig, init_hparams, register, save_checkpoint
 
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
@@ -454,7 +454,7 @@ class SparseAutoencoder(L.LightningModule):
         return None
 
     def on_validation_epoch_start(self) -> None:
-        from probes.sae_eval import ReconstructionStats
+        from headprobe.probes.sae_eval import ReconstructionStats
         self._eval = ReconstructionStats(self.d_sae, self.hparams.dense_threshold)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -11,7 +11,7 @@ Metrics (over all evaluated tokens, x raw activations (N, d_in)):
 CE loss recovered = (CE_ablated - CE_spliced) / (CE_ablated - CE_clean), with zero- and mean-ablation of the same
 heads: 1 means the reconstruction is as good as the real activations, 0 as bad as ablating them.
 
-``python -m probes.sae_eval CHECKPOINT --store STORE.h5`` prints the metrics as JSON.
+``python -m headprobe.probes.sae_eval CHECKPOINT --store STORE.h5`` prints the metrics as JSON.
 """
 from __future__ import annotations
 
@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from extract.hooks import head_layout, out_projections
-from extract.store import Store
-from extract.tasks.metrics import right_padded
+from headprobe.extract.hooks import head_layout, out_projections
+from headprobe.extract.store import Store
+from headprobe.extract.tasks.metrics import right_padded
 
 
 class ReconstructionStats:
@@ -242,7 +242,7 @@ def evaluate_checkpoint(checkpoint: str | Path, store: str | Path, split: str = 
                         ce_tokens: int = 0, histogram: str | Path | None = None, model: str | None = None,
                         loaded=None) -> dict:
     """Metrics of a saved SAE on a store's split; with ``ce_tokens``, CE loss recovered on that many tokens."""
-    from probes.checkpoint import load_local
+    from headprobe.probes.checkpoint import load_local
 
     sae = load_local(checkpoint)
     cfg = sae.checkpoint_config_loaded
@@ -255,7 +255,7 @@ def evaluate_checkpoint(checkpoint: str | Path, store: str | Path, split: str = 
         density_histogram(counts, metrics["n_tokens"], histogram)
     if ce_tokens:
         if loaded is None:
-            from extract.models import load_model
+            from headprobe.extract.models import load_model
 
             loaded = load_model(model or cfg.model_id)
         batches = token_batches(store_sequences(store, split, ce_tokens))
@@ -264,7 +264,7 @@ def evaluate_checkpoint(checkpoint: str | Path, store: str | Path, split: str = 
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m probes.sae_eval", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m headprobe.probes.sae_eval", description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="SAE checkpoint folder")
     p.add_argument("--store", required=True, help="all-token store of the same model, layer(s) and heads")
     p.add_argument("--split", default="test")

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from probes.checkpoint import CheckpointConfig, init_hparams, register
-from probes.linear import SplitEval, fit_newton, loss_terms
-from probes.metrics import probe_metrics
+from headprobe.probes.checkpoint import CheckpointConfig, init_hparams, register
+from headprobe.probes.linear import SplitEval, fit_newton, loss_terms
+from headprobe.probes.metrics import probe_metrics
 
 PENALTIES = ("l1", "elastic_net", "group_lasso")
 

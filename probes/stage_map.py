@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from extract.tasks.base import STAGES as STAGE_NAMES
-from probes.attribution import Evidence
+from headprobe.extract.tasks.base import STAGES as STAGE_NAMES
+from headprobe.probes.attribution import Evidence
 
 STAGES = tuple(STAGE_NAMES)  # ("KR", "ICI", "LR", "EP")
 COLOURS = {"KR": "#1f77b4", "ICI": "#ff7f0e", "LR": "#2ca02c", "EP": "#d62728"}

@@ -9,11 +9,19 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from probes.attribution import (Evidence, decoder_head_shares, direct_feature_attribution, feature_task_auroc,
-                                feature_ties, group_norms, linear_evidence, sae_evidence, sparse_evidence)
-from probes.stage_map import STAGES, build_stage_map, write_stage_map
-from tests.attribution_synthetic import (H, L, PLANTED, group_lasso, lda_accuracy, make_tasks, planted_map,
-                                         topk_activations, topk_sae)
+from headprobe.probes.attribution import (
+    Evidence,
+    decoder_head_shares,
+    direct_feature_attribution,
+    feature_task_auroc,
+    feature_ties,
+    group_norms,
+    linear_evidence,
+    sae_evidence,
+    sparse_evidence,
+)
+from headprobe.probes.stage_map import STAGES, build_stage_map, write_stage_map
+from helpers import PLANTED, H, L, group_lasso, lda_accuracy, make_tasks, planted_map, topk_activations, topk_sae
 
 LAYERS = list(range(L))
 
@@ -54,7 +62,7 @@ def test_direct_feature_attribution_sums_to_preactivation(with_b_dec):
 
 def test_direct_feature_attribution_of_a_trained_sae_module():
     """On SparseAutoencoder's own tensors: the per-head terms plus the bias give its encoder pre-activation."""
-    from probes.sae import SparseAutoencoder
+    from headprobe.probes.sae import SparseAutoencoder
 
     torch.manual_seed(0)
     sae = SparseAutoencoder(d_in=4 * 8, expansion=2, k=4)
@@ -262,7 +270,7 @@ def test_stage_map_refuses_bad_evidence():
 def test_the_attribution_functions_are_importable_from_probes():
     import importlib
 
-    import probes
+    from headprobe import probes
 
     for name in dir(probes):
         module = probes._EXPORTS[name]

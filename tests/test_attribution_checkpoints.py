@@ -10,17 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from extract.store import Store, write_array_store as write_store
-from probes.attribution import evidence_from_checkpoints
-from probes.checkpoint import save_checkpoint
-from probes.linear import LinearProbes
-from probes.sae import SparseAutoencoder
-from probes.sparse import SparseProbe
-from probes.stage_map import build_stage_map
-from tests.attribution_synthetic import L as N_LAYERS, make_tasks, planted_map
-from tests.test_sae import make_store
-from train.cli import main as headprobe
-from train.data import StoreDataModule
+from headprobe.extract.store import Store
+from headprobe.extract.store import write_array_store as write_store
+from headprobe.probes.attribution import evidence_from_checkpoints
+from headprobe.probes.checkpoint import save_checkpoint
+from headprobe.probes.linear import LinearProbes
+from headprobe.probes.sae import SparseAutoencoder
+from headprobe.probes.sparse import SparseProbe
+from headprobe.probes.stage_map import build_stage_map
+from headprobe.train.cli import main as headprobe
+from headprobe.train.data import StoreDataModule
+from helpers import L as N_LAYERS
+from helpers import make_store, make_tasks, planted_map
 
 
 def trainer(**kw) -> L.Trainer:

@@ -2,46 +2,21 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import pytest
 import torch
 
-from extract.store import StoreMeta
-from probes.checkpoint import (CLASSES, CheckpointConfig, CheckpointError, PretrainedMixin, file_hashes, load_local,
-                               read_checkpoint, register, save_checkpoint, sha256)
-
-
-@register
-class HeadScorer(PretrainedMixin, torch.nn.Module):
-    """A per-head linear read-out, (B, L, H, D) -> (B, L, H): a small stand-in for a probe."""
-
-    def __init__(self, n_layers: int, n_heads: int, d_head: int):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.randn(n_layers, n_heads, d_head))
-        self.bias = torch.nn.Parameter(torch.randn(n_layers, n_heads))
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("blhd,lhd->blh", z, self.weight) + self.bias
-
-
-def store_meta(**overrides) -> StoreMeta:
-    meta = StoreMeta(model_id="tiny-llama", weights_hash="abc123", architecture="llama",
-                     hook_point="model.layers.{i}.self_attn.o_proj:input", n_layers=3, layers=[0, 1, 2], n_heads=6,
-                     n_kv_heads=2, d_head=8, d_model=48, dtype="float16", position_rule="last", padding_side="right",
-                     bos=True, task="capitals", stage="KR", label_names=["false", "true"], label_kind="class",
-                     dataset_hash="d", n_examples=10, n_rows=10, has_writes=False, headprobe_version="0.1.0",
-                     created="now")
-    return replace(meta, **overrides)
-
-
-def make_checkpoint(folder, seed: int = 0) -> HeadScorer:
-    torch.manual_seed(seed)
-    module = HeadScorer(3, 6, 8)
-    config = CheckpointConfig.from_store(store_meta(), "HeadScorer", {"n_layers": 3, "n_heads": 6, "d_head": 8},
-                                         command="python make.py", normalisation={"scale": 1.0})
-    module.save_pretrained(folder, config, metrics={"val": {"accuracy": 0.75}, "per_head": [[0.5, 0.6]]})
-    return module
+from headprobe.probes.checkpoint import (
+    CLASSES,
+    CheckpointError,
+    file_hashes,
+    load_local,
+    read_checkpoint,
+    register,
+    save_checkpoint,
+    sha256,
+)
+from helpers import HeadScorer, make_checkpoint, store_meta
 
 
 def test_round_trip_restores_module_and_provenance(tmp_path):

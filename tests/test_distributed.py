@@ -1,19 +1,15 @@
 """Extraction across ranks: shards joined by virtual datasets read exactly as a one-process extraction."""
-import os
-import signal
-import subprocess
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from extract import ExtractConfig, Store, StoreError, extract, load_model
-from extract.distributed import extract_share, join_shards, shard_path, shares
-from extract.store import StoreWriter
-from extract.tasks import get_task
-from tests.conftest import save_tiny_llama
+from headprobe.extract import ExtractConfig, Store, StoreError, extract, load_model
+from headprobe.extract.distributed import extract_share, join_shards, shard_path, shares
+from headprobe.extract.store import StoreWriter
+from headprobe.extract.tasks import get_task
+from helpers import save_tiny_llama, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = ("token_id", "example_id", "position", "label", "group", "split")
@@ -24,19 +20,6 @@ def tiny_folder(tmp_path_factory) -> Path:
     return save_tiny_llama(tmp_path_factory.mktemp("model") / "tiny-llama")
 
 
-def torchrun(nproc: int, *args: str, timeout: float = 240) -> tuple[int, str, str]:
-    """Run ``torchrun --standalone --nproc_per_node nproc *args`` from the repository; kill every worker on timeout."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise AssertionError(f"torchrun timed out after {timeout} s: {err[-2000:]}") from None
-    return proc.returncode, out, err
 
 
 def assert_same_store(a: Path, b: Path) -> None:
@@ -128,8 +111,8 @@ def test_torchrun_two_gloo_processes_equal_one_process(tmp_path, tiny_folder):
     cfg = ExtractConfig(block_examples=40)
     ref = extract(loaded, task, tmp_path / "ref.h5", cfg, progress=False)
     out = tmp_path / "dist.h5"
-    rc, stdout, stderr = torchrun(2, "-m", "extract.distributed", "--model", str(tiny_folder), "--task", "capitals",
-                                  "--out", str(out), "--block-examples", "40", "--no-progress")
+    rc, stdout, stderr = torchrun(2, "-m", "headprobe.extract.distributed", "--model", str(tiny_folder),
+                                  "--task", "capitals", "--out", str(out), "--block-examples", "40", "--no-progress")
     assert rc == 0, stderr[-3000:]
     assert "from 2 shard(s)" in stdout
     assert shard_path(out, 0, 2).exists() and shard_path(out, 1, 2).exists()

@@ -22,8 +22,8 @@ if __name__ == "__main__":
 
 import lightning as L  # noqa: E402
 
-from extract.store import Store, write_array_store  # noqa: E402
-from train.data import StoreDataModule  # noqa: E402
+from headprobe.extract.store import Store, write_array_store  # noqa: E402
+from headprobe.train.data import StoreDataModule  # noqa: E402
 
 
 def synthetic_store(path: Path, n: int = 4801, layers: int = 2, heads: int = 4, d_head: int = 16, seed: int = 0) -> Path:
@@ -44,7 +44,7 @@ def synthetic_store(path: Path, n: int = 4801, layers: int = 2, heads: int = 4, 
 
 def probe_run(store: Path, out: Path, *trainer_args: str):
     """``headprobe train linear`` (per-head Newton probes) on ``store``; returns the CLI (model, trainer)."""
-    from train.fit import expand_short_form, run
+    from headprobe.train.fit import expand_short_form, run
 
     return run(expand_short_form(["linear", "--data.path", str(store), "--out", str(out), "--logger", "none",
                                   "--test", "false", "--model.controls", "[]", *trainer_args]))
@@ -74,8 +74,8 @@ def newton_fit(store: Path, out: Path, in_memory: bool, ddp: bool = False) -> di
 def sae_run(store: Path) -> dict:
     """A TopK SAE for 2 epochs under DDP (2 CPU processes); the logged val metrics, the tokens it counted, and
     the same metrics computed afresh over the whole val split with the final weights."""
-    from probes.sae import SparseAutoencoder
-    from probes.sae_eval import evaluate
+    from headprobe.probes.sae import SparseAutoencoder
+    from headprobe.probes.sae_eval import evaluate
 
     dm = StoreDataModule(str(store), batch_size=128, in_memory=True)
     sae = SparseAutoencoder(architecture="topk", expansion=4, k=8, b_dec_init="mean", dead_after_tokens=500)
@@ -94,7 +94,7 @@ def test_full_pass_sharding_covers_every_row_once_with_equal_batches_per_rank(tm
     every row exactly once and each rank takes as many batches as the others, in memory and streamed."""
     import types
 
-    import train.data as data
+    import headprobe.train.data as data
 
     store = synthetic_store(tmp_path / "syn.h5", n=5000)
     with Store(store) as s:
@@ -126,7 +126,7 @@ def test_full_pass_sharding_covers_every_row_once_with_equal_batches_per_rank(tm
 def test_streamed_whole_split_batches_under_ddp_are_equal_shares(tmp_path, monkeypatch):
     """batch_size 0 (sparse probes' default) on a streamed store, 2 simulated ranks: one equal, non-empty batch
     each (the whole split is larger than either rank's share, which once left every rank with no batch)."""
-    import train.data as data
+    import headprobe.train.data as data
 
     store = synthetic_store(tmp_path / "syn.h5", n=5000)
     sizes = []
@@ -141,7 +141,7 @@ def test_streamed_whole_split_batches_under_ddp_are_equal_shares(tmp_path, monke
 
 
 def test_ddp_two_processes_match_one_process(tmp_path):
-    from tests.test_distributed import torchrun
+    from helpers import torchrun
 
     store = synthetic_store(tmp_path / "syn.h5")
     acc1 = probe_run(store, tmp_path / "single").model.tables["val"]["acc"][0]  # (L, H)
@@ -189,8 +189,8 @@ if __name__ == "__main__":  # worker under torchrun: python tests/test_distribut
     torch.set_num_threads(1)
     store, out = Path(sys.argv[1]), Path(sys.argv[2])
     cli = probe_run(store, out, "--trainer.strategy", "ddp", "--trainer.devices", "2")
-    from probes.linear import LinearProbes
-    from probes.sae import SparseAutoencoder
+    from headprobe.probes.linear import LinearProbes
+    from headprobe.probes.sae import SparseAutoencoder
 
     equal_steps = dict(architecture="topk", expansion=2, k=4)  # a minibatch trainer: equal shares per rank
     result = {"rank": cli.trainer.global_rank, "acc": cli.model.tables["val"]["acc"][0].tolist(),

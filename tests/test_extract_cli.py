@@ -1,7 +1,7 @@
 """Items 9 and 10 of the extraction issue, through the real CLI in subprocesses: kill -9 and resume, bad input.
 
 The subprocesses are forked from a server that has imported torch and transformers once (tests/
-test_extract_support.py), so each starts in well under a second; one test runs the `headprobe` console script.
+helpers.py), so each starts in well under a second; one test runs the `headprobe` console script.
 """
 from __future__ import annotations
 
@@ -18,11 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from extract import ExtractConfig, ExtractError, Store, StoreError, extract
-from extract.models import LoadedModel, ModelLoadError, load_model, weights_fingerprint
-from extract.tasks import Example, Task, get_task
-from tests.conftest import ByteTokenizer, tiny_loaded, tiny_model
-from tests.test_extract_support import cli_process, interrupted, run_cli, save_model_folder
+from headprobe.extract import ExtractConfig, ExtractError, Store, StoreError, extract
+from headprobe.extract.models import LoadedModel, ModelLoadError, load_model, weights_fingerprint
+from headprobe.extract.tasks import Example, Task, get_task
+from helpers import ByteTokenizer, cli_process, interrupted, run_cli, save_model_folder, tiny_loaded, tiny_model
 
 SLOW_ARGS = ["--positions", "all", "--writes", "--block-examples", "2", "--batch-tokens", "32", "--no-progress"]
 
@@ -201,8 +200,8 @@ def test_cli_bad_input_gives_one_line_errors_and_no_complete_looking_file(tmp_pa
 
 def test_ctrl_c_ends_in_one_line_pointing_at_resume(tmp_path, model_folder, monkeypatch, capsys):
     """Ctrl-C (a KeyboardInterrupt at the model's second forward) exits 130 with one line; --resume then finishes."""
-    import extract.cli
-    from train.cli import main
+    import headprobe.extract.cli as extract_cli
+    from headprobe.train.cli import main
 
     def load_and_interrupt(*args, **kwargs):
         loaded, calls = load_model(*args, **kwargs), []
@@ -214,7 +213,7 @@ def test_ctrl_c_ends_in_one_line_pointing_at_resume(tmp_path, model_folder, monk
         loaded.model.base_model.register_forward_pre_hook(hook)
         return loaded
 
-    monkeypatch.setattr(extract.cli, "load_model", load_and_interrupt)
+    monkeypatch.setattr(extract_cli, "load_model", load_and_interrupt)
     argv = ["extract", "--task", "capitals", "--out", str(tmp_path / "z.h5"), "--model", model_folder, *SLOW_ARGS]
     with pytest.raises(SystemExit) as exit_:
         main(argv)
@@ -222,7 +221,7 @@ def test_ctrl_c_ends_in_one_line_pointing_at_resume(tmp_path, model_folder, monk
     assert exit_.value.code == 130 and "Traceback" not in "\n".join(err), err
     assert err[-1].startswith("headprobe: interrupted; finished work is kept") and "--resume" in err[-1]
     assert not (tmp_path / "z.h5").exists() and (tmp_path / "z.h5.partial").exists()
-    monkeypatch.setattr(extract.cli, "load_model", load_model)
+    monkeypatch.setattr(extract_cli, "load_model", load_model)
     main([*argv, "--resume"])
     with Store(tmp_path / "z.h5") as s:
         assert s.shape[0] > 0
@@ -240,7 +239,7 @@ def test_empty_data_is_refused_before_anything_is_written(tmp_path):
 
 
 def test_user_data_file_errors(tmp_path):
-    pytest.importorskip("extract.tasks.user", reason="user dataset files come with the tasks issue")
+    pytest.importorskip("headprobe.extract.tasks.user", reason="user dataset files come with the tasks issue")
     log = tmp_path / "log"
     for name, content in (("empty.jsonl", ""), ("broken.jsonl", "{not json\n")):
         (tmp_path / name).write_text(content)
@@ -254,7 +253,7 @@ def test_user_data_file_errors(tmp_path):
 def test_hub_id_offline_fails_with_a_clear_message(tmp_path):
     """The console script itself, in a fresh interpreter, with the hub switched off."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HEADPROBE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-m", "train.cli", "extract", "--model", "someone/not-a-real-model",
+    res = subprocess.run([sys.executable, "-m", "headprobe.train.cli", "extract", "--model", "someone/not-a-real-model",
                           "--task", "capitals", "--out", str(tmp_path / "h.h5")], env=env, capture_output=True,
                          text=True, timeout=300)
     one_line_error(res.returncode, res.stdout + res.stderr, "could not load 'someone/not-a-real-model' (the "
@@ -264,7 +263,7 @@ def test_hub_id_offline_fails_with_a_clear_message(tmp_path):
 
 def test_a_hub_id_in_the_local_cache_loads_when_the_hub_is_unreachable(tmp_path):
     """No offline switch, but an endpoint that refuses connections: the model comes from the hub cache."""
-    from tests.conftest import save_tiny_llama
+    from helpers import save_tiny_llama
 
     snapshot = tmp_path / "hub" / "models--someone--tiny" / "snapshots" / "0123abc"
     save_tiny_llama(snapshot)

@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from extract import ExtractConfig, Store, extract
-from tests.conftest import tiny_loaded
-from tests.test_extract_heads import make_task
+from headprobe.extract import ExtractConfig, Store, extract
+from helpers import make_task, tiny_loaded
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -10,21 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from extract import ExtractConfig, Store, extract
-from extract.hooks import ARCHITECTURES, HookSpec, UnsupportedArchitecture, out_projections
-from extract.tasks import Example, Task
-from tests.conftest import ByteTokenizer, tiny_loaded
-
-TEXTS = ["a", "Paris is in France", "xy", "The capital of Peru is Lima", "hello world, again and again and again",
-         "ok", "abcdefghijklmnopqrstuvwxyz", "mid length text"]
-
-
-def make_task(position_rule: str = "last") -> Task:
-    """Examples of very different lengths (so batches are padded), each naming a position."""
-    def make(seed: int) -> list[Example]:
-        return [Example(text=t, label=i % 2, group=f"g{i // 2}", position=-min(2, len(t)))
-                for i, t in enumerate(TEXTS)]
-    return Task("toy", "KR", "toy", ["no", "yes"], make, position_rule=position_rule)
+from headprobe.extract import ExtractConfig, Store, extract
+from headprobe.extract.hooks import ARCHITECTURES, HookSpec, UnsupportedArchitecture, out_projections
+from headprobe.extract.tasks import Example, Task
+from helpers import TEXTS, ByteTokenizer, make_task, tiny_loaded
 
 
 def value_hooks(model, family: str, store: dict) -> list:
@@ -158,8 +147,8 @@ def test_bos_is_recorded_and_kept(tmp_path, bos):
 
 
 def test_bos_detection_on_hugging_face_tokenizers():
-    from extract.extractor import prepends_special_tokens
-    from tests.test_extract_support import byte_tokenizer
+    from headprobe.extract.extractor import prepends_special_tokens
+    from helpers import byte_tokenizer
 
     with_bos, without = byte_tokenizer(bos=True), byte_tokenizer(bos=False)
     assert with_bos("ab")["input_ids"] == [1, *without("ab")["input_ids"]]
@@ -173,7 +162,7 @@ def test_unsupported_architecture_names_families_and_registry_entry(tmp_path, mo
     model = OPTForCausalLM(OPTConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
                                      num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=128,
                                      attn_implementation="eager")).eval()
-    from extract.models import LoadedModel, weights_fingerprint
+    from headprobe.extract.models import LoadedModel, weights_fingerprint
 
     loaded = LoadedModel(model, ByteTokenizer(1), "tiny-opt", weights_fingerprint(model))
     with pytest.raises(UnsupportedArchitecture) as err:
@@ -182,7 +171,7 @@ def test_unsupported_architecture_names_families_and_registry_entry(tmp_path, mo
     assert "\n" not in msg and "'opt'" in msg
     for family in ("GPT-2", "GPT-NeoX", "Llama", "BERT"):
         assert family in msg
-    assert "extract.hooks.ARCHITECTURES['opt'] = HookSpec(" in msg
+    assert "headprobe.extract.hooks.ARCHITECTURES['opt'] = HookSpec(" in msg
     assert not (tmp_path / "o.h5").exists() and not (tmp_path / "o.h5.partial").exists()
 
     monkeypatch.setitem(ARCHITECTURES, "opt", HookSpec(layers="decoder.layers", out_proj="self_attn.out_proj"))
@@ -205,7 +194,7 @@ def test_unsupported_architecture_names_families_and_registry_entry(tmp_path, mo
 def test_head_writes_refuse_offloaded_output_projections():
     """With a layer's W_O offloaded (meta weights, as accelerate leaves it), head writes cannot be computed: a
     one-line error says what to do instead of a torch error about meta tensors."""
-    from extract.hooks import output_weights
+    from headprobe.extract.hooks import output_weights
 
     model = tiny_loaded("llama").model
     proj = out_projections(model)[1]

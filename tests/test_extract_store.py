@@ -9,11 +9,10 @@ import h5py
 import numpy as np
 import pytest
 
-from extract import SCHEMA_VERSION, ExtractConfig, Store, StoreError, extract
-from extract.store import CHUNK_ROWS, SPLITS
-from extract.tasks import Example, Task, dataset_hash
-from tests.conftest import tiny_loaded
-from tests.test_extract_support import interrupted
+from headprobe.extract import SCHEMA_VERSION, ExtractConfig, Store, StoreError, extract
+from headprobe.extract.store import CHUNK_ROWS, SPLITS
+from headprobe.extract.tasks import Example, Task, dataset_hash
+from helpers import interrupted, tiny_loaded
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda".split()
 

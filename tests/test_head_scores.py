@@ -5,10 +5,19 @@ import numpy as np
 import pytest
 import torch
 
-from probes.head_scores import (attention_patterns, copy_carriers, detection_patterns, head_type_scores, head_types,
-                                pattern_scores, rank_agreement, repeated_random_tokens, top_overlap,
-                                typed_auroc)
-from tests.conftest import tiny_model
+from headprobe.probes.head_scores import (
+    attention_patterns,
+    copy_carriers,
+    detection_patterns,
+    head_type_scores,
+    head_types,
+    pattern_scores,
+    rank_agreement,
+    repeated_random_tokens,
+    top_overlap,
+    typed_auroc,
+)
+from helpers import tiny_model
 
 N = 10
 
@@ -131,11 +140,11 @@ def test_copy_task_probes_find_the_induction_heads_of_the_default_model(tmp_path
     their induction scores are ~0."""
     from sklearn.metrics import roc_auc_score
 
-    from extract.extractor import ExtractConfig, extract
-    from extract.models import load_model
-    from extract.store import Store
-    from extract.tasks import get_task
-    from probes.linear import fit_newton
+    from headprobe.extract.extractor import ExtractConfig, extract
+    from headprobe.extract.models import load_model
+    from headprobe.extract.store import Store
+    from headprobe.extract.tasks import get_task
+    from headprobe.probes.linear import fit_newton
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -172,9 +181,9 @@ def test_copy_carriers_counts_late_heads_that_are_not_induction_heads():
 def test_report_section_plots_the_copy_task_against_induction_scores(tmp_path):
     """The cross-check section of ``headprobe attribute`` on planted maps: rho in the table, the scatter written and
     linked, and the count of late non-induction heads among the copy task's top heads."""
-    from probes.attribution import Evidence
-    from probes.attribution_cli import head_type_section
-    from probes.stage_map import build_stage_map
+    from headprobe.probes.attribution import Evidence
+    from headprobe.probes.attribution_cli import head_type_section
+    from headprobe.probes.stage_map import build_stage_map
 
     rng = np.random.default_rng(0)
     L, H = 8, 6
@@ -199,7 +208,7 @@ def test_report_section_plots_the_copy_task_against_induction_scores(tmp_path):
 def test_random_tokens_avoid_special_tokens_at_either_end_of_the_vocabulary(monkeypatch, bos, eos, vocab, low, high):
     """Special tokens at the bottom (GPT-2 style ids 1, 2) or at the top (Llama 3: from 128000 of 128256) are
     never drawn as random tokens, so BOS cannot reappear inside the sequence."""
-    import probes.head_scores as hs
+    import headprobe.probes.head_scores as hs
 
     model = tiny_model("llama")
     model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = bos, eos, None

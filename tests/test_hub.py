@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import probes
-from probes.checkpoint import CheckpointError
-from probes.hub import push_to_folder
-from tests.test_checkpoint import HeadScorer, make_checkpoint
+from headprobe import probes
+from headprobe.probes.checkpoint import CheckpointError
+from headprobe.probes.hub import push_to_folder
+from helpers import HeadScorer, make_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -116,12 +116,12 @@ def _hf_cache_layout(cache: Path, repo: str, folder: Path, commit: str) -> Path:
 
 
 def _load_in_fresh_process(ref: str, hf_cache: Path) -> subprocess.CompletedProcess:
-    code = ("import torch, probes, tests.test_checkpoint as t\n"
+    code = ("import torch, helpers\nfrom headprobe import probes\n"
             f"m = probes.load({ref!r})\n"
             "torch.manual_seed(1); z = torch.randn(4, 3, 6, 8)\n"
             "print(type(m).__name__, m.checkpoint_config_loaded.task, float(m(z).sum().detach()))\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hf_cache), "HF_HOME": str(hf_cache.parent)}
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=120)
 
 
 def test_hugging_face_cache_offline(tmp_path):
@@ -213,7 +213,7 @@ def test_hostile_registry_entries_are_refused(tmp_path):
 
 
 def test_load_refuses_incompatible_store_meta(tmp_path):
-    from tests.test_checkpoint import store_meta
+    from helpers import store_meta
 
     make_checkpoint(tmp_path / "ck")
     probes.load(tmp_path / "ck", meta=store_meta())
@@ -222,7 +222,7 @@ def test_load_refuses_incompatible_store_meta(tmp_path):
 
 
 def test_cli_push_list_show(tmp_path, capsys):
-    from train.cli import main
+    from headprobe.train.cli import main
 
     make_checkpoint(tmp_path / "ck")
     hub = tmp_path / "hub"
@@ -245,7 +245,7 @@ def test_cli_push_list_show(tmp_path, capsys):
 def test_cli_push_refuses_an_existing_id_and_names_a_run_checkpoint_by_its_run(tmp_path, capsys):
     """Every training run exports a folder named checkpoint/: the default id comes from its run folder, and a
     second push to an id the hub holds is refused unless --overwrite."""
-    from train.cli import main
+    from headprobe.train.cli import main
 
     for run in ("taskA", "taskB"):
         make_checkpoint(tmp_path / run / "checkpoint")

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import probes
-from extract.store import Store
-from extract.tasks import TASKS
-from probes.hub import Registry, bundled_registry
+from headprobe import probes
+from headprobe.extract.store import Store
+from headprobe.extract.tasks import TASKS
+from headprobe.probes.hub import Registry, bundled_registry
 
 LABELLED = {t.name for t in TASKS.values() if t.label_kind != "none"}
 
@@ -52,7 +52,7 @@ def test_every_shipped_checkpoint_verifies_and_loads(offline):
 
 def _fresh_extraction(command: str, out) -> Store:
     """Run the `headprobe extract` part of a recorded command, writing to ``out``."""
-    from train.cli import main
+    from headprobe.train.cli import main
 
     argv = shlex.split(command.split(" && ")[0])[1:]
     argv[argv.index("--out") + 1] = str(out)
@@ -62,7 +62,7 @@ def _fresh_extraction(command: str, out) -> Store:
 
 @pytest.mark.slow
 def test_shipped_probes_reproduce_their_val_metrics_on_a_fresh_extraction(offline, tmp_path):
-    from probes.sparse import SparseProbe
+    from headprobe.probes.sparse import SparseProbe
 
     linear, sparse = probes.load("v1/capitals-linear"), SparseProbe.from_pretrained("v1/capitals-sparse")
     cfg, metrics = linear.checkpoint_config_loaded, linear.checkpoint_metrics_loaded

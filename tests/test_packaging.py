@@ -50,23 +50,33 @@ def test_wheel_carries_every_shipped_file(installed):
     if not (ROOT / ".git").exists():
         pytest.skip("needs the git checkout to list the shipped files")
     _, names = installed
-    for folder, package in (("datasets", "headprobe_datasets"), ("checkpoints", "headprobe_checkpoints")):
-        files = _tracked(folder)
+    for folder in ("datasets", "checkpoints", "train/configs"):
+        files = [f for f in _tracked(folder) if not f.endswith(".py")]
         assert files, folder
-        missing = [f for f in files if package + f[len(folder):] not in names]
+        missing = [f for f in files if f"headprobe/{f}" not in names]
         assert not missing, missing
-    assert {f for f in _tracked("train/configs")} <= set(names)
-    assert not any(n.startswith(("datasets/", "checkpoints/")) for n in names)  # never a package named datasets
+
+
+def test_wheel_installs_only_the_headprobe_namespace(installed):
+    """Every top-level import name of the wheel starts with headprobe: no `train`, `probes`, `extract` or
+    `datasets` (which would shadow Hugging Face's library) beside other distributions' packages."""
+    site, names = installed
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert top == {"headprobe"}, top
+    listed = next(site.glob("headprobe-*.dist-info"))
+    if (listed / "top_level.txt").exists():
+        assert (listed / "top_level.txt").read_text().split() == ["headprobe"]
 
 
 def test_installed_code_finds_tasks_checkpoints_and_configs(installed, tmp_path):
     site, _ = installed
     script = (
-        "import json, extract, probes\n"
-        "from extract.tasks import TASKS, get_task\n"
-        "from probes.hub import load\n"
-        "from train.fit import CONFIGS\n"
-        "print(json.dumps({'extract': extract.__file__, 'examples': {n: len(get_task(n).examples(0)) for n in TASKS},\n"
+        "import json, headprobe\n"
+        "from headprobe.extract.tasks import TASKS, get_task\n"
+        "from headprobe.train.fit import CONFIGS\n"
+        "load = headprobe.load\n"
+        "print(json.dumps({'extract': headprobe.__file__,\n"
+        "                  'examples': {n: len(get_task(n).examples(0)) for n in TASKS},\n"
         "                  'probe': type(load('v1/capitals-linear')).__name__,\n"
         "                  'configs': sorted(p.name for p in CONFIGS.glob('*.yaml'))}))\n")
     env = {k: v for k, v in os.environ.items() if k != "HEADPROBE_REGISTRY"}

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from extract.tasks import TASKS
-from probes.checkpoint import load_local
-from tests.conftest import save_tiny_llama
-from train.loggers import read_offline_run
-from train.pipeline import Pipeline, RunConfig, SAESettings, Steps
-from train.report import images_in
+from headprobe.extract.tasks import TASKS
+from headprobe.probes.checkpoint import load_local
+from headprobe.train.loggers import read_offline_run
+from headprobe.train.pipeline import Pipeline, RunConfig, SAESettings, Steps
+from headprobe.train.report import images_in
+from helpers import save_tiny_llama
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -137,7 +137,7 @@ def test_a_model_folder_whose_files_change_invalidates_the_cached_steps(tmp_path
     in the same folder are extracted again instead of reusing the old stores and everything trained on them."""
     import os
 
-    from extract.models import gguf_digest, source_fingerprint
+    from headprobe.extract.models import gguf_digest, source_fingerprint
 
     model = save_tiny_llama(tmp_path / "model")
     key = Pipeline(tiny_config(model, tmp_path / "run")).model_key
@@ -181,9 +181,9 @@ def test_interrupted_extractions_resume_under_their_own_settings_and_restart_und
     """Run 1 (40 examples) dies after a block; run 2 asks for 20: it starts again (it used to resume the 40-example
     file, be refused, and name an option `headprobe run` lacks, on every rerun). Run 3 asks for 40 again over run
     2's finished store, dies, and run 4 resumes its file instead of starting over."""
-    from extract.extractor import ExtractConfig
-    from extract.store import Store, StoreWriter, partial_path, progress_path
-    from tests.conftest import tiny_loaded
+    from headprobe.extract.extractor import ExtractConfig
+    from headprobe.extract.store import Store, StoreWriter, partial_path, progress_path
+    from helpers import tiny_loaded
 
     pipeline = Pipeline(RunConfig(out=str(tmp_path / "run"), tasks=["ioi"], logger="none", progress=False))
     pipeline._loaded = tiny_loaded("llama")

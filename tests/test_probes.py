@@ -11,25 +11,13 @@ import torch
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.metrics import roc_auc_score
 
-from probes.checkpoint import load_local, save_checkpoint
-from probes.linear import LinearProbes, NewtonState, control_labels, fit_newton, newton_stats, penalised
-from probes.metrics import auroc, bootstrap_ci
-from probes.sparse import SparseProbe, ksparse_sweep
-from extract.store import write_array_store as write_store
-from train.data import StoreDataModule
-
-
-def planted(n: int = 600, shape=(3, 4, 8), heads=((0, 1), (1, 2), (2, 3)), seed: int = 0):
-    """Gaussian z with heads of very different scales; the label is written into the chosen heads."""
-    rng = np.random.default_rng(seed)
-    Ln, H, D = shape
-    scale = 10.0 ** rng.uniform(-1.5, 0.5, size=(Ln, H))
-    z = rng.normal(size=(n, Ln, H, D)) * scale[None, :, :, None]
-    y = rng.integers(0, 2, n)
-    for l, h in heads:
-        z[:, l, h, 0] += (2 * y - 1) * 1.5 * scale[l, h]
-    split = rng.choice(3, size=n, p=[0.6, 0.2, 0.2])
-    return z, y, split
+from headprobe.extract.store import write_array_store as write_store
+from headprobe.probes.checkpoint import load_local, save_checkpoint
+from headprobe.probes.linear import LinearProbes, NewtonState, control_labels, fit_newton, newton_stats, penalised
+from headprobe.probes.metrics import auroc, bootstrap_ci
+from headprobe.probes.sparse import SparseProbe, ksparse_sweep
+from headprobe.train.data import StoreDataModule
+from helpers import planted
 
 
 def fit(module: L.LightningModule, path: Path, epochs: int = 30, **data) -> L.Trainer:

@@ -8,12 +8,12 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 
-from extract.extractor import extract
-from extract.models import load_model
-from extract.store import Store
-from extract.tasks import get_task
-from probes.linear import LinearProbes
-from train.data import StoreDataModule
+from headprobe.extract.extractor import extract
+from headprobe.extract.models import load_model
+from headprobe.extract.store import Store
+from headprobe.extract.tasks import get_task
+from headprobe.probes.linear import LinearProbes
+from headprobe.train.data import StoreDataModule
 
 pytestmark = pytest.mark.slow
 

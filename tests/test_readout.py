@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from extract.tasks.base import Example
-from probes.ablation import HeadAblation
-from probes.readout import last_hidden, readout_metric
-from tests.conftest import tiny_loaded
+from headprobe.extract.tasks.base import Example
+from headprobe.probes.ablation import HeadAblation
+from headprobe.probes.readout import last_hidden, readout_metric
+from helpers import tiny_loaded
 
 
 def first_letter_task(n: int, seed: int = 0) -> list[Example]:

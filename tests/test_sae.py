@@ -2,27 +2,17 @@
 through Lightning and the checkpoint format, and splicing into a model."""
 from __future__ import annotations
 
-import warnings
-
 import lightning as L
 import numpy as np
 import pytest
 import torch
 
-from extract.store import Store, write_array_store
-from probes.checkpoint import load_local
-from probes.sae import ARCHITECTURES, SparseAutoencoder, fve, topk_sae
-from probes.sae_eval import ce_loss_recovered, evaluate, splice, token_batches
-from tests.conftest import tiny_model
-from train.data import EpochBatches, InMemoryRows, StoreDataModule
-
-
-
-def make_store(path, z: np.ndarray, split_every: int = 5) -> str:
-    """An unlabelled all-token store holding z (N, L, H, D); every ``split_every``-th row is test."""
-    split = np.where(np.arange(len(z)) % split_every == 0, 2, 0)
-    return str(write_array_store(path, z, None, split, label_kind="none", position_rule="all",
-                                 token_id=np.zeros(len(z), np.int32)))
+from headprobe.extract.store import Store
+from headprobe.probes.checkpoint import load_local
+from headprobe.probes.sae import ARCHITECTURES, SparseAutoencoder, fve, topk_sae
+from headprobe.probes.sae_eval import ce_loss_recovered, evaluate, splice, token_batches
+from headprobe.train.data import EpochBatches, InMemoryRows, StoreDataModule
+from helpers import make_store, tiny_model
 
 
 def sparse_data(n: int, d: int, n_atoms: int, k: int, seed: int = 0, scale: float = 1.0, offset: float = 0.0):

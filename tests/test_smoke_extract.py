@@ -1,9 +1,8 @@
 import numpy as np
-import pytest
 
-from extract import ExtractConfig, Store, extract
-from extract.tasks import get_task
-from tests.conftest import tiny_loaded
+from headprobe.extract import ExtractConfig, Store, extract
+from headprobe.extract.tasks import get_task
+from helpers import tiny_loaded
 
 
 def test_extract_tiny_every_family(tmp_path, family):

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from extract.extractor import ExtractConfig, extract
-from extract.hooks import out_projections
-from extract.store import Store
-from extract.tasks import STAGES, TASKS, assign_splits, get_task
-from extract.tasks.builtin import DATA, _category_words, next_word_category
-from extract.tasks.metrics import choice_metric, model_metric, probe_reads_after_scoring
-from tests.conftest import ByteTokenizer, tiny_loaded
-from train.cli import main as headprobe
+from headprobe.extract.extractor import ExtractConfig, extract
+from headprobe.extract.hooks import out_projections
+from headprobe.extract.store import Store
+from headprobe.extract.tasks import STAGES, TASKS, assign_splits, get_task
+from headprobe.extract.tasks.builtin import DATA, _category_words, next_word_category
+from headprobe.extract.tasks.metrics import choice_metric, model_metric, probe_reads_after_scoring
+from headprobe.train.cli import main as headprobe
+from helpers import ByteTokenizer, tiny_loaded
 
 LABELLED = [name for name, task in TASKS.items() if task.stage]
 

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from extract.extractor import ExtractConfig, extract
-from extract.store import Store
-from extract.tasks import Task, get_task
-from extract.tasks.corpus import make_corpus
-from tests.conftest import tiny_loaded
+from headprobe.extract.extractor import ExtractConfig, extract
+from headprobe.extract.store import Store
+from headprobe.extract.tasks import Task, get_task
+from headprobe.extract.tasks.corpus import make_corpus
+from helpers import tiny_loaded
 
 
 def test_corpus_is_large_deterministic_and_bounded():

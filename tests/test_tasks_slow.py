@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from extract.extractor import ExtractConfig, extract
-from extract.store import Store
-from extract.tasks import TASKS
-from extract.tasks.builtin import DATA
-from extract.tasks.metrics import asked_to_judge, choice_metric, model_metric
+from headprobe.extract.extractor import ExtractConfig, extract
+from headprobe.extract.store import Store
+from headprobe.extract.tasks import TASKS
+from headprobe.extract.tasks.builtin import DATA
+from headprobe.extract.tasks.metrics import asked_to_judge, choice_metric, model_metric
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def smollm():
     """The default model, run on one thread: on a shared 2-core machine two threads ran ~6x slower."""
-    from extract.models import load_model
+    from headprobe.extract.models import load_model
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield load_model("smollm2-135m")
@@ -72,8 +72,8 @@ def test_asked_in_chat_keeps_one_bos_when_the_template_writes_it(adds_bos):
     import importlib.util
     from pathlib import Path
 
-    from extract.tasks import Example
-    from tests.test_extract_support import byte_tokenizer
+    from headprobe.extract.tasks import Example
+    from helpers import byte_tokenizer
 
     path = Path(__file__).parents[1] / "bench" / "bench_judgement.py"
     spec = importlib.util.spec_from_file_location("bench_judgement", path)

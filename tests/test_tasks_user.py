@@ -8,11 +8,11 @@ import types
 import numpy as np
 import pytest
 
-from extract.extractor import ExtractConfig, extract
-from extract.store import Store
-from extract.tasks import resolve_task
-from extract.tasks.user import UserDataError
-from tests.conftest import tiny_loaded
+from headprobe.extract.extractor import extract
+from headprobe.extract.store import Store
+from headprobe.extract.tasks import resolve_task
+from headprobe.extract.tasks.user import UserDataError
+from helpers import tiny_loaded
 
 
 def _jsonl(path, rows):

@@ -8,18 +8,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from probes.checkpoint import load_local
-from tests.test_probes import planted
-from extract.store import write_array_store as write_store
-from train.data import StoreDataModule
-from train.fit import MODELS, TrainError, expand_short_form, run
-from train.loggers import read_offline_run
+from headprobe.extract.store import write_array_store as write_store
+from headprobe.probes.checkpoint import load_local
+from headprobe.train.data import StoreDataModule
+from headprobe.train.fit import MODELS, TrainError, expand_short_form, run
+from headprobe.train.loggers import read_offline_run
+from helpers import planted
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +59,8 @@ def test_short_form_maps_names_to_configs(monkeypatch):
     assert args[0] == "--config" and args[1].endswith("train/configs/linear.yaml")
     assert args[2:] == ["--data.path", "x.h5"]
     assert expand_short_form(["--config", "my.yaml"]) == ["--config", "my.yaml"]
-    monkeypatch.setitem(MODELS, "sae", ("probes.not_there", "sae.yaml"))
-    with pytest.raises(TrainError, match="probes.not_there"):
+    monkeypatch.setitem(MODELS, "sae", ("headprobe.probes.not_there", "sae.yaml"))
+    with pytest.raises(TrainError, match="headprobe.probes.not_there"):
         expand_short_form(["sae"])
     assert expand_short_form(["linear"])[1].endswith("linear.yaml")  # other subcommands still work
 
@@ -69,7 +68,7 @@ def test_short_form_maps_names_to_configs(monkeypatch):
 def headprobe(args: list[str], home: Path, **env_vars: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(HOME=str(home), NETRC=str(home / "no-netrc"), **env_vars)
-    return subprocess.run([sys.executable, "-m", "train.cli", "train", *args], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "headprobe.train.cli", "train", *args], env=env, capture_output=True,
                           text=True, timeout=300)
 
 
@@ -93,7 +92,7 @@ def test_train_run_leaves_checkpoint_tables_heatmap_and_an_offline_wandb_run(sto
     image = next(h for h in logged["history"] if "heatmap/_type" in h)
     assert image["heatmap/_type"] == "images/separated"
     assert all((run_dir / "files" / f).is_file() for f in image["heatmap/filenames"])
-    assert logged["config"]["cli"]["model"]["class_path"] == "probes.linear.LinearProbes"
+    assert logged["config"]["cli"]["model"]["class_path"] == "headprobe.probes.linear.LinearProbes"
     assert any(name.startswith("LinearProbes-synthetic") for name in logged["artifacts"])
     # the run folder in the project's formats
     probes = load_local(out / "checkpoint")
@@ -106,15 +105,6 @@ def test_train_run_leaves_checkpoint_tables_heatmap_and_an_offline_wandb_run(sto
 
 
 # --- exact resume ---------------------------------------------------------------------------------------------------
-class CrashAt(L.Callback):
-    """Simulates a killed run: raises when epoch ``epoch`` starts."""
-
-    def __init__(self, epoch: int = 2):
-        self.epoch = epoch
-
-    def on_train_epoch_start(self, trainer, module):
-        if trainer.current_epoch == self.epoch:
-            raise RuntimeError("killed")
 
 
 def test_resume_after_a_kill_matches_an_uninterrupted_run(store, tmp_path):
@@ -125,7 +115,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(store, tmp_path):
               "--model.inner_steps", "1", "--model.lr", "0.05", "--model.tol", "0", "--trainer.max_epochs", "4",
               "--logger", "none"]
     run(expand_short_form([*common, "--out", str(tmp_path / "straight")]))
-    crash = '--trainer.callbacks+={"class_path": "tests.test_train.CrashAt", "init_args": {"epoch": 2}}'
+    crash = '--trainer.callbacks+={"class_path": "helpers.CrashAt", "init_args": {"epoch": 2}}'
     with pytest.raises(RuntimeError, match="killed"):
         run(expand_short_form([*common, "--out", str(tmp_path / "resumed"), crash]))
     assert not (tmp_path / "resumed" / "checkpoint").exists()
@@ -197,7 +187,7 @@ def test_pipeline_restarts_an_interrupted_training_whose_settings_changed(store,
     step marker to compare with) it starts that training over instead of resuming or refusing."""
     from types import SimpleNamespace
 
-    from train.pipeline import Pipeline
+    from headprobe.train.pipeline import Pipeline
 
     folder = tmp_path / "linear"
     pipeline = SimpleNamespace(cfg=SimpleNamespace(logger="none", seed=0))
@@ -223,7 +213,7 @@ def test_layers_or_heads_outside_the_store_are_refused_in_one_line(store):
 def test_resume_check_catches_changes_to_zero_false_and_other_values(tmp_path, key, saved, now):
     from types import SimpleNamespace
 
-    from train.fit import check_resume
+    from headprobe.train.fit import check_resume
 
     ckpt = tmp_path / "last.ckpt"
     torch.save({"hyper_parameters": {key: saved, "n_layers": 30, "loss": "logistic" if key != "loss" else saved},
@@ -238,7 +228,7 @@ def test_resume_check_catches_changes_to_zero_false_and_other_values(tmp_path, k
 def test_bad_train_input_gives_one_line_errors_before_training(store, tmp_path, capsys):
     """Parse errors (jsonargparse's are many lines), unknown models, bad settings and data a probe cannot use all end
     in one line, exit 2, with nothing trained."""
-    from train.cli import main
+    from headprobe.train.cli import main
 
     z, _, split = planted(n=40)
     one = write_store(tmp_path / "one.h5", z, np.zeros(40, dtype=np.int64), split)
@@ -263,7 +253,7 @@ def test_bad_train_input_gives_one_line_errors_before_training(store, tmp_path, 
 
 
 def test_an_sae_too_big_for_the_machine_is_refused_before_allocation():
-    from probes.sae import SparseAutoencoder
+    from headprobe.probes.sae import SparseAutoencoder
 
     with pytest.raises(ValueError, match=r"an SAE of 2000000 latents on 1000000 inputs needs ~\d+ GB .* \(--data.layers\)"):
         SparseAutoencoder(d_in=1_000_000, d_sae=2_000_000)

@@ -31,7 +31,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 
-from probes.checkpoint import save_checkpoint
+from headprobe.probes.checkpoint import save_checkpoint
 
 HEATMAP_KEYS = ("test/acc", "val/acc", "test/r2", "val/r2")
 

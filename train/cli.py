@@ -18,22 +18,22 @@ from typing import Callable
 
 # subcommand -> (module with add_arguments(parser) and run(args), or main(argv) for pass-through; help)
 COMMANDS = {
-    "extract": ("extract.cli", "extract per-head activations of a model into an HDF5 store"),
-    "tasks": ("extract.tasks.cli", "list the built-in probing tasks"),
-    "train": ("train.fit", "train probes or sparse autoencoders (LightningCLI; see `headprobe train -h`)"),
-    "attribute": ("probes.attribution_cli", "map trained probes and SAEs to heads and reasoning stages"),
-    "hub": ("probes.hub_cli", "list, show and publish checkpoints"),
-    "run": ("train.pipeline", "the whole pipeline on the default model, with a report"),
+    "extract": ("headprobe.extract.cli", "extract per-head activations of a model into an HDF5 store"),
+    "tasks": ("headprobe.extract.tasks.cli", "list the built-in probing tasks"),
+    "train": ("headprobe.train.fit", "train probes or sparse autoencoders (LightningCLI; see `headprobe train -h`)"),
+    "attribute": ("headprobe.probes.attribution_cli", "map trained probes and SAEs to heads and reasoning stages"),
+    "hub": ("headprobe.probes.hub_cli", "list, show and publish checkpoints"),
+    "run": ("headprobe.train.pipeline", "the whole pipeline on the default model, with a report"),
 }
 
 
 def known_errors() -> tuple[type[Exception], ...]:
     """The errors headprobe raises for bad input, whose message says what to do: printed as one line."""
-    from extract.extractor import ExtractError
-    from extract.models import ModelLoadError
-    from extract.store import StoreError
-    from extract.tasks import TaskError
-    from probes.checkpoint import CheckpointError
+    from headprobe.extract.extractor import ExtractError
+    from headprobe.extract.models import ModelLoadError
+    from headprobe.extract.store import StoreError
+    from headprobe.extract.tasks import TaskError
+    from headprobe.probes.checkpoint import CheckpointError
 
     return (ModelLoadError, ExtractError, StoreError, TaskError, CheckpointError, FileNotFoundError, ValueError,
             FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)

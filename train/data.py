@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, get_worker_info
 
-from extract.store import CHUNK_ROWS, Store
+from headprobe.extract.store import CHUNK_ROWS, Store
 
 
 def _dist() -> tuple[int, int]:

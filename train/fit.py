@@ -26,14 +26,14 @@ from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, Logger
 
-from train.callbacks import ExportRun, SaveLast
-from train.cli import parse_error
-from train.data import StoreDataModule
+from headprobe.train.callbacks import ExportRun, SaveLast
+from headprobe.train.cli import parse_error
+from headprobe.train.data import StoreDataModule
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 # short-form name -> (module that must exist, config file naming the model class)
-MODELS = {"linear": ("probes.linear", "linear.yaml"), "sparse": ("probes.sparse", "sparse.yaml"),
-          "sae": ("probes.sae", "sae.yaml")}
+MODELS = {"linear": ("headprobe.probes.linear", "linear.yaml"), "sparse": ("headprobe.probes.sparse", "sparse.yaml"),
+          "sae": ("headprobe.probes.sae", "sae.yaml")}
 LOGGERS = ("wandb", "csv", "none")
 USAGE = """usage: headprobe train {linear,sparse,sae} --data.path STORE.h5 --out DIR [options]
        headprobe train --config FILE.yaml [options]
@@ -105,7 +105,7 @@ def make_logger(kind: str, out: Path, project: str, resume: bool = False) -> Log
     if kind == "csv":  # a resume logs into a folder of its own: Lightning empties a reused one's metrics.csv
         n = 1 + sum(1 for _ in (out / "csv").glob("resume-*")) if resume else 0
         return CSVLogger(save_dir=str(out), name="csv", version=f"resume-{n}" if n else "")
-    from train.loggers import WandbLogger
+    from headprobe.train.loggers import WandbLogger
 
     return WandbLogger(save_dir=str(out), project=project)
 
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv in ([], ["-h"], ["--help"]):
         print(USAGE)
         return
-    from train.cli import guarded
+    from headprobe.train.cli import guarded
 
     guarded("headprobe", lambda: run(expand_short_form(argv)))  # TrainError is a ValueError
 

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
-from extract.models import DEFAULT_MODEL
+from headprobe.extract.models import DEFAULT_MODEL
 
 
 @dataclass
@@ -151,7 +151,7 @@ class Pipeline:
     """The steps of ``headprobe run``; each writes under ``cfg.out`` and is skipped when already done."""
 
     def __init__(self, cfg: RunConfig):
-        from extract.tasks import TASKS, get_task
+        from headprobe.extract.tasks import TASKS, get_task
 
         if cfg.top_k > 0 and cfg.ablation_draws < 2:
             raise ValueError(f"ablation_draws {cfg.ablation_draws}: the ablation check needs at least 2 random draws")
@@ -171,7 +171,7 @@ class Pipeline:
         self._model_key: dict | None = None
         os.environ.setdefault("WANDB_RUN_GROUP", f"headprobe-run-{self.out.name}")
         if cfg.logger == "wandb":  # offline without credentials; wandb's cache and config stay under --out
-            from train.loggers import wandb_environment
+            from headprobe.train.loggers import wandb_environment
 
             wandb_environment(self.out / "wandb")
             os.environ.setdefault("WANDB_SILENT", "true")  # 19 runs' banners would bury the progress bars
@@ -180,7 +180,7 @@ class Pipeline:
     def loaded(self):
         """The model, loaded on first use (a fully cached run never loads it)."""
         if self._loaded is None:
-            from extract.models import load_model
+            from headprobe.extract.models import load_model
 
             self._loaded = load_model(self.cfg.model)
         return self._loaded
@@ -190,7 +190,7 @@ class Pipeline:
         """What the extractions depend on of the model: its name and an identity of its files (a folder or GGUF
         whose weights change invalidates every cached step), computed without loading it."""
         if self._model_key is None:
-            from extract.models import source_fingerprint
+            from headprobe.extract.models import source_fingerprint
 
             self._model_key = {"model": self.cfg.model, "source": source_fingerprint(self.cfg.model)}
         return self._model_key
@@ -208,13 +208,13 @@ class Pipeline:
 
     # --- 1. extraction --------------------------------------------------------------------------------------------
     def extract_all(self) -> None:
-        from extract.extractor import ExtractConfig
-        from extract.tasks import get_task
+        from headprobe.extract.extractor import ExtractConfig
+        from headprobe.extract.tasks import get_task
 
         cfg = self.cfg
         corpus_key = {**self.model_key, "layer": cfg.sae.layer, "n": cfg.sae.corpus_examples, "seed": cfg.seed}
         if self.steps.key_of("extract/corpus") != self.steps.digest(corpus_key):  # check before the other tasks run
-            from extract.hooks import head_layout
+            from headprobe.extract.hooks import head_layout
 
             n_layers = head_layout(self.loaded.model).n_layers
             if not 0 <= cfg.sae.layer < n_layers:
@@ -230,8 +230,8 @@ class Pipeline:
         """Extract ``task`` as step ``step``. An interrupted extraction resumes only under the settings it started
         with (recorded beside the step's marker); other settings, or a finished store made with other settings,
         start again."""
-        from extract.extractor import extract
-        from extract.store import partial_path
+        from headprobe.extract.extractor import extract
+        from headprobe.extract.store import partial_path
 
         store, digest = self.store(task.name), self.steps.digest(key)
         started = self.steps.folder / f"{step.replace('/', '_')}.started"
@@ -255,7 +255,7 @@ class Pipeline:
     def _train(self, kind: str, store: Path, folder: Path, extra: list[str], digest: str) -> dict:
         """One training into ``folder``; ``digest`` names its settings, so that an interrupted training resumes only
         under the same ones (a finished step with other settings, or a folder without a digest, starts over)."""
-        from train.fit import expand_short_form, run
+        from headprobe.train.fit import expand_short_form, run
 
         started = folder / "step_key"  # the settings of a training that may not have finished
         if not started.exists() or started.read_text() != digest:  # other or unknown settings: start over
@@ -291,7 +291,7 @@ class Pipeline:
                  "--model.init_args.k", str(s.k), "--model.init_args.token_budget", str(s.tokens),
                  "--data.batch_size", str(s.batch_size)]
         key = {"store": self.steps.key_of("extract/corpus"), "extra": extra, "seed": cfg.seed}
-        from train.fit import CONFIGS
+        from headprobe.train.fit import CONFIGS
 
         overlay = CONFIGS / f"sae_{s.architecture}.yaml"  # the architecture's own defaults, as in headprobe train
         if overlay.exists():
@@ -301,7 +301,7 @@ class Pipeline:
         self.steps("sae/eval", {"sae": self.steps.key_of("sae"), "ce_tokens": s.ce_tokens}, self.evaluate_sae)
 
     def evaluate_sae(self) -> dict:
-        from probes.sae_eval import evaluate_checkpoint
+        from headprobe.probes.sae_eval import evaluate_checkpoint
 
         folder = self.run_dir("sae", f"layer{self.cfg.sae.layer}")
         return evaluate_checkpoint(folder / "checkpoint", self.store("corpus"), split="test",
@@ -312,7 +312,8 @@ class Pipeline:
     def attribute(self) -> dict:
         import argparse
 
-        from probes.attribution_cli import add_arguments, run as attribute
+        from headprobe.probes.attribution_cli import add_arguments
+        from headprobe.probes.attribution_cli import run as attribute
 
         parser = argparse.ArgumentParser()
         add_arguments(parser)  # the same defaults as `headprobe attribute`
@@ -349,7 +350,7 @@ class Pipeline:
 
 
 def _rows(path: Path) -> int:
-    from extract.store import Store
+    from headprobe.extract.store import Store
 
     with Store(path) as store:
         return len(store)
@@ -384,9 +385,9 @@ def _top_tokens(p: Pipeline, n_features: int = 8, n_tokens: int = 5, context: in
     import numpy as np
     import torch
 
-    from extract.store import Store
-    from probes.attribution import decoder_head_shares
-    from probes.checkpoint import load_local
+    from headprobe.extract.store import Store
+    from headprobe.probes.attribution import decoder_head_shares
+    from headprobe.probes.checkpoint import load_local
 
     sae = load_local(p.run_dir("sae", f"layer{p.cfg.sae.layer}") / "checkpoint")
     tok = p.loaded.tokenizer
@@ -419,7 +420,7 @@ SAE_NAMES = {"topk": "TopK", "batchtopk": "BatchTopK", "relu": "ReLU (L1)", "jum
 
 
 def build_report(p: Pipeline) -> Path:
-    from train.report import write_report
+    from headprobe.train.report import write_report
 
     folder = p.out / "report"
     attr = p.out / "attribution"
@@ -467,7 +468,7 @@ def _yaml(d: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 
-    from train.cli import guarded, parse_error
+    from headprobe.train.cli import guarded, parse_error
 
     parser = ArgumentParser(prog="headprobe run", description=__doc__.splitlines()[0], exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below "

@@ -1,8 +1,8 @@
 """The task registry: built-in probing tasks for the four reasoning stages, and user datasets."""
 from __future__ import annotations
 
-from extract.tasks.base import POSITION_RULES, STAGES, Example, Task, assign_splits, dataset_hash
-from extract.tasks import builtin
+from headprobe.extract.tasks import builtin
+from headprobe.extract.tasks.base import POSITION_RULES, STAGES, Example, Task, assign_splits, dataset_hash
 
 TASKS: dict[str, Task] = {t.name: t for t in builtin.TASKS}
 
@@ -21,7 +21,7 @@ def get_task(name: str) -> Task:
 def resolve_task(ref: str) -> Task:
     """A built-in task by name, a user dataset file (.jsonl / .csv), or ``hf:NAME?text=..&label=..`` (a Hugging Face
     dataset with a column mapping; see ``extract/tasks/user.py``)."""
-    from extract.tasks import user
+    from headprobe.extract.tasks import user
 
     if ref.startswith("hf:"):
         return user.load_hf_task(ref)

@@ -8,9 +8,9 @@ from __future__ import annotations
 import csv
 import random
 
-from extract.shipped import shipped_folder
-from extract.tasks.base import Example, Task
-from extract.tasks.corpus import make_corpus
+from headprobe.extract.shipped import shipped_folder
+from headprobe.extract.tasks.base import Example, Task
+from headprobe.extract.tasks.corpus import make_corpus
 
 DATA = shipped_folder("datasets")
 TRUE_FALSE = ["false", "true"]

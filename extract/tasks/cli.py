@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from extract.tasks import STAGES, TASKS
-from extract.tasks.builtin import DATA
+from headprobe.extract.tasks import STAGES, TASKS
+from headprobe.extract.tasks.builtin import DATA
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

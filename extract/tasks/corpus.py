@@ -17,7 +17,7 @@ import sysconfig
 import textwrap
 from pathlib import Path
 
-from extract.tasks.base import Example
+from headprobe.extract.tasks.base import Example
 
 SKIP_DIRS = {"test", "tests", "idlelib", "turtledemo", "tkinter", "lib2to3", "ensurepip", "site-packages",
              "pydoc_data", "__pycache__", "venv"}

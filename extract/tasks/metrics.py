@@ -21,8 +21,8 @@ import inspect
 import numpy as np
 import torch
 
-from extract.models import LoadedModel
-from extract.tasks.base import Example, Task
+from headprobe.extract.models import LoadedModel
+from headprobe.extract.tasks.base import Example, Task
 
 
 def _token_ids(tokenizer, texts: list[str], special: bool) -> list[list[int]]:

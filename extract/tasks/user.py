@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from urllib.parse import parse_qsl
 
-from extract.tasks.base import STAGES, Example, Task
+from headprobe.extract.tasks.base import STAGES, Example, Task
 
 
 class UserDataError(ValueError):

@@ -1,0 +1,54 @@
+"""headprobe: what do a language model's attention heads do? The public Python API.
+
+This folder is the installed package ``headprobe`` (pyproject.toml maps it); its stage folders are subpackages:
+
+    headprobe.extract   model -> HDF5 store of per-head outputs
+    headprobe.probes    probes and sparse autoencoders, their checkpoints, attribution to heads and stages
+    headprobe.train     training (LightningCLI), the whole pipeline (``headprobe run``) and its report
+
+Names are imported lazily, so ``import headprobe`` stays cheap.
+"""
+from __future__ import annotations
+
+import importlib
+
+
+class HeadprobeError(Exception):
+    """An error the user can cause and fix (bad input, a missing file, settings that cannot work); its message is
+    one line that says what to do. The command line prints only these as one line; anything else is a bug and
+    shows its traceback."""
+
+
+_EXPORTS = {
+    "load": "headprobe.probes.hub",
+    "CheckpointConfig": "headprobe.probes.checkpoint",
+    "CheckpointError": "headprobe.probes.checkpoint",
+    "save_checkpoint": "headprobe.probes.checkpoint",
+    "read_checkpoint": "headprobe.probes.checkpoint",
+    "LinearProbes": "headprobe.probes.linear",
+    "SparseProbe": "headprobe.probes.sparse",
+    "SparseAutoencoder": "headprobe.probes.sae",
+    "evidence_from_checkpoints": "headprobe.probes.attribution",
+    "build_stage_map": "headprobe.probes.stage_map",
+    "write_stage_map": "headprobe.probes.stage_map",
+    "head_type_scores": "headprobe.probes.head_scores",
+    "HeadAblation": "headprobe.probes.ablation",
+    "causal_check": "headprobe.probes.ablation",
+    "causal_checks": "headprobe.probes.ablation",
+    "readout_metric": "headprobe.probes.readout",
+    "load_model": "headprobe.extract.models",
+    "extract": "headprobe.extract.extractor",
+    "ExtractConfig": "headprobe.extract.extractor",
+    "Store": "headprobe.extract.store",
+    "get_task": "headprobe.extract.tasks",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'headprobe' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*_EXPORTS, "HeadprobeError"])
