@@ -75,7 +75,7 @@ def headprobe(args: list[str], home: Path, **env_vars: str) -> subprocess.Comple
 def test_print_config_and_overrides(store, tmp_path):
     res = headprobe(["linear", "--data.path", str(store), "--model.l2", "0.5", "--print_config"], tmp_path)
     assert res.returncode == 0, res.stderr
-    assert "class_path: probes.linear.LinearProbes" in res.stdout and "l2: 0.5" in res.stdout
+    assert "class_path: headprobe.probes.linear.LinearProbes" in res.stdout and "l2: 0.5" in res.stdout
 
 
 def test_train_run_leaves_checkpoint_tables_heatmap_and_an_offline_wandb_run(store, tmp_path):
