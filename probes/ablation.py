@@ -20,6 +20,7 @@ import torch
 from scipy import stats
 from torch import nn
 
+from headprobe import InputError
 from headprobe.extract.hooks import head_layout, out_projections
 from headprobe.probes.metrics import bootstrap_ci
 
@@ -31,14 +32,14 @@ class HeadAblation:
 
     def __init__(self, model: nn.Module, heads: Iterable[Head], mode: str = "mean", means: torch.Tensor | None = None):
         if mode not in ("mean", "zero"):
-            raise ValueError(f"ablation mode {mode!r}: choose 'mean' or 'zero'")
+            raise InputError(f"ablation mode {mode!r}: choose 'mean' or 'zero'")
         if mode == "mean" and means is None:
-            raise ValueError("mean ablation needs the heads' means: compute them with head_means(model, batches)")
+            raise InputError("mean ablation needs the heads' means: compute them with head_means(model, batches)")
         self.layout = layout = head_layout(model)
         mask = torch.zeros(layout.n_layers, layout.n_heads, dtype=torch.bool)
         for layer, head in heads:
             if not (0 <= layer < layout.n_layers and 0 <= head < layout.n_heads):
-                raise ValueError(f"head ({layer}, {head}) is outside the model's {layout.n_layers} layers x "
+                raise InputError(f"head ({layer}, {head}) is outside the model's {layout.n_layers} layers x "
                                  f"{layout.n_heads} heads")
             mask[layer, head] = True
         value = means if mode == "mean" else torch.zeros(layout.n_layers, layout.n_heads, layout.d_head)
@@ -93,7 +94,7 @@ def head_means(model: nn.Module, batches: Iterable[dict]) -> torch.Tensor:
         for h in handles:
             h.remove()
     if count == 0:
-        raise ValueError("head_means got no tokens: pass at least one non-empty batch")
+        raise InputError("head_means got no tokens: pass at least one non-empty batch")
     return (total / count).view(layout.n_layers, layout.n_heads, layout.d_head).float()
 
 
@@ -155,13 +156,13 @@ def draw_random_heads(top_heads: list[Head], n_layers: int, n_heads: int, pool: 
         taken = set(top)
         others = [(l, h) for l in range(n_layers) for h in range(n_heads) if (l, h) not in taken]
         if len(others) < len(top):
-            raise ValueError(f"only {len(others)} heads besides the {len(top)} top heads: ablate fewer top heads")
+            raise InputError(f"only {len(others)} heads besides the {len(top)} top heads: ablate fewer top heads")
         return [others[i] for i in sorted(rng.choice(len(others), size=len(top), replace=False))]
     if pool == "layers":
         layers, counts = np.unique(np.array([l for l, _ in top], dtype=int), return_counts=True)
         return [(int(l), int(h)) for l, c in zip(layers, counts)
                 for h in sorted(rng.choice(n_heads, size=c, replace=False))]
-    raise ValueError(f"unknown random-head pool {pool!r}: use 'all' or 'layers'")
+    raise InputError(f"unknown random-head pool {pool!r}: use 'all' or 'layers'")
 
 
 def causal_check(model: nn.Module, metric: Callable[[nn.Module], np.ndarray], top_heads: list[Head],
@@ -185,9 +186,9 @@ def causal_checks(model: nn.Module, metric: Callable[[nn.Module], np.ndarray], t
     layout = head_layout(model)
     k = len(top_heads)
     if len(set(top_heads)) != k:
-        raise ValueError(f"the top heads {top_heads} name a head twice: pass distinct (layer, head) pairs")
+        raise InputError(f"the top heads {top_heads} name a head twice: pass distinct (layer, head) pairs")
     if n_draws < 2:
-        raise ValueError(f"{n_draws} random draws give no interval: draw at least 2")
+        raise InputError(f"{n_draws} random draws give no interval: draw at least 2")
     for pool in pools:  # a bad pool or too few heads fails here, before any metric runs
         draw_random_heads(top_heads, layout.n_layers, layout.n_heads, pool, np.random.default_rng(0))
     clean = float(np.mean(metric(model)))
@@ -223,7 +224,7 @@ def plot_ablation(results: dict[str, dict], path: str | Path) -> Path:
     with the top-k heads ablated (red diamond) and with each random draw (dots, one colour per pool), with one draw's
     95% prediction interval as a bar. Metrics differ per row, so each row has its own units."""
     if not results:
-        raise ValueError("no ablation results to plot: run the ablation on at least one task with a model metric")
+        raise InputError("no ablation results to plot: run the ablation on at least one task with a model metric")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

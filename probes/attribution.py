@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from scipy.stats import norm, rankdata
 
+from headprobe import InputError
 from headprobe.extract.tasks.base import STAGES
 
 
@@ -51,7 +52,7 @@ class Evidence:
         self.score = np.asarray(self.score, dtype=np.float64)
         self.null = np.broadcast_to(np.asarray(self.null, dtype=np.float64), self.score.shape).copy()
         if self.score.ndim != 2 or self.score.shape[0] != len(self.layers):
-            raise ValueError(f"evidence for task {self.task!r}: score has shape {self.score.shape}, expected "
+            raise InputError(f"evidence for task {self.task!r}: score has shape {self.score.shape}, expected "
                              f"({len(self.layers)} layers, heads)")
 
     def excess(self) -> np.ndarray:
@@ -77,7 +78,7 @@ def null_threshold(control: np.ndarray, alpha: float = 0.01, n_tests: int | None
     c = np.asarray(control, dtype=np.float64)
     c = c[np.isfinite(c)]
     if c.size == 0:
-        raise ValueError("no finite control scores to take a null threshold from")
+        raise InputError("no finite control scores to take a null threshold from")
     n = n_tests or c.size
     spread = max(c.std(ddof=1) if c.size > 1 else 0.0, min_std)
     return float(c.mean() + norm.ppf(1 - alpha / n) * spread)
@@ -110,7 +111,7 @@ def decoder_head_shares(W_dec: np.ndarray | torch.Tensor, n_heads: int) -> np.nd
     """
     W = torch.as_tensor(W_dec, dtype=torch.float64)
     if W.shape[1] % n_heads:
-        raise ValueError(f"decoder width {W.shape[1]} is not a multiple of {n_heads} heads: pass W_dec as (F, H*D)")
+        raise InputError(f"decoder width {W.shape[1]} is not a multiple of {n_heads} heads: pass W_dec as (F, H*D)")
     norms = W.view(W.shape[0], n_heads, -1).norm(dim=2)  # (F, H)
     total = norms.sum(dim=1, keepdim=True)
     return torch.where(total > 0, norms / total.clamp_min(1e-300), torch.full_like(norms, 1.0 / n_heads)).numpy()
@@ -128,7 +129,7 @@ def direct_feature_attribution(z: torch.Tensor, W_enc: torch.Tensor, b_enc: torc
     N, H, D = z.shape
     F = b_enc.numel()
     if tuple(W_enc.shape) != (F, H * D):
-        raise ValueError(f"W_enc has shape {tuple(W_enc.shape)}; for {F} features over z of {H} heads x {D} it must "
+        raise InputError(f"W_enc has shape {tuple(W_enc.shape)}; for {F} features over z of {H} heads x {D} it must "
                          f"be ({F}, {H * D}), as SparseAutoencoder.W_enc (transpose a (d_in, F) matrix first)")
     W = W_enc.to(z.dtype).view(F, H, D)
     per_head = torch.einsum("nhd,fhd->nhf", z, W)
@@ -157,7 +158,7 @@ def _auroc_and_null_std(acts, labels) -> tuple[np.ndarray, np.ndarray]:
     acts, labels = acts[keep], labels[keep].astype(np.int64)
     classes = np.unique(labels)
     if len(classes) < 2:
-        raise ValueError("feature AUROC needs at least two label classes among the rows")
+        raise InputError("feature AUROC needs at least two label classes among the rows")
     ranks = rankdata(acts, axis=0)  # (N, F), average ranks for ties
 
     def auroc(y: np.ndarray) -> np.ndarray:
@@ -288,17 +289,17 @@ def _linear_from_metrics(config, metrics: dict, n_val: int | None, alpha: float)
     table = metrics.get(split, {})
     key = "acc" if "acc" in table else "r2"
     if key not in table:
-        raise ValueError(f"linear probe checkpoint for task {config.task!r} has no per-head {split} metrics in "
+        raise InputError(f"linear probe checkpoint for task {config.task!r} has no per-head {split} metrics in "
                          f"metrics.json: export it after validation (headprobe train runs it)")
     values = np.asarray(table[key], dtype=np.float64)  # (K, L, G): the task, then each control
     width = len(config.heads) if config.heads else config.n_heads
     if values.shape[2] != width:
-        raise ValueError(f"linear probe for task {config.task!r} was trained per layer (scope=layer): retrain with "
+        raise InputError(f"linear probe for task {config.task!r} was trained per layer (scope=layer): retrain with "
                          f"scope=head to attribute heads")
     prefix = f"{split}/selectivity_"
     controls = [k[len(prefix):].rsplit("_max", 1)[0] for k in metrics if k.startswith(prefix)]
     if values.shape[0] < 2 or not controls:
-        raise ValueError(f"linear probe for task {config.task!r} has no control probes: retrain with controls "
+        raise InputError(f"linear probe for task {config.task!r} has no control probes: retrain with controls "
                          f"(e.g. controls: [control, shuffled]) so there is a null to compare heads with")
     null_from = "shuffled" if "shuffled" in controls else controls[0]
     full = lambda a: _all_heads(a, config.heads, config.n_heads)
@@ -373,7 +374,7 @@ def evidence_from_checkpoints(folders: list[str | Path], stores: list | None = N
             out.append(Evidence(config.task, config.stage, "sparse", _all_heads(norms, config.heads, config.n_heads),
                                 0.0, list(config.layers), metric="group norm (standardised inputs; null: any kept head)"))
         else:
-            raise ValueError(f"{folder}: cannot attribute a {config.cls} checkpoint (known: LinearProbes, SparseProbe, "
+            raise InputError(f"{folder}: cannot attribute a {config.cls} checkpoint (known: LinearProbes, SparseProbe, "
                              f"SparseAutoencoder)")
     if saes:
         out += _sae_evidence_on_stores(saes, stores or [], alpha, max_rows)

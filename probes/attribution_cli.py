@@ -21,6 +21,7 @@ from typing import Callable
 
 import numpy as np
 
+from headprobe import InputError
 from headprobe.probes.attribution import Evidence, evidence_from_checkpoints
 from headprobe.probes.stage_map import SCALES, STAGES, build_stage_map, markdown_section, write_stage_map
 
@@ -64,10 +65,10 @@ def earlier_outputs(out: Path, overwrite: bool) -> list[Path]:
     """The files of an attribution already in ``out``, to remove before writing (so that none is left from a run
     with other options); refuse an --out that is a file, or holds an attribution unless ``overwrite``."""
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file: pass a folder")
+        raise InputError(f"--out {out} is a file: pass a folder")
     old = [out / name for name in OUTPUTS if (out / name).exists()]
     if old and not overwrite:
-        raise ValueError(f"--out {out} holds an attribution ({old[0].name}): pass --overwrite to replace it, or "
+        raise InputError(f"--out {out} holds an attribution ({old[0].name}): pass --overwrite to replace it, or "
                          f"another --out")
     return old
 
@@ -103,7 +104,7 @@ def find_inputs(paths: list[Path]) -> tuple[list[Path], list[Path]]:
                                   if (c.parent / "config.json").is_file())
             stores += sorted(path.rglob("*.h5"))
     if not checkpoints:
-        raise ValueError(f"no checkpoint found in {', '.join(map(str, paths))}: pass folders holding config.json and "
+        raise InputError(f"no checkpoint found in {', '.join(map(str, paths))}: pass folders holding config.json and "
                          f"model.safetensors (train some with `headprobe train`)")
     return checkpoints, stores
 
@@ -320,19 +321,14 @@ def run_ablations(loaded, evidence: list[Evidence], k: int, mode: str, draws: in
 
 def run(args: argparse.Namespace) -> None:
     from headprobe.extract.store import Store
-    from headprobe.probes.checkpoint import CheckpointError
-
     earlier = earlier_outputs(args.out, args.overwrite)
     checkpoints, found = find_inputs(args.paths)
     stores = [Store(p) for p in dict.fromkeys(found + list(args.stores))]
-    try:
-        evidence = evidence_from_checkpoints(checkpoints, stores, args.alpha)
-    except CheckpointError as err:
-        raise ValueError(str(err)) from None
+    evidence = evidence_from_checkpoints(checkpoints, stores, args.alpha)
     print(f"attribute: {len(checkpoints)} checkpoints, {len(stores)} stores: "
           f"{', '.join(f'{e.task}/{e.source}' for e in evidence) or 'no labelled task'}")
     if not evidence:
-        raise ValueError("no checkpoint spoke to a task with a stage (KR, ICI, LR, EP); for SAEs pass labelled "
+        raise InputError("no checkpoint spoke to a task with a stage (KR, ICI, LR, EP); for SAEs pass labelled "
                          "stores with --stores")
     stage_map = build_stage_map(evidence, args.reduce, args.scale)
     for path in earlier:
@@ -345,7 +341,7 @@ def run(args: argparse.Namespace) -> None:
         loaded = load_model(args.model or _model_of(checkpoints))
         hashes = {json.loads((c / "config.json").read_text())["weights_hash"] for c in checkpoints}
         if loaded.weights_hash not in hashes:
-            raise ValueError(f"{loaded.model_id} (weights {loaded.weights_hash}) is not the model the checkpoints were "
+            raise InputError(f"{loaded.model_id} (weights {loaded.weights_hash}) is not the model the checkpoints were "
                              f"trained on: pass that model with --model")
         if args.head_scores:
             from headprobe.probes.head_scores import HEAD_TYPES, head_type_scores
@@ -371,5 +367,5 @@ def run(args: argparse.Namespace) -> None:
 def _model_of(checkpoints: list[Path]) -> str:
     ids = {json.loads((c / "config.json").read_text())["model_id"] for c in checkpoints}
     if len(ids) != 1:
-        raise ValueError(f"checkpoints come from several models ({', '.join(sorted(ids))}): pass --model")
+        raise InputError(f"checkpoints come from several models ({', '.join(sorted(ids))}): pass --model")
     return ids.pop()

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from headprobe import HeadprobeError
+
 FORMAT_VERSION = 1
 FILES = ("model.safetensors", "config.json", "metrics.json", "README.md")
 CLASSES: dict[str, type] = {}
@@ -32,7 +34,7 @@ CLASSES: dict[str, type] = {}
 BUILTIN_MODULES = ("headprobe.probes.linear", "headprobe.probes.sparse", "headprobe.probes.sae")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(HeadprobeError, RuntimeError):
     """A checkpoint that cannot be read, or does not fit the data; the message says what to do."""
 
 

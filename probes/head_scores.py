@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from headprobe import InputError
+
 HEAD_TYPES = ("previous_token", "duplicate_token", "induction")
 HEAD_TYPE_STAGE = {"previous_token": "ICI", "duplicate_token": "ICI", "induction": "LR"}  # survey's taxonomy
 TYPE_THRESHOLD = 0.4
@@ -30,7 +32,7 @@ def repeated_random_tokens(n: int = 50, batch: int = 8, vocab_size: int = 1000, 
                            low: int = 0, seed: int = 0) -> torch.Tensor:
     """(batch, [1 +] 2n) token ids: [BOS,] r1..rn, r1..rn with r drawn without replacement from [low, vocab_size)."""
     if n > vocab_size - low:
-        raise ValueError(f"{n} distinct tokens asked from the {vocab_size - low} ids in [{low}, {vocab_size}): use a "
+        raise InputError(f"{n} distinct tokens asked from the {vocab_size - low} ids in [{low}, {vocab_size}): use a "
                          f"shorter sequence")
     g = torch.Generator().manual_seed(seed)
     r = torch.stack([low + torch.randperm(vocab_size - low, generator=g)[:n] for _ in range(batch)])

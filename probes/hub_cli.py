@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from headprobe.probes.checkpoint import CheckpointError, read_checkpoint, scalar_metrics
+from headprobe.probes.checkpoint import read_checkpoint, scalar_metrics
 from headprobe.probes.hub import Registry, push_to_folder, push_to_hf, resolve
 
 HUB_HELP = "a hub folder with registry.json, or an http(s) base URL (default: the checkpoints shipped with headprobe)"
@@ -39,13 +39,6 @@ def _fmt(metrics: dict, n: int = 3) -> str:
 
 
 def run(args: argparse.Namespace) -> None:
-    try:
-        _run(args)
-    except CheckpointError as err:  # printed by the dispatcher as one line
-        raise ValueError(str(err)) from None
-
-
-def _run(args: argparse.Namespace) -> None:
     if args.action == "list":
         registry = Registry.open(args.hub)
         print(f"{len(registry.entries)} checkpoints in {registry.base}")

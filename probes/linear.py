@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from headprobe import InputError
 from headprobe.probes.checkpoint import CheckpointConfig, init_hparams, register
 from headprobe.probes.metrics import bootstrap_ci, predictions, probe_metrics
 
@@ -190,7 +191,7 @@ def cholesky_factor(H: Tensor) -> Tensor:
     """Cholesky factors of Hessians H (..., M, M); one that float32 rounding left numerically indefinite gets a
     ridge (relative 1e-10, then 100x more, up to 1e-2) until it factors."""
     if not bool(torch.isfinite(H).all()):
-        raise ValueError("the probe Hessians hold NaN or inf: check the activations (e.g. fp16 overflow in the store)")
+        raise InputError("the probe Hessians hold NaN or inf: check the activations (e.g. fp16 overflow in the store)")
     L_, info = torch.linalg.cholesky_ex(H)
     eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
     for ridge in (1e-10, 1e-8, 1e-6, 1e-4, 1e-2):
@@ -311,9 +312,9 @@ class NewtonState:
 def resolve_loss(loss: str, label_kind: str, n_labels: int) -> tuple[str, int]:
     """(loss, number of outputs C) for a store's labels."""
     if loss not in LOSSES:
-        raise ValueError(f"unknown loss {loss!r}: choose one of {', '.join(LOSSES)}")
+        raise InputError(f"unknown loss {loss!r}: choose one of {', '.join(LOSSES)}")
     if label_kind == "none":
-        raise ValueError("this store has no labels (an unlabelled task): train an SAE on it, or extract a labelled task")
+        raise InputError("this store has no labels (an unlabelled task): train an SAE on it, or extract a labelled task")
     if loss == "auto":
         loss = "ridge" if label_kind == "regression" else ("logistic" if n_labels <= 2 else "softmax")
     if loss == "ridge":
@@ -336,7 +337,7 @@ def control_labels(labels: np.ndarray, split: np.ndarray, types: np.ndarray, kin
             out[idx] = labels[rng.permutation(idx)]
         return out
     if kind != "control":
-        raise ValueError(f"unknown control {kind!r}: choose from {', '.join(CONTROLS)}")
+        raise InputError(f"unknown control {kind!r}: choose from {', '.join(CONTROLS)}")
     uniq, inv = np.unique(types, return_inverse=True)
     pool = labels[split == 0] if (split == 0).any() else labels
     return rng.choice(pool, size=len(uniq))[inv]
@@ -355,12 +356,12 @@ class SplitEval:
             # gradients to synchronise and refuses such modules, so Lightning runs them unwrapped (as in eval).
             self.trainer.strategy.configure_ddp = lambda: None
         if not len(dm.split_rows["val"]):
-            raise ValueError(f"{dm.path}: the val split holds no rows ({sum(map(len, dm.split_rows.values()))} rows in "
+            raise InputError(f"{dm.path}: the val split holds no rows ({sum(map(len, dm.split_rows.values()))} rows in "
                              f"all; splits go 60/20/20 by group): extract more examples")
         if dm.meta.label_kind == "class":
             seen = np.unique(dm.columns()["label"][dm.split_rows["train"]])
             if len(seen) < 2:
-                raise ValueError(f"{dm.path}: every training row has the label {dm.meta.label_names[seen[0]]!r}: a "
+                raise InputError(f"{dm.path}: every training row has the label {dm.meta.label_names[seen[0]]!r}: a "
                                  f"probe needs rows of two labels or more (check the task's labels)")
         return resolve_loss(self.hparams.loss, dm.meta.label_kind, len(dm.meta.label_names))
 
@@ -442,14 +443,14 @@ class LinearProbes(SplitEval, L.LightningModule):
                  n_groups: int = 0, n_features: int = 0, n_classes: int = 0):
         super().__init__()
         if scope not in ("head", "layer"):
-            raise ValueError(f"unknown scope {scope!r}: choose head or layer")
+            raise InputError(f"unknown scope {scope!r}: choose head or layer")
         if loss not in LOSSES:
-            raise ValueError(f"unknown loss {loss!r}: choose one of {', '.join(LOSSES)}")
+            raise InputError(f"unknown loss {loss!r}: choose one of {', '.join(LOSSES)}")
         if not l2 >= 0:
-            raise ValueError(f"--model.l2 {l2}: the ridge penalty must be 0 or more")
+            raise InputError(f"--model.l2 {l2}: the ridge penalty must be 0 or more")
         for c in controls:
             if c not in CONTROLS:
-                raise ValueError(f"unknown control {c!r}: choose from {', '.join(CONTROLS)}")
+                raise InputError(f"unknown control {c!r}: choose from {', '.join(CONTROLS)}")
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.meta, self.layers, self.heads = None, None, None

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from headprobe import InputError
 from headprobe.extract.tasks.base import Example
 from headprobe.extract.tasks.metrics import example_ids, right_padded
 
@@ -54,23 +55,23 @@ def readout_metric(model: nn.Module, tokenizer: object, examples: list[Example],
 
     for name, exs in (("", examples), ("scored ", scored)):
         if not exs or any((ex.text is None and ex.token_ids is None) or ex.label is None for ex in exs):
-            raise ValueError(f"the readout's {name}examples need texts (or token ids) and labels: pass labelled "
+            raise InputError(f"the readout's {name}examples need texts (or token ids) and labels: pass labelled "
                              "examples")
     y, y_scored = (np.array([int(ex.label) for ex in exs]) for exs in (examples, scored))
     if len(np.unique(y)) < 2:
-        raise ValueError("the readout's examples hold one label only: pass examples of every label")
+        raise InputError("the readout's examples hold one label only: pass examples of every label")
     if not np.isin(y_scored, y).all():
         missing = sorted(set(y_scored.tolist()) - set(y.tolist()))
-        raise ValueError(f"scored labels {missing} are in none of the readout's examples: pass examples of every label")
+        raise InputError(f"scored labels {missing} are in none of the readout's examples: pass examples of every label")
     groups, scored_groups = np.array([ex.group for ex in examples]), np.array([ex.group for ex in scored])
     n_folds = min(folds, len(set(scored_groups)))
     if n_folds < 2:
-        raise ValueError("the scored examples come from one group: pass examples of at least 2 groups")
+        raise InputError("the scored examples come from one group: pass examples of at least 2 groups")
     splits = [(rows, ~np.isin(groups, scored_groups[rows]))  # (rows of scored, the examples to fit their readout on)
               for _, rows in GroupKFold(n_folds).split(y_scored, groups=scored_groups)]
     for rows, keep in splits:
         if not np.isin(y_scored[rows], y[keep]).all() or len(np.unique(y[keep])) < 2:
-            raise ValueError("a readout fold lacks a label of its scored examples: pass more examples of every label")
+            raise InputError("a readout fold lacks a label of its scored examples: pass more examples of every label")
     hidden = last_hidden(model, [example_ids(tokenizer, ex) for ex in examples])
     ids_scored = [example_ids(tokenizer, ex) for ex in scored]
     parts = []  # (rows of scored, the readout fit without their groups, the label's column in it)

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from headprobe import InputError
 from headprobe.probes.checkpoint import CheckpointConfig, init_hparams, register, save_checkpoint
 
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
@@ -232,15 +233,15 @@ class SparseAutoencoder(L.LightningModule):
                  token_budget: int = 0, fused: bool = True, batchtopk_momentum: float = 0.99, seed: int = 0):
         super().__init__()
         if architecture not in ARCHITECTURES:
-            raise ValueError(f"unknown SAE architecture {architecture!r}: choose one of {', '.join(ARCHITECTURES)}")
+            raise InputError(f"unknown SAE architecture {architecture!r}: choose one of {', '.join(ARCHITECTURES)}")
         if b_dec_init not in B_DEC_INITS:
-            raise ValueError(f"unknown b_dec_init {b_dec_init!r}: choose one of {', '.join(B_DEC_INITS)}")
+            raise InputError(f"unknown b_dec_init {b_dec_init!r}: choose one of {', '.join(B_DEC_INITS)}")
         if input_norm not in ("expected_norm", "none"):
-            raise ValueError(f"unknown input_norm {input_norm!r}: choose expected_norm or none")
+            raise InputError(f"unknown input_norm {input_norm!r}: choose expected_norm or none")
         if decoder_norm not in ("unit", "penalty"):
-            raise ValueError(f"unknown decoder_norm {decoder_norm!r}: choose unit or penalty")
+            raise InputError(f"unknown decoder_norm {decoder_norm!r}: choose unit or penalty")
         if not 0 < decay_start <= 1:
-            raise ValueError(f"decay_start must lie in (0, 1], got {decay_start}")
+            raise InputError(f"decay_start must lie in (0, 1], got {decay_start}")
         self.save_hyperparameters()
         self.layers: list[int] | None = None  # model layers read (provenance, set at setup or load)
         self.heads: list[int] | None = None
@@ -265,7 +266,7 @@ class SparseAutoencoder(L.LightningModule):
         n = hp.d_sae or hp.expansion * d_in
         need, ram = 32 * n * d_in / 2**30, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
         if need > ram:  # encoder and decoder in float32, each with a gradient and two Adam moments
-            raise ValueError(f"an SAE of {n} latents on {d_in} inputs needs ~{need:.0f} GB for its weights, gradients "
+            raise InputError(f"an SAE of {n} latents on {d_in} inputs needs ~{need:.0f} GB for its weights, gradients "
                              f"and Adam state, more than this machine's {ram:.0f} GB: train on fewer layers "
                              f"(--data.layers) or set a smaller --model.d_sae or --model.expansion")
         g = torch.Generator().manual_seed(hp.seed)
@@ -305,7 +306,7 @@ class SparseAutoencoder(L.LightningModule):
         if not hasattr(self, "W_dec"):
             self._build(d_in)
         elif self.d_in != d_in:
-            raise ValueError(f"the SAE takes d_in={self.d_in} but the data gives {d_in} (layers x heads x d_head): "
+            raise InputError(f"the SAE takes d_in={self.d_in} but the data gives {d_in} (layers x heads x d_head): "
                              f"select matching --data.layers/--data.heads")
         budget = self.hparams.token_budget
         whole_epochs = self.trainer.limit_train_batches in (None, 1.0) and self.trainer.world_size == 1
@@ -520,7 +521,7 @@ class SparseAutoencoder(L.LightningModule):
         """Provenance and hyperparameters for :func:`probes.checkpoint.save_checkpoint`."""
         meta = meta or self.meta
         if meta is None:
-            raise ValueError("this SAE has no record of its training data: pass the store's meta to save it")
+            raise InputError("this SAE has no record of its training data: pass the store's meta to save it")
         hparams = init_hparams(self)
         norm = {"input_norm": self.hparams.input_norm, "input_scale": float(self.input_scale), "folded": True,
                 "b_dec_init": self.hparams.b_dec_init}
@@ -561,7 +562,7 @@ class SparseAutoencoder(L.LightningModule):
         """Decoder-norm share of each head block per latent: (d_sae, L, H), rows sum to 1 (Kissane et al.)."""
         H = n_heads or self.n_heads_in
         if H is None:
-            raise ValueError("pass n_heads: this SAE does not know its head layout")
+            raise InputError("pass n_heads: this SAE does not know its head layout")
         L_ = len(self.layers) if self.layers is not None else 1
         norms = self.W_dec.detach().view(self.d_sae, L_, H, -1).norm(dim=-1)
         return norms / norms.sum((1, 2), keepdim=True).clamp_min(1e-12)

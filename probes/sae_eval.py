@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from headprobe import InputError
 from headprobe.extract.hooks import head_layout, out_projections
 from headprobe.extract.store import Store
 from headprobe.extract.tasks.metrics import right_padded
@@ -69,7 +70,7 @@ class ReconstructionStats:
 
     def compute(self) -> dict:
         if self.n == 0:
-            raise ValueError("no tokens were evaluated: check the split has rows")
+            raise InputError("no tokens were evaluated: check the split has rows")
         variance = float((self.x_sq - self.x_sum.pow(2) / self.n).sum())
         density = self.fire_counts.double() / self.n
         return {"n_tokens": self.n, "l0": self.sums["l0"] / self.n, "fve": 1 - self.sums["sse"] / max(variance, 1e-30),
@@ -166,7 +167,7 @@ def store_sequences(path: str | Path, split: str = "test", max_tokens: int = 163
     """Token sequences of an all-token store's examples in ``split`` (exactly as extracted), up to max_tokens."""
     with Store(path) as store:
         if store.meta.position_rule != "all":
-            raise ValueError(f"{path} stores only {store.meta.position_rule!r} positions; CE needs an all-token "
+            raise InputError(f"{path} stores only {store.meta.position_rule!r} positions; CE needs an all-token "
                              f"store (extract with --positions all)")
         rows = store.rows(split)
         ex, pos, tok = store.column("example_id")[rows], store.column("position")[rows], store.column("token_id")[rows]
@@ -208,7 +209,7 @@ def ce_loss_recovered(model: torch.nn.Module, sae, batches: list[tuple[Tensor, T
     """
     layers = sae.layers if layer is None else [layer]
     if layers is None or len(layers) != 1:
-        raise ValueError("splicing needs an SAE on one layer: pass layer= (SAEs over several layers cannot be "
+        raise InputError("splicing needs an SAE on one layer: pass layer= (SAEs over several layers cannot be "
                          "spliced into one forward)")
     heads = sae.heads if heads is None else heads
     mean_input = mean_input.flatten().float()
@@ -234,7 +235,7 @@ def store_mean(path: str | Path, layers: list[int] | None = None, heads: list[in
         s = z.double().flatten(1).sum(0)
         total, n = (s if total is None else total + s), n + len(z)
     if not n:
-        raise ValueError(f"{path} has no {split} rows")
+        raise InputError(f"{path} has no {split} rows")
     return (total / n).float()
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from headprobe import InputError
 from headprobe.extract.tasks.base import STAGES as STAGE_NAMES
 from headprobe.probes.attribution import Evidence
 
@@ -81,15 +82,15 @@ def build_stage_map(evidence: list[Evidence], reduce: str = "mean", scale: str =
     """Pool evidences into (L, H, 4) stage scores in [0, 1] over the union of their layers; ``reduce``: mean or max
     over a stage's evidences; ``scale``: share or max (see the module's docstring)."""
     if scale not in SCALES:
-        raise ValueError(f"unknown scale {scale!r}: choose {' or '.join(SCALES)}")
+        raise InputError(f"unknown scale {scale!r}: choose {' or '.join(SCALES)}")
     if not evidence:
-        raise ValueError("no evidence to build a stage map from: pass at least one trained probe or SAE")
+        raise InputError("no evidence to build a stage map from: pass at least one trained probe or SAE")
     bad = sorted({ev.stage for ev in evidence} - set(STAGES))
     if bad:
-        raise ValueError(f"unknown stage(s) {bad}: tasks must carry one of {', '.join(STAGES)}")
+        raise InputError(f"unknown stage(s) {bad}: tasks must carry one of {', '.join(STAGES)}")
     heads = {ev.score.shape[1] for ev in evidence}
     if len(heads) != 1:
-        raise ValueError(f"evidence comes from models with different head counts {sorted(heads)}: attribute one "
+        raise InputError(f"evidence comes from models with different head counts {sorted(heads)}: attribute one "
                          f"model at a time")
     n_heads = heads.pop()
     layers = sorted({layer for ev in evidence for layer in ev.layers})

@@ -10,11 +10,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import re
 import sys
 from typing import Callable
+
+from headprobe import HeadprobeError
 
 # subcommand -> (module with add_arguments(parser) and run(args), or main(argv) for pass-through; help)
 COMMANDS = {
@@ -27,22 +30,27 @@ COMMANDS = {
 }
 
 
-def known_errors() -> tuple[type[Exception], ...]:
-    """The errors headprobe raises for bad input, whose message says what to do: printed as one line."""
-    from headprobe.extract.extractor import ExtractError
-    from headprobe.extract.models import ModelLoadError
-    from headprobe.extract.store import StoreError
-    from headprobe.extract.tasks import TaskError
-    from headprobe.probes.checkpoint import CheckpointError
+def debug() -> bool:
+    """Whether tracebacks are wanted for user errors too (``--debug`` anywhere on the command line, or
+    ``HEADPROBE_DEBUG=1``)."""
+    return os.environ.get("HEADPROBE_DEBUG", "").lower() in ("1", "true", "yes")
 
-    return (ModelLoadError, ExtractError, StoreError, TaskError, CheckpointError, FileNotFoundError, ValueError,
-            FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+def known_errors() -> tuple[type[BaseException], ...]:
+    """What the command line prints as one line: errors the user caused (:class:`headprobe.HeadprobeError`) and
+    file-system errors on a path (a full disk, a read-only or missing folder). Anything else is a bug: its
+    traceback shows."""
+    return (HeadprobeError, OSError)
 
 
 def one_line(err: BaseException) -> str:
     """An error's first line; an OS error on a path says which path and what to do."""
-    if isinstance(err, OSError) and err.filename and err.strerror:
-        return f"{err.filename}: {err.strerror.lower()}: pass another path"
+    if isinstance(err, OSError) and not isinstance(err, HeadprobeError):
+        where = err.filename or "a file"
+        if err.errno == errno.ENOSPC:
+            return f"{where}: no space left on the device: free some space (finished work is kept), then run again"
+        if err.strerror:
+            return f"{where}: {err.strerror.lower()}: pass another path"
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
@@ -67,10 +75,14 @@ def parse_error(err: Exception) -> str:
 
 
 def guarded(prog: str, work: Callable[[], object]) -> None:
-    """Run ``work``; bad input (``known_errors``) exits 2 with one line, Ctrl-C exits 130 with one line."""
+    """Run ``work``; a user's error exits 2 with one line, Ctrl-C exits 130 with one line. With ``--debug`` or
+    ``HEADPROBE_DEBUG=1`` user errors raise with their traceback."""
     try:
         work()
     except known_errors() as err:
+        if debug() or (isinstance(err, OSError) and not isinstance(err, HeadprobeError) and not err.filename
+                       and err.errno != errno.ENOSPC):
+            raise  # an OS error without a path is not the user's to fix from one line
         print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
@@ -81,8 +93,12 @@ def guarded(prog: str, work: Callable[[], object]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="headprobe", description="What do a language model's attention heads do?")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in argv:  # tracebacks for user errors too
+        argv.remove("--debug")
+        os.environ["HEADPROBE_DEBUG"] = "1"
+    parser = argparse.ArgumentParser(prog="headprobe", description="What do a language model's attention heads do? "
+                                     "(--debug anywhere, or HEADPROBE_DEBUG=1: tracebacks for errors too)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_) in COMMANDS.items():
         sub.add_parser(name, help=help_, add_help=False)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, get_worker_info
 
+from headprobe import InputError
 from headprobe.extract.store import CHUNK_ROWS, Store
 
 
@@ -147,7 +148,7 @@ class StreamingRows(IterableDataset):
             return self.batch_size
         fewest = min(self._slot_rows())
         if fewest == 0:
-            raise ValueError(f"{self.path}: the train split's {len(self.blocks)} streamed blocks cannot feed every "
+            raise InputError(f"{self.path}: the train split's {len(self.blocks)} streamed blocks cannot feed every "
                              f"process and dataloader worker: use fewer --data.num_workers or processes, a smaller "
                              f"--data.block_chunks, or --data.in_memory true")
         return min(self.batch_size, fewest)
@@ -249,13 +250,13 @@ class StoreDataModule(L.LightningDataModule):
             self.meta = store.meta
             self.split_rows = {s: store.rows(s) for s in ("train", "val", "test")}
             if not len(self.split_rows["train"]):
-                raise ValueError(f"{path}: the train split holds no rows ({len(store)} rows in all; splits go "
+                raise InputError(f"{path}: the train split holds no rows ({len(store)} rows in all; splits go "
                                  f"60/20/20 by group): extract more examples")
             L_, H, D = store.shape[1:]
             for name, picked, n in (("layers", layers, L_), ("heads", heads, H)):
                 if picked is not None and (not picked or not all(0 <= int(i) < n for i in picked)):
                     what = f"slots of the stored layers {store.meta.layers}" if name == "layers" else "heads"
-                    raise ValueError(f"--data.{name} {list(picked)}: pick from 0..{n - 1} ({what}) in {path}")
+                    raise InputError(f"--data.{name} {list(picked)}: pick from 0..{n - 1} ({what}) in {path}")
             self.block_rows = block_chunks * (store.file["z"].chunks or (CHUNK_ROWS,))[0]
             nbytes = (len(store) * (len(layers) if layers else L_) * (len(heads) if heads else H) * D
                       * store.file["z"].dtype.itemsize)

@@ -26,6 +26,7 @@ from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, Logger
 
+from headprobe import HeadprobeError
 from headprobe.train.callbacks import ExportRun, SaveLast
 from headprobe.train.cli import parse_error
 from headprobe.train.data import StoreDataModule
@@ -44,7 +45,7 @@ Train per-head linear probes, a group-lasso sparse probe or a sparse autoencoder
 SparseAutoencoder); a whole configuration: `headprobe train linear --print_config`."""
 
 
-class TrainError(ValueError):
+class TrainError(HeadprobeError, ValueError):
     """Bad `headprobe train` input; the message says what to do."""
 
 

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
+from headprobe import InputError
 from headprobe.extract.models import DEFAULT_MODEL
 
 
@@ -154,16 +155,16 @@ class Pipeline:
         from headprobe.extract.tasks import TASKS, get_task
 
         if cfg.top_k > 0 and cfg.ablation_draws < 2:
-            raise ValueError(f"ablation_draws {cfg.ablation_draws}: the ablation check needs at least 2 random draws")
+            raise InputError(f"ablation_draws {cfg.ablation_draws}: the ablation check needs at least 2 random draws")
         names = cfg.tasks if cfg.tasks is not None else [n for n, t in TASKS.items() if t.stage]
         self.tasks = [get_task(n) for n in names]
         unstaged = [t.name for t in self.tasks if not t.stage]
         if unstaged or not self.tasks:
-            raise ValueError(f"--tasks {names}: {', '.join(unstaged) or 'none given'}: pick tasks with a stage "
+            raise InputError(f"--tasks {names}: {', '.join(unstaged) or 'none given'}: pick tasks with a stage "
                              f"({', '.join(n for n, t in TASKS.items() if t.stage)}); the SAE's corpus is extracted "
                              f"anyway")
         if cfg.max_examples is not None and cfg.max_examples < 1:
-            raise ValueError(f"--max_examples {cfg.max_examples}: pass a positive number, or null for every example")
+            raise InputError(f"--max_examples {cfg.max_examples}: pass a positive number, or null for every example")
         self.cfg = cfg
         self.out = Path(cfg.out).resolve()
         self.steps = Steps(self.out)
@@ -218,7 +219,7 @@ class Pipeline:
 
             n_layers = head_layout(self.loaded.model).n_layers
             if not 0 <= cfg.sae.layer < n_layers:
-                raise ValueError(f"--sae.layer {cfg.sae.layer}: {cfg.model} has layers 0..{n_layers - 1}")
+                raise InputError(f"--sae.layer {cfg.sae.layer}: {cfg.model} has layers 0..{n_layers - 1}")
         for task in self._bar(self.tasks, "extract"):
             key = {**self.model_key, "task": task.name, "seed": cfg.seed, "max": cfg.max_examples}
             config = ExtractConfig(seed=cfg.seed, max_examples=cfg.max_examples)

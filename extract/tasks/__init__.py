@@ -1,13 +1,14 @@
 """The task registry: built-in probing tasks for the four reasoning stages, and user datasets."""
 from __future__ import annotations
 
+from headprobe import HeadprobeError
 from headprobe.extract.tasks import builtin
 from headprobe.extract.tasks.base import POSITION_RULES, STAGES, Example, Task, assign_splits, dataset_hash
 
 TASKS: dict[str, Task] = {t.name: t for t in builtin.TASKS}
 
 
-class TaskError(ValueError):
+class TaskError(HeadprobeError, ValueError):
     pass
 
 

@@ -21,6 +21,7 @@ import inspect
 import numpy as np
 import torch
 
+from headprobe import InputError
 from headprobe.extract.models import LoadedModel
 from headprobe.extract.tasks.base import Example, Task
 
@@ -103,7 +104,7 @@ def choice_questions(examples: list[Example]) -> list[dict]:
 def choice_metric(loaded: LoadedModel, examples: list[Example], batch_size: int = 32) -> dict:
     questions = choice_questions(examples)
     if not questions:
-        raise ValueError("these examples ask the model nothing (no `choice`): use a task with a model metric")
+        raise InputError("these examples ask the model nothing (no `choice`): use a task with a model metric")
     tok = loaded.tokenizer
     prompts = _token_ids(tok, [q["prompt"] for q in questions], special=True)
     cands = [_token_ids(tok, q["candidates"], special=False) for q in questions]
@@ -160,7 +161,7 @@ def induction_metric(loaded: LoadedModel, examples: list[Example], batch_size: i
             pairs.add(pair)
             seen.add(ids[t + 1])
     if not copy_hits:
-        raise ValueError("no token in these examples repeats an earlier pair: the induction metric needs repeats")
+        raise InputError("no token in these examples repeats an earlier pair: the induction metric needs repeats")
     return {"metric": float(np.mean(copy_hits)), "chance": float(np.mean(new_hits)) if new_hits else 0.0,
             "copy_logprob": float(np.mean(copy_lp)), "n": len(copy_hits), "kind": "induction"}
 
@@ -171,7 +172,7 @@ METRICS = {"choice": choice_metric, "induction": induction_metric}
 def model_metric(loaded: LoadedModel, task: Task, examples: list[Example] | None = None, batch_size: int = 32) -> dict:
     """The model's own performance on ``task`` (default: all its seed-0 examples); see the module docstring."""
     if task.metric not in METRICS:
-        raise ValueError(f"task {task.name!r} has no model metric (metric={task.metric!r})")
+        raise InputError(f"task {task.name!r} has no model metric (metric={task.metric!r})")
     return METRICS[task.metric](loaded, task.examples(0) if examples is None else examples, batch_size)
 
 

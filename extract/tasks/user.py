@@ -14,10 +14,11 @@ import math
 from pathlib import Path
 from urllib.parse import parse_qsl
 
+from headprobe import HeadprobeError
 from headprobe.extract.tasks.base import STAGES, Example, Task
 
 
-class UserDataError(ValueError):
+class UserDataError(HeadprobeError, ValueError):
     """A user dataset is malformed; the message names the file and line and says what to fix."""
 
 
