@@ -271,7 +271,7 @@ def test_a_hub_id_in_the_local_cache_loads_when_the_hub_is_unreachable(tmp_path)
     (tmp_path / "hub" / "models--someone--tiny" / "refs" / "main").write_text("0123abc")
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     env.update(HF_HUB_CACHE=str(tmp_path / "hub"), HF_ENDPOINT="http://127.0.0.1:9", OMP_NUM_THREADS="1")
-    code = ("from extract.models import hub_reachable, load_model; m = load_model('someone/tiny'); "
+    code = ("from headprobe.extract.models import hub_reachable, load_model; m = load_model('someone/tiny'); "
             "print(hub_reachable(), m.model_id, m.model.config.num_hidden_layers)")
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
                          cwd=Path(__file__).resolve().parents[1])

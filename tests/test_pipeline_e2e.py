@@ -49,7 +49,7 @@ def test_the_run_prints_its_steps_without_per_training_noise(tmp_path):
             "--sae.d_sae", "96", "--sae.k", "4", "--sae.batch_size", "256", "--sae.tokens", "8192",
             "--sae.corpus_examples", "40", "--sae.ce_tokens", "256", "--sae.architecture", "relu"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    done = subprocess.run([sys.executable, "-c", "from train.cli import main; main()", *args], env=env,
+    done = subprocess.run([sys.executable, "-c", "from headprobe.train.cli import main; main()", *args], env=env,
                           capture_output=True, text=True, timeout=300)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-3000:]
@@ -226,7 +226,7 @@ def test_interrupted_extractions_resume_under_their_own_settings_and_restart_und
                           "lists the options)")])
 def test_bad_run_options_give_one_line_errors(tmp_path, option, message):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    done = subprocess.run([sys.executable, "-c", "from train.cli import main; main()", "run", *option,
+    done = subprocess.run([sys.executable, "-c", "from headprobe.train.cli import main; main()", "run", *option,
                            "--out", str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert done.stderr.strip().splitlines() == [f"headprobe run: error: {message}"]
