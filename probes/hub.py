@@ -260,6 +260,9 @@ def resolve(ref: str | Path, hub: str | Path | None = None) -> tuple[Path, dict[
     if hub is None and (isinstance(ref, Path) or Path(ref).is_dir()):
         return Path(ref), None
     ref = str(ref)
+    if hub is None and (Path(ref).is_absolute() or ref.startswith(("./", "~"))):  # a path, not an id
+        raise CheckpointError(f"{ref} does not exist: pass a checkpoint folder, a registry id release/name (see "
+                              f"`headprobe hub list`), hf:org/name or an http(s) URL")
     if _is_url(ref):
         base, _, rest = ref.rstrip("/").rpartition("/")
         base, _, release = base.rpartition("/")

@@ -160,8 +160,8 @@ def save_model_folder(path, family: str = "llama", v_scale: float = 1.0) -> str:
     return str(path)
 
 
-def _cli_child(argv: list[str], log: str, env: dict[str, str]) -> None:
-    """Body of a CLI subprocess: ``headprobe <argv>`` with stdout and stderr going to ``log``."""
+def _cli_child(argv: list[str], log: str, env: dict[str, str], err_log: str | None = None) -> None:
+    """Body of a CLI subprocess: ``headprobe <argv>`` with stdout (and stderr, unless ``err_log``) going to ``log``."""
     import os
     import sys
 
@@ -169,7 +169,7 @@ def _cli_child(argv: list[str], log: str, env: dict[str, str]) -> None:
     torch.set_num_threads(1)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(fd, 1)
-    os.dup2(fd, 2)
+    os.dup2(os.open(err_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC) if err_log else fd, 2)
     sys.stdout = os.fdopen(1, "w", buffering=1)
     sys.stderr = os.fdopen(2, "w", buffering=1)
     from headprobe.train.cli import main
@@ -186,7 +186,7 @@ def _cli_child(argv: list[str], log: str, env: dict[str, str]) -> None:
 _SERVER = None
 
 
-def cli_process(argv: list[str], log, env: dict[str, str] | None = None):
+def cli_process(argv: list[str], log, env: dict[str, str] | None = None, err_log=None):
     """Start ``headprobe <argv>`` as a subprocess forked from a server that has imported torch and transformers
     once (a fresh interpreter per run would spend ~5-10 s importing). Returns the started Process."""
     import multiprocessing
@@ -195,7 +195,7 @@ def cli_process(argv: list[str], log, env: dict[str, str] | None = None):
     if _SERVER is None:
         _SERVER = multiprocessing.get_context("forkserver")
         _SERVER.set_forkserver_preload(["headprobe.extract.cli", "headprobe.train.cli", "helpers"])
-    proc = _SERVER.Process(target=_cli_child, args=(list(argv), str(log), env or {}))
+    proc = _SERVER.Process(target=_cli_child, args=(list(argv), str(log), env or {}, err_log and str(err_log)))
     proc.start()
     return proc
 
@@ -210,6 +210,18 @@ def run_cli(argv: list[str], log, env: dict[str, str] | None = None, timeout: fl
         proc.kill()
         raise TimeoutError(f"headprobe {' '.join(argv)} did not finish in {timeout} s")
     return proc.exitcode, Path(log).read_text()
+
+
+def run_cli_split(argv: list[str], log, env: dict[str, str] | None = None,
+                  timeout: float = 120) -> tuple[int, str, str]:
+    """Like :func:`run_cli`, with stderr apart: (exit code, stdout, stderr)."""
+    err_log = Path(str(log) + ".err")
+    proc = cli_process(argv, log, env, err_log)
+    proc.join(timeout)
+    if proc.exitcode is None:
+        proc.kill()
+        raise TimeoutError(f"headprobe {' '.join(argv)} did not finish in {timeout} s")
+    return proc.exitcode, Path(log).read_text(), err_log.read_text()
 
 
 @register

@@ -1,0 +1,110 @@
+"""Bad input, one table: every row runs a `headprobe` command the way a user (or a hostile file) would and asserts
+exit code 2, exactly one line on stderr that names the problem and what to do, and nothing left behind that looks
+complete. Commands run in subprocesses forked from a server that imported torch once (tests/helpers.py)."""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+from helpers import planted, run_cli_split, save_model_folder
+from headprobe.extract.store import write_array_store
+
+
+@dataclass
+class Bad:
+    """One bad input. In ``argv``, ``leaves`` and ``env`` values: ``{tmp}`` is the row's own empty folder,
+    ``{model}`` a tiny model folder, ``{store}`` a labelled store, ``{ckpt}`` a trained linear checkpoint."""
+
+    id: str
+    argv: list[str]
+    says: str  # a regex the one line must match: the problem and what to do
+    leaves: tuple[str, ...] = ()  # paths that must not exist afterwards (finished outputs)
+    setup: Callable[[Path], None] | None = None  # writes the bad files into {tmp} first
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def _write(name: str, data: bytes | str) -> Callable[[Path], None]:
+    def setup(tmp: Path) -> None:
+        path = tmp / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data.encode() if isinstance(data, str) else data)
+    return setup
+
+
+# --- the command line in general ------------------------------------------------------------------------------
+GENERAL = [
+    Bad("hub-show-missing-folder", ["hub", "show", "{tmp}/nothing"], r"nothing does not exist: pass a checkpoint folder"),
+]
+
+# --- headprobe extract -----------------------------------------------------------------------------------------
+EXTRACT = [
+    Bad("extract-unknown-task", ["extract", "--task", "no-such-task", "--out", "{tmp}/x.h5", "--model", "{model}"],
+        r"unknown task 'no-such-task'.*headprobe tasks", leaves=("{tmp}/x.h5", "{tmp}/x.h5.partial")),
+]
+
+# --- headprobe train -------------------------------------------------------------------------------------------
+TRAIN = [
+    Bad("train-unknown-kind", ["train", "foo"], r"unknown model 'foo': choose one of linear, sparse, sae"),
+]
+
+# --- headprobe attribute ---------------------------------------------------------------------------------------
+ATTRIBUTE = [
+    Bad("attribute-no-checkpoint", ["attribute", "{tmp}", "--out", "{tmp}/attr"], r"no checkpoint found",
+        leaves=("{tmp}/attr/report.md",)),
+]
+
+# --- headprobe hub ---------------------------------------------------------------------------------------------
+HUB = [
+    Bad("hub-traversal-id", ["hub", "show", "v1/../../etc"], r"invalid checkpoint id"),
+]
+
+# --- headprobe run ---------------------------------------------------------------------------------------------
+RUN = [
+    Bad("run-max-examples-zero", ["run", "--max_examples", "0", "--out", "{tmp}/run"],
+        r"--max_examples 0: pass a positive number", leaves=("{tmp}/run",)),
+]
+
+TABLE = GENERAL + EXTRACT + TRAIN + ATTRIBUTE + HUB + RUN
+
+
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory) -> dict[str, str]:
+    """A tiny model folder, a labelled store and a trained linear checkpoint, built once for every row."""
+    root = tmp_path_factory.mktemp("bad-inputs")
+    model = save_model_folder(root / "model")
+    z, y, split = planted(n=300)
+    store = write_array_store(root / "store.h5", z, y, split, label_names=["no", "yes"])
+    from headprobe.train.fit import expand_short_form, run
+
+    run(expand_short_form(["linear", "--data.path", str(store), "--out", str(root / "linear"), "--logger", "none",
+                           "--trainer.enable_progress_bar", "false"]))
+    return {"model": model, "store": str(store), "ckpt": str(root / "linear" / "checkpoint")}
+
+
+def test_the_table_covers_every_command():
+    ids = [row.id for row in TABLE]
+    assert len(ids) == len(set(ids)), "row ids must be unique"
+    assert {row.argv[0] for row in TABLE} >= {"extract", "train", "attribute", "hub", "run"}
+
+
+@pytest.mark.parametrize("row", TABLE, ids=lambda row: row.id)
+def test_bad_input_gives_one_line_exit_2_and_leaves_nothing_complete(row: Bad, fixtures, tmp_path):
+    fill = lambda text: text.format(tmp=tmp_path, **fixtures)
+    if row.setup:
+        row.setup(tmp_path)
+    env = {"HEADPROBE_DEBUG": "", **{k: fill(v) for k, v in row.env.items()}}
+    code, out, err = run_cli_split([fill(a) for a in row.argv], tmp_path / "out.log", env=env)
+    lines = err.strip().splitlines()
+    assert code == 2, f"exit {code}\nstdout: {out[-2000:]}\nstderr: {err[-2000:]}"
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert re.search(row.says, lines[0]), lines[0]
+    assert "weights_only=False" not in err  # never torch's advice to unpickle
+    for path in map(Path, map(fill, row.leaves)):
+        assert not path.exists(), f"{path} was left behind"
+    assert not [p for p in tmp_path.rglob("*.h5") if not p.name.endswith(".partial") and p.stat().st_size == 0]
