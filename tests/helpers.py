@@ -424,3 +424,38 @@ def lda_accuracy(z: np.ndarray, y: np.ndarray, train: np.ndarray, val: np.ndarra
     b = -(w * (mu1 + mu0) / 2).sum(-1)
     pred = (torch.einsum("gnd,gd->gn", x[:, val], w) + b[:, None]) > 0
     return (pred == t[val].bool()).double().mean(1).view(z.shape[1], z.shape[2]).numpy()
+
+
+# --- the regression snapshot of a `headprobe run` folder ----------------------------------------------------------
+SNAPSHOT_FILES = ("attribution/stage_map.json", "attribution/ablation.json", "attribution/stage_scores.csv",
+                  "attribution/head_types.csv")
+
+
+def _numbers(text: str) -> list[float]:
+    import re
+
+    return [float(x) for x in re.findall(r"-?\d+\.\d+(?:e-?\d+)?|-?\d+e-?\d+|nan|inf", text)]
+
+
+def run_snapshot(folder: Path) -> dict:
+    """What a `headprobe run` found, to compare across refactors: every number of the attribution's data files and
+    of the report's tables (the Run section's timings and versions left out), each task's per-head table, and the
+    sha256 of every report image."""
+    import hashlib
+    import json
+
+    folder = Path(folder)
+    out = {"files": {}, "tables": {}, "images": {}}
+    for name in SNAPSHOT_FILES:
+        out["files"][name] = _numbers((folder / name).read_text())
+    for heads in sorted(folder.glob("runs/linear/*/heads.csv")):
+        out["files"][str(heads.relative_to(folder))] = _numbers(heads.read_text())
+    report = (folder / "report" / "report.md").read_text().split("\n## Run")[0]
+    for line in report.splitlines():
+        if line.startswith("|") and not line.startswith("|---"):
+            key = line.split("|")[1].strip()
+            out["tables"].setdefault(key, []).append(_numbers(line))
+    for img in sorted((folder / "report" / "img").glob("*.png")):
+        out["images"][img.name] = hashlib.sha256(img.read_bytes()).hexdigest()
+    json.dumps(out)  # JSON-able
+    return out

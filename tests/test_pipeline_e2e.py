@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from headprobe.extract.tasks import TASKS
@@ -16,7 +17,7 @@ from headprobe.probes.checkpoint import load_local
 from headprobe.train.loggers import read_offline_run
 from headprobe.train.pipeline import Pipeline, RunConfig, SAESettings, Steps
 from headprobe.train.report import images_in
-from helpers import save_tiny_llama
+from helpers import run_snapshot, save_tiny_llama
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -231,3 +232,27 @@ def test_bad_run_options_give_one_line_errors(tmp_path, option, message):
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert done.stderr.strip().splitlines() == [f"headprobe run: error: {message}"]
     assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+SNAPSHOT = Path(__file__).parent / "data" / "run_snapshot.json"
+
+
+def test_the_run_finds_what_it_found_before_the_redesign(finished_run):
+    """The tiny run's stage map, ablation and cross-check tables, per-head tables and images equal the snapshot taken
+    before the stages were rewired (numbers to 1e-9, images byte for byte); regenerate it with
+    HEADPROBE_UPDATE_SNAPSHOT=1 only for a change of findings that is explained in its commit."""
+    p, *_ = finished_run
+    now = run_snapshot(p.out)
+    if os.environ.get("HEADPROBE_UPDATE_SNAPSHOT") == "1":
+        SNAPSHOT.parent.mkdir(exist_ok=True)
+        SNAPSHOT.write_text(json.dumps(now, indent=0) + "\n")
+    before = json.loads(SNAPSHOT.read_text())
+    for part in ("files", "tables"):
+        assert sorted(now[part]) == sorted(before[part]), part
+        for key, values in before[part].items():
+            flat = lambda rows: np.asarray([v for row in rows for v in (row if isinstance(row, list) else [row])],
+                                           dtype=float)
+            assert len(flat(now[part][key])) == len(flat(values)), f"{part}: {key}"
+            np.testing.assert_allclose(flat(now[part][key]), flat(values), rtol=1e-9, atol=1e-12,
+                                       err_msg=f"{part}: {key}")
+    assert now["images"] == before["images"]
