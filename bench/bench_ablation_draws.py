@@ -24,8 +24,8 @@ import numpy as np
 
 from headprobe.extract.models import load_model
 from headprobe.extract.tasks import get_task
-from headprobe.probes.ablation import causal_checks, t_interval
-from headprobe.probes.attribution_cli import POOLS, ablation_metric
+from headprobe.probes.attribution.kinds.ablation import POOLS, ablation_metric
+from headprobe.probes.checks.ablation import causal_checks, t_interval
 
 
 def share_yes(top: float, values: np.ndarray, subset: int, rng: np.random.Generator, most: int = 20_000) -> float:

@@ -22,7 +22,7 @@ from headprobe.extract.extractor import ExtractConfig, extract
 from headprobe.extract.models import DEFAULT_MODEL, load_model
 from headprobe.extract.tasks import get_task
 from headprobe.probes.checkpoint import save_checkpoint
-from headprobe.probes.head_scores import head_type_scores, rank_agreement
+from headprobe.probes.checks.head_scores import head_type_scores, rank_agreement
 from headprobe.probes.linear import LinearProbes
 from headprobe.probes.sparse import SparseProbe
 from headprobe.train.cli import main as headprobe

@@ -28,7 +28,7 @@ from headprobe.extract.models import load_model
 from headprobe.extract.store import Store
 from headprobe.extract.tasks import get_task
 from headprobe.extract.tasks.builtin import _repeats
-from headprobe.probes.head_scores import head_type_scores
+from headprobe.probes.checks.head_scores import head_type_scores
 from headprobe.probes.linear import fit_newton
 
 

@@ -33,14 +33,8 @@ from torch import nn
 
 from headprobe.extract.store import Store
 from headprobe.probes.sae import SparseAutoencoder
-from headprobe.probes.sae_eval import (
-    ReconstructionStats,
-    ce_loss_recovered,
-    density_histogram,
-    evaluate,
-    store_sequences,
-    token_batches,
-)
+from headprobe.probes.sae_eval import (ReconstructionStats, ce_loss_recovered, density_histogram, evaluate,
+                                       store_sequences, token_batches)
 from headprobe.train.data import EpochBatches, InMemoryRows
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -170,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     results.append(summary("headprobe", int(sae.tokens_seen), sec, m))
     args.out.mkdir(parents=True, exist_ok=True)
     density_histogram(m["fire_counts"], m["n_tokens"], args.out / "density_headprobe.png",
-                      f"headprobe TopK SAE, layer-15 z: held-out feature density")
+                      "headprobe TopK SAE, layer-15 z: held-out feature density")
     if not args.skip_sparsify:
         sp, sec = train_sparsify(train, args.tokens, args.d_sae, args.k, args.batch, args.seed, args.sparsify_path)
         ms = evaluate_sparsify(sp, test)

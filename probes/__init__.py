@@ -16,13 +16,16 @@ _EXPORTS = {
     "SparseProbe": "headprobe.probes.sparse",
     "SparseAutoencoder": "headprobe.probes.sae",
     "evidence_from_checkpoints": "headprobe.probes.attribution",
-    "build_stage_map": "headprobe.probes.stage_map",
-    "write_stage_map": "headprobe.probes.stage_map",
-    "head_type_scores": "headprobe.probes.head_scores",
-    "HeadAblation": "headprobe.probes.ablation",
-    "causal_check": "headprobe.probes.ablation",
-    "causal_checks": "headprobe.probes.ablation",
-    "readout_metric": "headprobe.probes.readout",
+    "attribute": "headprobe.probes.attribution",
+    "AttributionConfig": "headprobe.probes.attribution",
+    "write_attribution": "headprobe.probes.attribution",
+    "build_stage_map": "headprobe.probes.attribution.stage_map",
+    "write_stage_map": "headprobe.probes.attribution.stage_map",
+    "head_type_scores": "headprobe.probes.checks.head_scores",
+    "HeadAblation": "headprobe.probes.checks.ablation",
+    "causal_check": "headprobe.probes.checks.ablation",
+    "causal_checks": "headprobe.probes.checks.ablation",
+    "readout_metric": "headprobe.probes.checks.readout",
 }
 
 

@@ -220,6 +220,20 @@ def read_checkpoint(folder: str | Path, expected_sha256: dict[str, str] | None =
     return config, tensors, metrics
 
 
+@dataclass
+class Checkpoint:
+    """A checkpoint folder as read by :func:`read_checkpoint` (verified; nothing instantiated)."""
+
+    folder: Path
+    config: CheckpointConfig
+    tensors: dict[str, torch.Tensor]
+    metrics: dict
+
+    @classmethod
+    def read(cls, folder: str | Path, expected_sha256: dict[str, str] | None = None) -> "Checkpoint":
+        return cls(Path(folder), *read_checkpoint(folder, expected_sha256))
+
+
 def checkpoint_class(name: str) -> type:
     """The registered class called ``name``; the project's own probe modules are imported on first use."""
     for module in BUILTIN_MODULES:

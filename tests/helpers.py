@@ -42,18 +42,8 @@ class ByteTokenizer:
 
 def tiny_model(family: str, seed: int = 0, attn: str = "eager"):
     """A tiny random model of ``family``: gpt2, gpt_neox, llama (GQA), qwen2 (GQA, o_proj without bias) or bert."""
-    from transformers import (
-        BertConfig,
-        BertModel,
-        GPT2Config,
-        GPT2LMHeadModel,
-        GPTNeoXConfig,
-        GPTNeoXForCausalLM,
-        LlamaConfig,
-        LlamaForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-    )
+    from transformers import (BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM,
+                              LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
     torch.manual_seed(seed)
     common = dict(vocab_size=300, attn_implementation=attn)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from headprobe.extract.hooks import HeadCapture, head_layout, out_projections, spec_for
-from headprobe.probes.ablation import HeadAblation, causal_check, causal_checks, head_means
+from headprobe.probes.checks.ablation import HeadAblation, causal_check, causal_checks, head_means
 from helpers import tiny_model
 
 
@@ -132,7 +132,7 @@ def test_hurts_more_is_calibrated_when_the_top_heads_are_like_any_others():
     """Under the null (the top set's metric is one more draw from the random sets' distribution) "top hurts more"
     should come out ~2.5% of the time, whatever the number of draws; a rule against the mean's CI gave ~26% at 10
     draws (it narrows with draws) and more with 30."""
-    from headprobe.probes.ablation import AblationResult, t_interval
+    from headprobe.probes.checks.ablation import AblationResult, t_interval
 
     rng = np.random.default_rng(0)
     for n_draws in (5, 10, 30):
@@ -158,8 +158,8 @@ def test_ablation_refuses_bad_heads():
 
 
 def test_ablations_of_a_task_through_its_model_metric(tmp_path):
-    from headprobe.probes.attribution import Evidence
-    from headprobe.probes.attribution_cli import ablation_section, run_ablations, top_heads
+    from headprobe.probes.attribution.evidence import Evidence, top_heads
+    from headprobe.probes.attribution.kinds.ablation import ablation_section, run_ablations
     from helpers import tiny_loaded
 
     loaded = tiny_loaded("llama")
@@ -201,7 +201,7 @@ def test_ablations_of_a_task_through_its_model_metric(tmp_path):
 
 
 def test_random_heads_from_all_layers_or_layer_matched():
-    from headprobe.probes.ablation import draw_random_heads
+    from headprobe.probes.checks.ablation import draw_random_heads
 
     top, rng = [(3, 0), (3, 1), (7, 2)], np.random.default_rng(0)
     everywhere = [draw_random_heads(top, 10, 4, "all", rng) for _ in range(300)]
@@ -229,7 +229,7 @@ def test_layer_matched_control_is_calibrated_when_heads_matter_by_layer(per_laye
     its layers. "Top hurts more" must then fire at about the nominal 2.5% with 5 or 10 draws; against random heads from
     all layers it fires far more often when the top heads share a few layers (the reason for the second
     control). Drawing the controls with the top heads left out of their layers fired 9-49% here."""
-    from headprobe.probes.ablation import AblationResult, draw_random_heads, t_interval
+    from headprobe.probes.checks.ablation import AblationResult, draw_random_heads, t_interval
 
     L, H, k = 30, 9, 8
     rng = np.random.default_rng(len(per_layer))
@@ -252,8 +252,8 @@ def test_layer_matched_control_is_calibrated_when_heads_matter_by_layer(per_laye
 
 
 def test_ablation_report_without_results_or_from_an_older_ablation_json(tmp_path):
-    from headprobe.probes.ablation import plot_ablation
-    from headprobe.probes.attribution_cli import ablation_section
+    from headprobe.probes.attribution.kinds.ablation import ablation_section
+    from headprobe.probes.checks.ablation import plot_ablation
 
     assert ablation_section({}, tmp_path).endswith("No task with a model metric was ablated.\n")
     assert not (tmp_path / "ablation.png").exists()

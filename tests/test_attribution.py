@@ -9,18 +9,13 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from headprobe.probes.attribution import (
-    Evidence,
-    decoder_head_shares,
-    direct_feature_attribution,
-    feature_task_auroc,
-    feature_ties,
-    group_norms,
-    linear_evidence,
-    sae_evidence,
-    sparse_evidence,
-)
-from headprobe.probes.stage_map import STAGES, build_stage_map, write_stage_map
+from headprobe.probes.attribution.evidence import Evidence
+from headprobe.probes.attribution.kinds.linear import linear_evidence
+from headprobe.probes.attribution.kinds.sae import (decoder_head_shares, direct_feature_attribution, feature_task_auroc,
+                                                    feature_ties, sae_evidence)
+from headprobe.probes.attribution.kinds.sparse import group_norms, sparse_evidence
+from headprobe.probes.attribution.stage_map import STAGE_AXIS as STAGES
+from headprobe.probes.attribution.stage_map import build_stage_map, write_stage_map
 from helpers import PLANTED, H, L, group_lasso, lda_accuracy, make_tasks, planted_map, topk_activations, topk_sae
 
 LAYERS = list(range(L))

@@ -13,11 +13,11 @@ import torch
 from headprobe.extract.store import Store
 from headprobe.extract.store import write_array_store as write_store
 from headprobe.probes.attribution import evidence_from_checkpoints
+from headprobe.probes.attribution.stage_map import build_stage_map
 from headprobe.probes.checkpoint import save_checkpoint
 from headprobe.probes.linear import LinearProbes
 from headprobe.probes.sae import SparseAutoencoder
 from headprobe.probes.sparse import SparseProbe
-from headprobe.probes.stage_map import build_stage_map
 from headprobe.train.cli import main as headprobe
 from headprobe.train.data import StoreDataModule
 from helpers import L as N_LAYERS

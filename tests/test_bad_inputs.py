@@ -3,17 +3,15 @@ exit code 2, exactly one line on stderr that names the problem and what to do, a
 complete. Commands run in subprocesses forked from a server that imported torch once (tests/helpers.py)."""
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import pytest
 
-from helpers import planted, run_cli_split, save_model_folder
 from headprobe.extract.store import write_array_store
+from helpers import planted, run_cli_split, save_model_folder
 
 
 @dataclass

@@ -6,16 +6,8 @@ import json
 import pytest
 import torch
 
-from headprobe.probes.checkpoint import (
-    CLASSES,
-    CheckpointError,
-    file_hashes,
-    load_local,
-    read_checkpoint,
-    register,
-    save_checkpoint,
-    sha256,
-)
+from headprobe.probes.checkpoint import (CLASSES, CheckpointError, file_hashes, load_local, read_checkpoint, register,
+                                         save_checkpoint, sha256)
 from helpers import HeadScorer, make_checkpoint, store_meta
 
 

@@ -5,18 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from headprobe.probes.head_scores import (
-    attention_patterns,
-    copy_carriers,
-    detection_patterns,
-    head_type_scores,
-    head_types,
-    pattern_scores,
-    rank_agreement,
-    repeated_random_tokens,
-    top_overlap,
-    typed_auroc,
-)
+from headprobe.probes.checks.head_scores import (attention_patterns, copy_carriers, detection_patterns,
+                                                 head_type_scores, head_types, pattern_scores, rank_agreement,
+                                                 repeated_random_tokens, top_overlap, typed_auroc)
 from helpers import tiny_model
 
 N = 10
@@ -181,9 +172,9 @@ def test_copy_carriers_counts_late_heads_that_are_not_induction_heads():
 def test_report_section_plots_the_copy_task_against_induction_scores(tmp_path):
     """The cross-check section of ``headprobe attribute`` on planted maps: rho in the table, the scatter written and
     linked, and the count of late non-induction heads among the copy task's top heads."""
-    from headprobe.probes.attribution import Evidence
-    from headprobe.probes.attribution_cli import head_type_section
-    from headprobe.probes.stage_map import build_stage_map
+    from headprobe.probes.attribution.evidence import Evidence
+    from headprobe.probes.attribution.kinds.head_types import head_type_section
+    from headprobe.probes.attribution.stage_map import build_stage_map
 
     rng = np.random.default_rng(0)
     L, H = 8, 6
@@ -208,7 +199,7 @@ def test_report_section_plots_the_copy_task_against_induction_scores(tmp_path):
 def test_random_tokens_avoid_special_tokens_at_either_end_of_the_vocabulary(monkeypatch, bos, eos, vocab, low, high):
     """Special tokens at the bottom (GPT-2 style ids 1, 2) or at the top (Llama 3: from 128000 of 128256) are
     never drawn as random tokens, so BOS cannot reappear inside the sequence."""
-    import headprobe.probes.head_scores as hs
+    import headprobe.probes.checks.head_scores as hs
 
     model = tiny_model("llama")
     model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = bos, eos, None

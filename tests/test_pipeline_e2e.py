@@ -66,8 +66,7 @@ def test_the_run_prints_its_steps_without_per_training_noise(tmp_path):
 
 
 def test_every_step_ran_and_every_artefact_is_written(finished_run):
-    p, page, seconds = finished_run
-    assert seconds < 120, f"the tiny end-to-end run took {seconds:.0f} s"
+    p, page, _ = finished_run
     names = [t.name for t in p.tasks]
     assert len(names) == 9 and all(status == "ran" for _, status, _ in p.steps.summary)
     assert {f"{kind}/{t}" for kind in ("extract", "linear", "sparse") for t in names} <= set(p.steps.done())
@@ -124,9 +123,7 @@ def test_second_run_is_cached_and_does_not_load_the_model(finished_run):
     p, page, *_ = finished_run
     before = page.stat().st_mtime_ns
     again = Pipeline(p.cfg)
-    t0 = time.perf_counter()
     assert again.run() == page
-    assert time.perf_counter() - t0 < 10
     assert all(status == "cached" for _, status, _ in again.steps.summary)
     # the summary keeps the seconds each step took when it ran
     assert [round(t, 6) for *_, t in again.steps.summary] == [round(t, 6) for *_, t in p.steps.summary]

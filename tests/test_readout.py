@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from headprobe.extract.tasks.base import Example
-from headprobe.probes.ablation import HeadAblation
-from headprobe.probes.readout import last_hidden, readout_metric
+from headprobe.probes.checks.ablation import HeadAblation
+from headprobe.probes.checks.readout import last_hidden, readout_metric
 from helpers import tiny_loaded
 
 

@@ -3,7 +3,7 @@
     headprobe extract   model -> HDF5 store          (extract.cli)
     headprobe tasks     list the built-in tasks      (extract.tasks.cli)
     headprobe train     probes and SAEs (LightningCLI)  (train.fit)
-    headprobe attribute checkpoints -> stage map     (probes.attribution_cli)
+    headprobe attribute checkpoints -> stage map     (headprobe.probes.attribution)
     headprobe hub       list / show / push checkpoints  (probes.hub_cli)
     headprobe run       the whole pipeline           (train.pipeline)
 """
@@ -24,7 +24,7 @@ COMMANDS = {
     "extract": ("headprobe.extract.cli", "extract per-head activations of a model into an HDF5 store"),
     "tasks": ("headprobe.extract.tasks.cli", "list the built-in probing tasks"),
     "train": ("headprobe.train.fit", "train probes or sparse autoencoders (LightningCLI; see `headprobe train -h`)"),
-    "attribute": ("headprobe.probes.attribution_cli", "map trained probes and SAEs to heads and reasoning stages"),
+    "attribute": ("headprobe.probes.attribution.cli", "map trained probes and SAEs to heads and reasoning stages"),
     "hub": ("headprobe.probes.hub_cli", "list, show and publish checkpoints"),
     "run": ("headprobe.train.pipeline", "the whole pipeline on the default model, with a report"),
 }

@@ -170,6 +170,8 @@ class Pipeline:
         self.steps = Steps(self.out)
         self._loaded = None
         self._model_key: dict | None = None
+        self.attribution = None  # the Attribution, once the attribute step has run in this process
+        self.sae_eval: dict = {}  # the SAE's held-out metrics, once its step has run (or was cached)
         os.environ.setdefault("WANDB_RUN_GROUP", f"headprobe-run-{self.out.name}")
         if cfg.logger == "wandb":  # offline without credentials; wandb's cache and config stay under --out
             from headprobe.train.loggers import wandb_environment
@@ -299,7 +301,8 @@ class Pipeline:
             key["overlay"] = hashlib.sha256(overlay.read_bytes()).hexdigest()[:16]
             extra = ["--config", str(overlay), *extra]
         self._fit("sae", key, "sae", self.store("corpus"), self.run_dir("sae", f"layer{s.layer}"), extra)
-        self.steps("sae/eval", {"sae": self.steps.key_of("sae"), "ce_tokens": s.ce_tokens}, self.evaluate_sae)
+        self.sae_eval = self.steps("sae/eval", {"sae": self.steps.key_of("sae"), "ce_tokens": s.ce_tokens},
+                                   self.evaluate_sae)
 
     def evaluate_sae(self) -> dict:
         from headprobe.probes.sae_eval import evaluate_checkpoint
@@ -311,23 +314,16 @@ class Pipeline:
 
     # --- 3. attribution and cross-checks ----------------------------------------------------------------------------
     def attribute(self) -> dict:
-        import argparse
+        """Attribution of every checkpoint under ``runs/``, with the head-type and ablation checks."""
+        from headprobe.probes.attribution import AttributionConfig, attribute, write_attribution
 
-        from headprobe.probes.attribution_cli import add_arguments
-        from headprobe.probes.attribution_cli import run as attribute
-
-        parser = argparse.ArgumentParser()
-        add_arguments(parser)  # the same defaults as `headprobe attribute`
-        out = self.out / "attribution"
-        stores = [str(self.store(t.name)) for t in self.tasks]
-        args = parser.parse_args([str(self.out / "runs"), "--stores", *stores,
-                                  "--out", str(out), "--head-scores", "--ablate", str(self.cfg.top_k),
-                                  "--draws", str(self.cfg.ablation_draws), "--examples",
-                                  str(self.cfg.ablation_examples), "--random-from", self.cfg.ablation_random_from,
-                                  "--scale", self.cfg.stage_scale,
-                                  "--model", self.cfg.model, "--overwrite"])
-        out.mkdir(parents=True, exist_ok=True)
-        attribute(args)
+        cfg = self.cfg
+        config = AttributionConfig(head_scores=True, ablate=cfg.top_k, draws=cfg.ablation_draws,
+                                   examples=cfg.ablation_examples, random_from=cfg.ablation_random_from,
+                                   scale=cfg.stage_scale)
+        self.attribution = attribute([self.out / "runs"], [self.store(t.name) for t in self.tasks], cfg.model,
+                                     config, loaded=self.loaded)
+        write_attribution(self.attribution, self.out / "attribution", overwrite=True)
         return {}
 
     def run(self) -> Path:
@@ -387,7 +383,7 @@ def _top_tokens(p: Pipeline, n_features: int = 8, n_tokens: int = 5, context: in
     import torch
 
     from headprobe.extract.store import Store
-    from headprobe.probes.attribution import decoder_head_shares
+    from headprobe.probes.attribution.kinds.sae import decoder_head_shares
     from headprobe.probes.checkpoint import load_local
 
     sae = load_local(p.run_dir("sae", f"layer{p.cfg.sae.layer}") / "checkpoint")
@@ -421,15 +417,16 @@ SAE_NAMES = {"topk": "TopK", "batchtopk": "BatchTopK", "relu": "ReLU (L1)", "jum
 
 
 def build_report(p: Pipeline) -> Path:
+    from headprobe.probes.attribution import Attribution, report_sections
     from headprobe.train.report import write_report
 
     folder = p.out / "report"
     attr = p.out / "attribution"
+    result = p.attribution if p.attribution is not None else Attribution.load(attr)
     stage_png = _copy(attr / "stage_map.png", folder, "stage_map.png")
-    attribution_md = (attr / "report.md").read_text().replace("# Head attribution", "").strip()
-    attribution_md = "\n".join(line for line in attribution_md.splitlines() if "](stage_map.png)" not in line)
-    attribution_md = re.sub(r"\]\(([\w.-]+\.png)\)", lambda m: f"]({_copy(attr / m[1], folder, m[1])})", attribution_md)
-    attribution_md = attribution_md.replace("## Stage map\n", "## Top heads per stage and their evidence\n")
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    attribution_md = "\n".join(report_sections(result, folder / "img", "img/", stage_image=None,
+                                                title="Top heads per stage and their evidence"))
     sections = [
         f"Model `{p.cfg.model}`; {len(p.tasks)} tasks over the four reasoning stages of Zheng et al. (2024). Each "
         f"head's output z was probed per task (linear probes for every head at once, a group-lasso probe choosing "
@@ -437,7 +434,7 @@ def build_report(p: Pipeline) -> Path:
         f"layer {p.cfg.sae.layer}, and the evidence was pooled into a stage per head, then checked against "
         f"attention-pattern scores and by ablating each task's top heads.",
         f"## Stage map\n\n![stage map]({stage_png})",
-        attribution_md.replace("## ", "### "),
+        demote(attribution_md),
         "## Probes per task\n\n" + _probe_table(p),
         "## Per-task probe accuracy (each head's linear probe on held-out rows: test accuracy, or val where a "
         "store has no test split; the title names it)\n\n" + "\n\n".join(
@@ -445,7 +442,7 @@ def build_report(p: Pipeline) -> Path:
             for t in p.tasks),
     ]
     sae_dir = p.run_dir("sae", f"layer{p.cfg.sae.layer}")
-    ev = json.loads((p.steps.folder / "sae_eval.json").read_text())["result"]
+    ev = p.sae_eval
     keys = ("fve", "l0", "mse", "cosine", "dead_frac", "dense_frac", "ce_clean", "ce_spliced", "ce_recovered_zero",
             "ce_recovered_mean")
     sae_rows = "\n".join(f"| {k} | {ev[k]:.4g} |" for k in keys if k in ev)
@@ -458,6 +455,11 @@ def build_report(p: Pipeline) -> Path:
                     "\n\n```\n" + p.steps.table() + "\n```\n\nCommand: `"
                     + " ".join(["headprobe", *sys.argv[1:]]) + "`")
     return write_report(folder, "headprobe report", sections)
+
+
+def demote(markdown: str) -> str:
+    """Every heading one level down (``## x`` -> ``### x``), for a section nested in the run's report."""
+    return re.sub(r"^(#+) ", r"#\1 ", markdown, flags=re.M)
 
 
 def _yaml(d: dict) -> str:

@@ -1,6 +1,6 @@
 """The stage map: every head's importance for each of the four reasoning stages, from all tasks and artifacts.
 
-Each :class:`probes.attribution.Evidence` (one task, one artifact) gives a head score and a null. Its excess over
+Each :class:`headprobe.probes.attribution.evidence.Evidence` (one task, one artifact) gives a head score and a null. Its excess over
 the null is scaled so that accuracies, group norms and SAE shares can be pooled, by one of
 
 - ``share`` (default): the excess divided by the evidence's total excess, i.e. each head's share of what the task
@@ -28,17 +28,17 @@ from pathlib import Path
 import numpy as np
 
 from headprobe import InputError
-from headprobe.extract.tasks.base import STAGES as STAGE_NAMES
-from headprobe.probes.attribution import Evidence
+from headprobe.extract.tasks.base import STAGES
+from headprobe.probes.attribution.evidence import Evidence
 
-STAGES = tuple(STAGE_NAMES)  # ("KR", "ICI", "LR", "EP")
+STAGE_AXIS = tuple(STAGES)  # the stage map's last axis: ("KR", "ICI", "LR", "EP")
 COLOURS = {"KR": "#1f77b4", "ICI": "#ff7f0e", "LR": "#2ca02c", "EP": "#d62728"}
 
 
 @dataclass
 class StageMap:
     layers: list[int]  # model layer of each row
-    scores: np.ndarray  # (L, H, 4) in [0, 1], stage order STAGES
+    scores: np.ndarray  # (L, H, 4) in [0, 1], stage order STAGE_AXIS
     evidence: list[Evidence]
     scale: str = "share"  # how each evidence was scaled before pooling (see build_stage_map)
     reduce: str = "mean"  # how a stage's evidences were pooled
@@ -49,17 +49,17 @@ class StageMap:
 
     @property
     def dominant(self) -> np.ndarray:
-        """(L, H) index into STAGES of each head's dominant stage, -1 for a head with nothing above the null."""
+        """(L, H) index into STAGE_AXIS of each head's dominant stage, -1 for a head with nothing above the null."""
         return np.where(self.scores.max(-1) > 0, self.scores.argmax(-1), -1)
 
     def assigned(self) -> dict[tuple[int, int], str]:
         """{(layer, head): stage} for every head that has a stage."""
         dom = self.dominant
-        return {(self.layers[i], h): STAGES[dom[i, h]] for i, h in zip(*np.nonzero(dom >= 0))}
+        return {(self.layers[i], h): STAGE_AXIS[dom[i, h]] for i, h in zip(*np.nonzero(dom >= 0))}
 
     def top_heads(self, stage: str, k: int = 8) -> list[tuple[int, int, float]]:
         """Up to ``k`` heads with the highest (non-zero) score for ``stage``: (layer, head, score)."""
-        s = self.scores[..., STAGES.index(stage)]
+        s = self.scores[..., STAGE_AXIS.index(stage)]
         order = np.argsort(-s, axis=None, kind="stable")[:k]
         return [(self.layers[i], int(h), float(s[i, h])) for i, h in zip(*np.unravel_index(order, s.shape)) if s[i, h] > 0]
 
@@ -85,16 +85,16 @@ def build_stage_map(evidence: list[Evidence], reduce: str = "mean", scale: str =
         raise InputError(f"unknown scale {scale!r}: choose {' or '.join(SCALES)}")
     if not evidence:
         raise InputError("no evidence to build a stage map from: pass at least one trained probe or SAE")
-    bad = sorted({ev.stage for ev in evidence} - set(STAGES))
+    bad = sorted({ev.stage for ev in evidence} - set(STAGE_AXIS))
     if bad:
-        raise InputError(f"unknown stage(s) {bad}: tasks must carry one of {', '.join(STAGES)}")
+        raise InputError(f"unknown stage(s) {bad}: tasks must carry one of {', '.join(STAGE_AXIS)}")
     heads = {ev.score.shape[1] for ev in evidence}
     if len(heads) != 1:
         raise InputError(f"evidence comes from models with different head counts {sorted(heads)}: attribute one "
                          f"model at a time")
     n_heads = heads.pop()
     layers = sorted({layer for ev in evidence for layer in ev.layers})
-    per_stage: dict[str, list[np.ndarray]] = {s: [] for s in STAGES}
+    per_stage: dict[str, list[np.ndarray]] = {s: [] for s in STAGE_AXIS}
     for ev in evidence:
         full = np.zeros((len(layers), n_heads))
         ex = ev.excess()
@@ -104,7 +104,7 @@ def build_stage_map(evidence: list[Evidence], reduce: str = "mean", scale: str =
         per_stage[ev.stage].append(full)
     pool = {"mean": np.mean, "max": np.max}[reduce]
     scores = np.stack([pool(per_stage[s], axis=0) if per_stage[s] else np.zeros((len(layers), n_heads))
-                       for s in STAGES], axis=-1)
+                       for s in STAGE_AXIS], axis=-1)
     return StageMap(layers, scores / scores.max() if scores.max() > 0 else scores, list(evidence), scale, reduce)
 
 
@@ -119,7 +119,7 @@ def plot_stage_grid(stage_map: StageMap, path: str | Path, title: str = "Reasoni
     L, H = len(stage_map.layers), stage_map.n_heads
     dom = stage_map.dominant
     rgb = np.ones((L, H, 3))
-    for si, stage in enumerate(STAGES):
+    for si, stage in enumerate(STAGE_AXIS):
         mask = dom == si
         a = 0.2 + 0.8 * stage_map.scores[..., si][mask][:, None]
         rgb[mask] = (1 - a) + a * np.array(to_rgb(COLOURS[stage]))
@@ -134,7 +134,7 @@ def plot_stage_grid(stage_map: StageMap, path: str | Path, title: str = "Reasoni
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     ax.set_title(title, fontsize=10)
-    handles = [Patch(color=COLOURS[s], label=f"{s}: {STAGE_NAMES[s]}") for s in STAGES]
+    handles = [Patch(color=COLOURS[s], label=f"{s}: {STAGES[s]}") for s in STAGE_AXIS]
     handles.append(Patch(facecolor="white", edgecolor="#999", label="no stage (nothing above the null)"))
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.08), fontsize=7, ncol=1, frameon=False)
     fig.tight_layout()
@@ -151,29 +151,27 @@ def write_scores(stage_map: StageMap, folder: str | Path) -> tuple[Path, Path]:
     csv_path, json_path = folder / "stage_scores.csv", folder / "stage_map.json"
     with open(csv_path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["layer", "head", *STAGES, "stage"])
+        w.writerow(["layer", "head", *STAGE_AXIS, "stage"])
         for i, layer in enumerate(stage_map.layers):
             for h in range(stage_map.n_heads):
                 w.writerow([layer, h, *(f"{v:.6g}" for v in stage_map.scores[i, h]),
-                            STAGES[dom[i, h]] if dom[i, h] >= 0 else ""])
-    nan_to_none = lambda a: [[None if np.isnan(v) else float(v) for v in row] for row in a]
+                            STAGE_AXIS[dom[i, h]] if dom[i, h] >= 0 else ""])
     payload = {
-        "stages": list(STAGES), "layers": stage_map.layers, "n_heads": stage_map.n_heads,
+        "stages": list(STAGE_AXIS), "layers": stage_map.layers, "n_heads": stage_map.n_heads,
         "scale": stage_map.scale, "reduce": stage_map.reduce,
         "scores": stage_map.scores.tolist(),
-        "stage": [[STAGES[d] if d >= 0 else None for d in row] for row in dom.tolist()],
-        "evidence": [{"task": ev.task, "stage": ev.stage, "source": ev.source, "metric": ev.metric,
-                      "layers": ev.layers, "score": nan_to_none(ev.score), "null": nan_to_none(ev.null),
-                      "extra": ev.extra} for ev in stage_map.evidence],
+        "stage": [[STAGE_AXIS[d] if d >= 0 else None for d in row] for row in dom.tolist()],
+        "evidence": [ev.to_json() for ev in stage_map.evidence],
     }
     json_path.write_text(json.dumps(payload, indent=1, default=float) + "\n")
     return csv_path, json_path
 
 
-def markdown_section(stage_map: StageMap, k: int = 8, image: str | None = "stage_map.png") -> str:
+def markdown_section(stage_map: StageMap, k: int = 8, image: str | None = "stage_map.png",
+                     title: str = "Stage map") -> str:
     """The report's section: the grid, then the top ``k`` heads of each stage with their evidence."""
-    out = ["## Stage map", ""]
-    tasks = sorted({(ev.stage, ev.task) for ev in stage_map.evidence}, key=lambda t: (STAGES.index(t[0]), t[1]))
+    out = [f"## {title}", ""]
+    tasks = sorted({(ev.stage, ev.task) for ev in stage_map.evidence}, key=lambda t: (STAGE_AXIS.index(t[0]), t[1]))
     sources = sorted({ev.source for ev in stage_map.evidence})
     out += [f"Tasks: {', '.join(f'{t} ({s})' for s, t in tasks)}. Artifacts: {', '.join(sources)}. "
             f"{len(stage_map.assigned())} of {stage_map.scores[..., 0].size} heads are above the null for some "
@@ -181,9 +179,9 @@ def markdown_section(stage_map: StageMap, k: int = 8, image: str | None = "stage
             f"the {stage_map.reduce} over a stage's evidences, 1 for the best head.", ""]
     if image:
         out += [f"![stage map]({image})", ""]
-    for stage in STAGES:
+    for stage in STAGE_AXIS:
         top = stage_map.top_heads(stage, k)
-        out += [f"### {stage}: {STAGE_NAMES[stage]}", ""]
+        out += [f"### {stage}: {STAGES[stage]}", ""]
         if not top:
             out += ["No head above the null" + ("" if any(ev.stage == stage for ev in stage_map.evidence)
                                                  else " (no task of this stage was attributed)") + ".", ""]
@@ -191,7 +189,7 @@ def markdown_section(stage_map: StageMap, k: int = 8, image: str | None = "stage
         out += ["| head | score | dominant stage | evidence (score vs null) |", "|---|---|---|---|"]
         for layer, head, score in top:
             d = stage_map.dominant[stage_map.layers.index(layer), head]
-            out.append(f"| L{layer}.H{head} | {score:.3f} | {STAGES[d]} | "
+            out.append(f"| L{layer}.H{head} | {score:.3f} | {STAGE_AXIS[d]} | "
                        f"{'; '.join(stage_map.evidence_for(layer, head, stage))} |")
         out.append("")
     return "\n".join(out)

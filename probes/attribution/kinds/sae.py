@@ -1,25 +1,13 @@
-"""Head importance for one task, from each kind of trained artifact.
+"""Evidence from sparse autoencoders on a layer's z (heads concatenated; Kissane et al. 2024).
 
-Every function works on plain arrays, so it serves checkpoints, in-memory modules and synthetic data alike:
-
-- linear probes: per-head validation accuracy, against the accuracy of the same probes on control labels
-  (Hewitt & Liang 2019): :func:`probe_importance`, :func:`selectivity`;
-- sparse probes: the norm of each head's weight group (exactly zero for heads a group lasso dropped):
-  :func:`group_norms`;
-- SAEs on a layer's z (heads concatenated, Kissane et al. 2024): the decoder-norm share of every head in every
-  feature (:func:`decoder_head_shares`), the per-input direct feature attribution of every head
-  (:func:`direct_feature_attribution`), how well each feature predicts a task's label (:func:`feature_task_auroc`),
-  and the head importance for a task: the share-weighted sum over the features tied to it
-  (:func:`sae_head_importance`).
-
-Each artifact's importance comes with a *null*, taken from the same quantity on shuffled labels or control tasks
-(:func:`null_threshold`: a Gaussian null, Bonferroni-corrected over heads), or for SAE shares what a head would get
-if the task's features were spread evenly over heads. :class:`Evidence` carries both to the stage
-map (:mod:`probes.stage_map`).
+The decoder-norm share of every head in every feature (:func:`decoder_head_shares`), the per-input direct feature
+attribution of every head (:func:`direct_feature_attribution`), how well each feature predicts a task's label
+(:func:`feature_task_auroc`, with its null from shuffled labels: :func:`feature_ties`), and a head's importance for
+the task: the share-weighted strength of the features tied to it, against the even spread of those features over
+heads (:func:`sae_head_importance`). An SAE speaks about a task only on a labelled store of that task.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,80 +16,9 @@ from scipy.stats import norm, rankdata
 
 from headprobe import InputError
 from headprobe.extract.tasks.base import STAGES
+from headprobe.probes.attribution.contract import AttributionInputs, EvidenceKind, register_kind
+from headprobe.probes.attribution.evidence import Evidence
 
-
-@dataclass
-class Evidence:
-    """One task's head importance from one artifact, with its null, over (layers, heads).
-
-    ``score`` and ``null`` are (L, H) over the model's layers (NaN where the artifact says nothing, e.g. layers
-    an SAE was not trained on); a head is above the null where ``score > null``. ``layers`` are the model layer
-    numbers of the rows.
-    """
-
-    task: str
-    stage: str  # KR, ICI, LR or EP
-    source: str  # "linear", "sparse", "sae", ...
-    score: np.ndarray  # (L, H)
-    null: np.ndarray  # (L, H), or broadcastable to it
-    layers: list[int]
-    metric: str = ""  # what score measures, for the report ("val accuracy", "group norm", ...)
-    extra: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.score = np.asarray(self.score, dtype=np.float64)
-        self.null = np.broadcast_to(np.asarray(self.null, dtype=np.float64), self.score.shape).copy()
-        if self.score.ndim != 2 or self.score.shape[0] != len(self.layers):
-            raise InputError(f"evidence for task {self.task!r}: score has shape {self.score.shape}, expected "
-                             f"({len(self.layers)} layers, heads)")
-
-    def excess(self) -> np.ndarray:
-        """(L, H) score above the null, 0 where at or below it or unknown."""
-        return np.nan_to_num(np.clip(self.score - self.null, 0, None), nan=0.0)
-
-
-# --- linear and sparse probes ---------------------------------------------------------------------------------
-
-def selectivity(val_acc: np.ndarray, control_acc: np.ndarray) -> np.ndarray:
-    """Accuracy minus control accuracy, per head: (L, H), (L, H) -> (L, H)."""
-    return np.asarray(val_acc, dtype=np.float64) - np.asarray(control_acc, dtype=np.float64)
-
-
-def null_threshold(control: np.ndarray, alpha: float = 0.01, n_tests: int | None = None,
-                   min_std: float = 0.0) -> float:
-    """The value a score must exceed to be above the null, from control scores (shuffled labels, control tasks).
-
-    The control scores' mean plus z_{1 - alpha/n_tests} of their standard deviation (at least ``min_std``): a
-    Gaussian null with a Bonferroni correction over ``n_tests`` (default: the number of control scores, i.e. one
-    test per head).
-    """
-    c = np.asarray(control, dtype=np.float64)
-    c = c[np.isfinite(c)]
-    if c.size == 0:
-        raise InputError("no finite control scores to take a null threshold from")
-    n = n_tests or c.size
-    spread = max(c.std(ddof=1) if c.size > 1 else 0.0, min_std)
-    return float(c.mean() + norm.ppf(1 - alpha / n) * spread)
-
-
-def probe_importance(val_acc: np.ndarray, control_acc: np.ndarray, alpha: float = 0.01,
-                     n_val: int | None = None) -> tuple[np.ndarray, float]:
-    """Per-head probe accuracy (L, H) and its null threshold from the control probes' accuracies (L, H).
-
-    With ``n_val`` (validation examples) the null's spread is at least the binomial standard deviation of a
-    chance-level accuracy, sqrt(0.25 / n_val), which guards against a control spread that happens to be small.
-    """
-    min_std = 0.5 / np.sqrt(n_val) if n_val else 0.0
-    return np.asarray(val_acc, dtype=np.float64), null_threshold(control_acc, alpha, min_std=min_std)
-
-
-def group_norms(weights: np.ndarray | torch.Tensor) -> np.ndarray:
-    """L2 norm of each head's weight group: (L, H, D[, C]) -> (L, H)."""
-    w = torch.as_tensor(weights, dtype=torch.float64)
-    return w.flatten(2).norm(dim=2).numpy()
-
-
-# --- sparse autoencoders on a layer's z -----------------------------------------------------------------------
 
 def decoder_head_shares(W_dec: np.ndarray | torch.Tensor, n_heads: int) -> np.ndarray:
     """Decoder-norm share of every head in every feature: W_dec (F, H*D) -> (F, H), rows summing to 1.
@@ -121,7 +38,7 @@ def direct_feature_attribution(z: torch.Tensor, W_enc: torch.Tensor, b_enc: torc
                                b_dec: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Split each feature's pre-activation over heads.
 
-    z (N, H, D); W_enc (F, H*D), b_enc (F,) and b_dec (H*D,) as a :class:`headprobe.probes.sae.SparseAutoencoder` and its
+    z (N, H, D); W_enc (F, H*D), b_enc (F,) and b_dec (H*D,) as a SparseAutoencoder (:mod:`headprobe.probes.sae`) and its
     checkpoint hold them; b_dec None for an SAE that does not subtract it before encoding. The pre-activation
     ``(z - b_dec) @ W_enc.T + b_enc`` equals ``per_head.sum(1) + bias``, with per_head (N, H, F) = z_h .
     W_enc[f, h-block] and bias (F,) = b_enc - W_enc @ b_dec.
@@ -253,68 +170,10 @@ def sae_evidence(task: str, stage: str, saes: list[tuple[np.ndarray, np.ndarray,
                     extra={"saes": tied})
 
 
-def linear_evidence(task: str, stage: str, val_acc: np.ndarray, control_acc: np.ndarray, layers: list[int],
-                    alpha: float = 0.01, n_val: int | None = None) -> Evidence:
-    """Evidence from per-head linear probes: val accuracy (L, H) against the control probes' accuracy (L, H)."""
-    score, null = probe_importance(val_acc, control_acc, alpha, n_val)
-    sel = selectivity(val_acc, control_acc)
-    return Evidence(task, stage, "linear", score, null, layers, metric="val accuracy",
-                    extra={"selectivity": sel.tolist()})
-
-
-def sparse_evidence(task: str, stage: str, weights: np.ndarray | torch.Tensor,
-                    control_weights: np.ndarray | torch.Tensor | None, layers: list[int],
-                    alpha: float = 0.01) -> Evidence:
-    """Evidence from a sparse (group lasso) probe: group norms of the weights (L, H, D[, C]); the null comes from
-    the group norms of the same probe fitted to control labels (0 when none is given: any selected head)."""
-    score = group_norms(weights)
-    null = null_threshold(group_norms(control_weights), alpha) if control_weights is not None else 0.0
-    return Evidence(task, stage, "sparse", score, null, layers, metric="group norm")
-
-
-# --- from checkpoints ------------------------------------------------------------------------------------------
-
-def _all_heads(a: np.ndarray, heads: list[int] | None, n_heads: int) -> np.ndarray:
-    """(L, H') over the checkpoint's heads -> (L, H) over all heads, NaN for heads it did not read."""
-    a = np.asarray(a, dtype=np.float64)
-    if heads is None:
-        return a
-    out = np.full((a.shape[0], n_heads), np.nan)
-    out[:, heads] = a
-    return out
-
-
-def _linear_from_metrics(config, metrics: dict, n_val: int | None, alpha: float) -> Evidence:
-    split = "val" if "val" in metrics else "test"
-    table = metrics.get(split, {})
-    key = "acc" if "acc" in table else "r2"
-    if key not in table:
-        raise InputError(f"linear probe checkpoint for task {config.task!r} has no per-head {split} metrics in "
-                         f"metrics.json: export it after validation (headprobe train runs it)")
-    values = np.asarray(table[key], dtype=np.float64)  # (K, L, G): the task, then each control
-    width = len(config.heads) if config.heads else config.n_heads
-    if values.shape[2] != width:
-        raise InputError(f"linear probe for task {config.task!r} was trained per layer (scope=layer): retrain with "
-                         f"scope=head to attribute heads")
-    prefix = f"{split}/selectivity_"
-    controls = [k[len(prefix):].rsplit("_max", 1)[0] for k in metrics if k.startswith(prefix)]
-    if values.shape[0] < 2 or not controls:
-        raise InputError(f"linear probe for task {config.task!r} has no control probes: retrain with controls "
-                         f"(e.g. controls: [control, shuffled]) so there is a null to compare heads with")
-    null_from = "shuffled" if "shuffled" in controls else controls[0]
-    full = lambda a: _all_heads(a, config.heads, config.n_heads)
-    ev = linear_evidence(config.task, config.stage, full(values[0]), full(values[1 + controls.index(null_from)]),
-                         list(config.layers), alpha, n_val)
-    ev.metric = f"{split} {'accuracy' if key == 'acc' else 'R^2'} (null from the {null_from} control)"
-    ev.extra["selectivity"] = {c: (values[0] - values[1 + i]).tolist() for i, c in enumerate(controls)}
-    return ev
-
-
-def _sae_evidence_on_stores(saes: list[tuple[Path, object, dict]], stores: list, alpha: float, max_rows: int,
+def evidence_on_stores(saes: list[tuple[Path, object, dict]], stores: list, alpha: float, max_rows: int,
                             batch: int = 4096) -> list[Evidence]:
     """One evidence per labelled store, from every SAE (folder, config, tensors) on the store's rows; SAEs on other
     layers are pooled into the same evidence (one Bonferroni family over all their latents)."""
-    import probes.sae  # noqa: F401  (registers the class)
     from headprobe.probes.checkpoint import load_local
 
     modules = [(load_local(folder), config, tensors) for folder, config, tensors in saes]
@@ -348,34 +207,13 @@ def _sae_evidence_on_stores(saes: list[tuple[Path, object, dict]], stores: list,
     return out
 
 
-def evidence_from_checkpoints(folders: list[str | Path], stores: list | None = None, alpha: float = 0.01,
-                              max_rows: int = 20000) -> list[Evidence]:
-    """The evidence a set of checkpoints gives about the heads, one per (task, artifact kind).
+@register_kind
+class SAEEvidence(EvidenceKind):
+    name = "sae"
+    reads = "SparseAutoencoder"
 
-    LinearProbes: per-head val accuracy against its shuffled-label (or control-task) probes. SparseProbe: group
-    norms (null 0: any head the group lasso kept). SparseAutoencoder: one evidence per labelled store in
-    ``stores`` (:class:`extract.store.Store`) from the same model, every SAE's latents computed on the store's
-    rows and SAEs on different layers pooled.
-    """
-    from headprobe.probes.checkpoint import read_checkpoint
-
-    out, saes = [], []
-    for folder in map(Path, folders):
-        config, tensors, metrics = read_checkpoint(folder)
-        if config.cls == "SparseAutoencoder":
-            saes.append((folder, config, tensors))
-        elif config.stage not in STAGES:
-            continue
-        elif config.cls == "LinearProbes":
-            same = [s for s in stores or [] if s.meta.task == config.task and s.meta.weights_hash == config.weights_hash]
-            out.append(_linear_from_metrics(config, metrics, len(same[0].rows("val")) if same else None, alpha))
-        elif config.cls == "SparseProbe":
-            norms = tensors["group_norm"].double().numpy() if "group_norm" in tensors else group_norms(tensors["weight"])
-            out.append(Evidence(config.task, config.stage, "sparse", _all_heads(norms, config.heads, config.n_heads),
-                                0.0, list(config.layers), metric="group norm (standardised inputs; null: any kept head)"))
-        else:
-            raise InputError(f"{folder}: cannot attribute a {config.cls} checkpoint (known: LinearProbes, SparseProbe, "
-                             f"SparseAutoencoder)")
-    if saes:
-        out += _sae_evidence_on_stores(saes, stores or [], alpha, max_rows)
-    return out
+    def collect(self, inputs: AttributionInputs) -> list[Evidence]:
+        saes = [(c.folder, c.config, c.tensors) for c in inputs.checkpoints_of(self.reads)]
+        if not saes:
+            return []
+        return evidence_on_stores(saes, inputs.stores, inputs.config.alpha, inputs.config.max_rows)

@@ -1,0 +1,61 @@
+"""Option conventions shared by every ``headprobe`` command.
+
+One spelling: ``--snake_case`` names, as LightningCLI and jsonargparse give ``headprobe train`` and ``headprobe
+run``; the argparse commands (``extract``, ``attribute``, ``hub``) also accept the ``--kebab-case`` spelling. A
+yes/no option is a flag that also takes a value: ``--resume``, ``--resume true`` and ``--resume false`` work in
+every command.
+"""
+from __future__ import annotations
+
+import argparse
+
+TRUE, FALSE = ("true", "yes", "1"), ("false", "no", "0")
+
+
+def boolean(text: str) -> bool:
+    """'true'/'false' (also yes/no, 1/0) as a bool, for flags given a value."""
+    if text.lower() in TRUE:
+        return True
+    if text.lower() in FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r}: pass true or false")
+
+
+def add_flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
+    """A yes/no option: ``--name``, ``--name true`` or ``--name false`` (``--name-with-dashes`` too)."""
+    parser.add_argument(*kebab_aliases(name), nargs="?", const=True, default=False, type=boolean, help=help)
+
+
+def kebab_aliases(name: str) -> list[str]:
+    """``--snake_name`` and, where it differs, ``--snake-name``: the names of one option."""
+    return [name] + ([name.replace("_", "-")] if "_" in name else [])
+
+
+def level(text: str) -> float:
+    """A level strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a level between 0 and 1, such as 0.01")
+    return value
+
+
+def at_least_two(text: str) -> int:
+    """A count of random draws: at least 2."""
+    if not text.lstrip("-").isdigit() or int(text) < 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: the prediction interval needs at least 2 random draws")
+    return int(text)
+
+
+def expand_bare_flags(argv: list[str], flags: set[str]) -> list[str]:
+    """``--flag`` with no value after it -> ``--flag true``, for parsers (jsonargparse) whose bool options need a
+    value; ``--flag false`` and ``--flag=true`` pass unchanged."""
+    out = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        following = argv[i + 1] if i + 1 < len(argv) else None
+        if arg in flags and (following is None or following.startswith("--")):
+            out.append("true")
+    return out
