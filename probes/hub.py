@@ -13,6 +13,15 @@ A reference is one of
 Every file is checked against a sha256 before it is read: the registry's for registry ids and static hubs, the
 blob hashes huggingface_hub stored for Hub repos, and always the sha256 of model.safetensors in config.json (a
 config without one is refused).
+
+A registry is untrusted input. Every field of every entry is validated before anything touches the file system
+(digests are 64 lowercase hex digits, file names come from the checkpoint format's fixed set, ids and locations
+are made of safe path parts), cache paths are built only from validated values and must resolve inside the cache.
+Static-hub downloads stream into a temporary folder inside the hub's cache folder and are moved into place only
+when every file's sha256 matches; they are bounded by the entry's ``size_bytes`` and by
+``$HEADPROBE_MAX_DOWNLOAD_MB`` (default 2048; also caps registry.json, at most 16 MiB), by
+``$HEADPROBE_HUB_TIMEOUT`` seconds per file (default 1800; a connection silent for 30 s is dropped sooner), and
+follow redirects only within the same scheme, host and port.
 """
 from __future__ import annotations
 
@@ -21,8 +30,6 @@ import json
 import os
 import re
 import shutil
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -36,13 +43,27 @@ from headprobe.probes.checkpoint import (
     scalar_metrics,
     sha256,
 )
+from headprobe.probes.hub_http import (
+    NetworkError,
+    download,
+    get,
+    max_bytes,
+    show,
+    write_atomic,
+)
 
 REGISTRY_FILE = "registry.json"
 REGISTRY_VERSION = 1
 PART = r"[A-Za-z0-9][A-Za-z0-9._-]*"  # one path component: no '..', no '/', no leading dot
 ID_RE = re.compile(rf"{PART}/{PART}")
 HF_RE = re.compile(rf"(?P<repo>{PART}/{PART})(?P<sub>(?:/{PART})*)(?:@(?P<rev>[A-Za-z0-9._/-]+))?")
-TIMEOUT_S = 30
+DIGEST_RE = re.compile(r"[0-9a-f]{64}")
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # no control characters (terminal escapes) in one-line fields
+COMMAND_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # a command may hold tabs and newlines
+TEXT_FIELDS = ("revision", "cls", "model_id", "weights_hash", "hook_point", "task", "stage", "command")
+MAX_TEXT = 4096
+REQUIRED_FILES = ("model.safetensors", "config.json")
+REGISTRY_MAX_BYTES = 16 << 20  # the most a static hub's registry.json may be
 
 
 def bundled_registry() -> Path:
@@ -59,15 +80,53 @@ def check_id(ref: str) -> str:
     return ref
 
 
-def _check_part(value: str, what: str) -> str:
-    if not re.fullmatch(PART, value):
-        raise CheckpointError(f"registry entry has an unsafe {what} {value!r}: the registry is corrupt or hostile")
-    return value
+def _safe_location(location: object) -> bool:
+    """A folder relative to the registry made of safe parts, or ``hf:org/name[/subfolder]`` without a revision."""
+    if not isinstance(location, str):
+        return False
+    if location.startswith("hf:"):
+        m = HF_RE.fullmatch(location[3:])
+        return bool(m) and m["rev"] is None
+    return all(re.fullmatch(PART, part) for part in location.split("/"))
+
+
+def _text_problem(values: dict) -> str:
+    for key in TEXT_FIELDS:
+        value = values.get(key, "")
+        control = COMMAND_CONTROL_RE if key == "command" else CONTROL_RE
+        if not isinstance(value, str) or len(value) > MAX_TEXT or control.search(value):
+            return f"an unsafe {key} {show(value)} (want text without control characters)"
+    if ".." in values.get("revision", ""):
+        return f"an unsafe revision {show(values['revision'])} (want no '..')"
+    return ""
+
+
+def _entry_problem(values: dict) -> str:
+    """'' for a safe registry entry (field name -> value, as read from JSON), else what is wrong with it."""
+    if not _safe_location(values.get("location")):
+        return (f"an unsafe location {show(values.get('location'))} (want release/name parts of letters, digits, "
+                f"'.', '_', '-', or hf:org/name[/subfolder])")
+    hashes = values.get("sha256")
+    if not isinstance(hashes, dict) or not set(REQUIRED_FILES) <= set(hashes):
+        return f"an unsafe sha256 {show(hashes)} (want a table of file name -> sha256 with {', '.join(REQUIRED_FILES)})"
+    for name, digest in hashes.items():
+        if name not in FILES:
+            return f"an unsafe file name {show(name)} (want one of {', '.join(FILES)})"
+        if not isinstance(digest, str) or not DIGEST_RE.fullmatch(digest):
+            return f"an unsafe sha256 for {name}: {show(digest)} (want 64 lowercase hex digits)"
+    metrics, size = values.get("metrics", {}), values.get("size_bytes", 0)
+    if not isinstance(metrics, dict) or not all(
+            isinstance(k, str) and not CONTROL_RE.search(k) and isinstance(v, (int, float)) and not isinstance(v, bool)
+            for k, v in metrics.items()):
+        return f"unsafe metrics {show(metrics)} (want a table of metric name -> number)"
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        return f"an unsafe size_bytes {show(size)} (want a whole number of bytes)"
+    return _text_problem(values)
 
 
 @dataclass
 class RegistryEntry:
-    """One checkpoint in a registry file."""
+    """One checkpoint in a registry file; every field is validated (see :func:`_entry_problem`)."""
 
     location: str  # folder relative to the registry, or "hf:org/repo[/subfolder]"
     sha256: dict[str, str]  # file name -> sha256, for every file of the checkpoint
@@ -80,14 +139,12 @@ class RegistryEntry:
     stage: str = ""
     metrics: dict = field(default_factory=dict)  # scalar metrics, e.g. "val/accuracy"
     command: str = ""  # the command that reproduces it
-    size_bytes: int = 0
+    size_bytes: int = 0  # of all its files together
 
     def __post_init__(self):
-        for name in self.sha256:
-            _check_part(name, "file name")
-        if not self.location.startswith("hf:"):
-            for part in self.location.split("/"):
-                _check_part(part, "location")
+        problem = _entry_problem(vars(self))
+        if problem:
+            raise CheckpointError(f"registry entry has {problem}: the registry is corrupt or hostile")
 
 
 class Registry:
@@ -99,13 +156,13 @@ class Registry:
         self.base, self.entries = base, entries
 
     @classmethod
-    def open(cls, hub: str | Path | None = None) -> "Registry":
+    def open(cls, hub: str | Path | None = None) -> Registry:
         """The registry of a hub folder, registry file or http(s) base URL (default: the bundled one)."""
         if hub is None:
             path = bundled_registry()
         elif _is_url(str(hub)):
             base = str(hub).rstrip("/")
-            return cls(base, _parse_registry(_fetch_registry(base), base))
+            return cls(base, _fetch_registry(base))
         else:
             path = Path(hub)
             path = path / REGISTRY_FILE if path.is_dir() or not path.suffix else path
@@ -132,8 +189,9 @@ class Registry:
         if entry.location.startswith("hf:"):
             folder = _hf_snapshot(entry.location[3:] + (f"@{entry.revision}" if entry.revision else ""))
         elif isinstance(self.base, str) and _is_url(self.base):
-            folder = _download(f"{self.base}/{entry.location}", entry.sha256,
-                               _hub_cache(self.base) / ref / entry.sha256.get("model.safetensors", "x")[:16])
+            dest = _cache_path(self.base, *ref.split("/"), entry.sha256["model.safetensors"][:16])
+            folder = download(f"{self.base}/{entry.location}", entry.sha256, entry.size_bytes, dest,
+                              _cache_path(self.base))
         else:
             folder = Path(self.base) / entry.location
         for name, digest in entry.sha256.items():
@@ -148,14 +206,32 @@ def _is_url(ref: str) -> bool:
 
 
 def _parse_registry(raw: bytes, where: str) -> dict[str, RegistryEntry]:
+    """The validated entries of a registry file's bytes; a one-line error naming ``where`` and the bad field."""
     try:
         data = json.loads(raw)
-        known = {f.name for f in fields(RegistryEntry)}
-        entries = {check_id(k): RegistryEntry(**{a: b for a, b in v.items() if a in known})
-                   for k, v in data["checkpoints"].items()}
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
-        raise CheckpointError(f"{where} is not a valid headprobe registry ({type(err).__name__}: {err})") from None
-    return entries
+    except (ValueError, RecursionError) as err:  # bad JSON or UTF-8, numbers too long, nesting too deep
+        raise CheckpointError(f"{where} is not a valid headprobe registry ({type(err).__name__}: "
+                              f"{show(str(err))}): fix or re-publish it") from None
+    if not isinstance(data, dict) or not isinstance(data.get("checkpoints"), dict):
+        raise CheckpointError(f"{where} is not a valid headprobe registry (want an object with a \"checkpoints\" "
+                              f"object): fix or re-publish it")
+    version = data.get("version", REGISTRY_VERSION)
+    if not isinstance(version, int) or isinstance(version, bool) or version > REGISTRY_VERSION:
+        raise CheckpointError(f"{where} has registry version {show(version)}; this headprobe reads version "
+                              f"{REGISTRY_VERSION}: upgrade headprobe")
+    return {ref: _parse_entry(ref, value, where) for ref, value in data["checkpoints"].items()}
+
+
+def _parse_entry(ref: str, value: object, where: str) -> RegistryEntry:
+    if not ID_RE.fullmatch(ref):
+        raise CheckpointError(f"{where} holds an invalid checkpoint id {show(ref)}: the registry is corrupt or "
+                              f"hostile (ids are 'release/name' of letters, digits, '.', '_', '-')")
+    known = {f.name for f in fields(RegistryEntry)}
+    problem = _entry_problem(value) if isinstance(value, dict) else "no fields (want an object)"
+    if problem:
+        raise CheckpointError(f"{where}: entry {ref!r} has {problem}: the registry is corrupt or hostile; "
+                              f"nothing was fetched")
+    return RegistryEntry(**{k: v for k, v in value.items() if k in known})
 
 
 def _hub_cache(base_url: str) -> Path:
@@ -164,51 +240,41 @@ def _hub_cache(base_url: str) -> Path:
     return cache_dir() / "hubs" / hashlib.sha256(base_url.encode()).hexdigest()[:16]
 
 
-def _get(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
-        return response.read()
+def _cache_path(base_url: str, *parts: str) -> Path:
+    """``parts`` (validated values) below the hub's cache folder; refused if the result resolves outside it."""
+    root = _hub_cache(base_url)
+    path = root.joinpath(*parts)
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise CheckpointError(f"{path} would lie outside the hub cache {root}: the registry is hostile; nothing "
+                              f"was fetched")
+    return path
 
 
-def _fetch_registry(base: str) -> bytes:
-    """The registry of a static hub; the cached copy when the hub cannot be reached or HF_HUB_OFFLINE is set."""
-    cached = _hub_cache(base) / REGISTRY_FILE
-    offline = os.environ.get("HEADPROBE_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "")).lower() in ("1", "true", "yes")
-    if not offline:
+def _offline() -> bool:
+    return os.environ.get("HEADPROBE_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "")).lower() in ("1", "true", "yes")
+
+
+def _fetch_registry(base: str) -> dict[str, RegistryEntry]:
+    """The validated registry of a static hub, cached once valid; the cached copy when the hub cannot be reached or
+    HEADPROBE_OFFLINE / HF_HUB_OFFLINE is set."""
+    url, cached = f"{base}/{REGISTRY_FILE}", _cache_path(base, REGISTRY_FILE)
+    if not _offline():
+        cap, why = max_bytes()
+        if cap > REGISTRY_MAX_BYTES:
+            cap, why = REGISTRY_MAX_BYTES, "the most a registry may be"
         try:
-            raw = _get(f"{base}/{REGISTRY_FILE}")
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_suffix(".partial")
-            tmp.write_bytes(raw)
-            os.replace(tmp, cached)
-            return raw
-        except (urllib.error.URLError, OSError) as err:
+            raw = get(url, cap, why)
+        except NetworkError:
             if not cached.exists():
-                raise CheckpointError(f"cannot reach {base}/{REGISTRY_FILE} ({err}) and it is not cached: "
-                                      f"check the URL or your connection") from None
+                raise
+        else:
+            entries = _parse_registry(raw, url)  # validated before it is cached
+            write_atomic(cached, raw)
+            return entries
     if not cached.exists():
-        raise CheckpointError(f"offline, and {base}/{REGISTRY_FILE} is not cached: unset HF_HUB_OFFLINE / "
-                              f"HEADPROBE_OFFLINE once to fetch it")
-    return cached.read_bytes()
-
-
-def _download(url: str, hashes: dict[str, str], dest: Path) -> Path:
-    """Fetch ``url/<file>`` for each file into ``dest``, keeping only files whose sha256 matches."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for name, digest in hashes.items():
-        target = dest / name
-        if target.is_file() and sha256(target) == digest:
-            continue
-        try:
-            raw = _get(f"{url}/{name}")
-        except (urllib.error.URLError, OSError) as err:
-            raise CheckpointError(f"cannot download {url}/{name} ({err}): check the hub URL or your connection") from None
-        if hashlib.sha256(raw).hexdigest() != digest:
-            raise CheckpointError(f"{url}/{name} does not match the sha256 in the hub's registry (tampered, "
-                                  f"truncated or changed after publishing): nothing was kept")
-        tmp = target.with_name(name + ".partial")
-        tmp.write_bytes(raw)
-        os.replace(tmp, target)
-    return dest
+        raise CheckpointError(f"offline, and {url} is not cached: unset HF_HUB_OFFLINE / HEADPROBE_OFFLINE once to "
+                              f"fetch it")
+    return _parse_registry(cached.read_bytes(), str(cached))
 
 
 def _git_blob_sha1(path: Path) -> str:
@@ -248,8 +314,8 @@ def _hf_snapshot(ref: str, context: str = "") -> Path:
         snap = snapshot_download(m["repo"], revision=m["rev"], allow_patterns=[prefix + f for f in FILES])
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as err:
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{context}cannot fetch {ref} from the Hugging Face Hub ({type(err).__name__}: {msg}): check the"
-                              f" repo id, or download it once with HF_HUB_OFFLINE unset") from None
+        raise CheckpointError(f"{context}cannot fetch {ref} from the Hugging Face Hub ({type(err).__name__}: {msg}): "
+                              f"check the repo id, or download it once with HF_HUB_OFFLINE unset") from None
     folder = Path(snap) / sub
     _verify_hf_blobs(folder)
     return folder

@@ -3,6 +3,10 @@
     headprobe hub list [--hub DIR|URL]
     headprobe hub show REF [--hub DIR|URL]
     headprobe hub push PATH --to hf:ORG/NAME[/SUBFOLDER] | --to DIR --id RELEASE/NAME
+
+Downloads from a static hub are capped by $HEADPROBE_MAX_DOWNLOAD_MB (default 2048) and $HEADPROBE_HUB_TIMEOUT
+seconds per file (default 1800). Text from a checkpoint or registry is printed with control characters escaped,
+so a hostile hub cannot drive the terminal.
 """
 from __future__ import annotations
 
@@ -11,7 +15,13 @@ import json
 from pathlib import Path
 
 from headprobe.probes.checkpoint import read_checkpoint, scalar_metrics
-from headprobe.probes.hub import Registry, push_to_folder, push_to_hf, resolve
+from headprobe.probes.hub import (
+    CONTROL_RE,
+    Registry,
+    push_to_folder,
+    push_to_hf,
+    resolve,
+)
 
 HUB_HELP = "a hub folder with registry.json, or an http(s) base URL (default: the checkpoints shipped with headprobe)"
 
@@ -34,8 +44,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     push.add_argument("--private", action="store_true", help="create the Hugging Face repo as private")
 
 
+def _printable(text: str) -> str:
+    """``text`` with control characters (terminal escapes) written as ``\\x1b``-style escapes."""
+    return CONTROL_RE.sub(lambda m: repr(m.group())[1:-1], text)
+
+
 def _fmt(metrics: dict, n: int = 3) -> str:
-    return ", ".join(f"{k}={v:.3g}" for k, v in list(metrics.items())[:n]) or "-"
+    return ", ".join(f"{_printable(k)}={v:.3g}" for k, v in list(metrics.items())[:n]) or "-"
 
 
 def run(args: argparse.Namespace) -> None:
@@ -52,10 +67,10 @@ def run(args: argparse.Namespace) -> None:
     elif args.action == "show":
         folder, _ = resolve(args.ref, args.hub)
         config, tensors, metrics = read_checkpoint(folder)
-        print(f"{args.ref}: {folder}")
+        print(_printable(f"{args.ref}: {folder}"))
         print(json.dumps({k: v for k, v in vars(config).items()}, indent=2))
-        print("tensors: " + ", ".join(f"{k} {tuple(v.shape)} {str(v.dtype).replace('torch.', '')}"
-                                      for k, v in tensors.items()))
+        print(_printable("tensors: " + ", ".join(f"{k} {tuple(v.shape)} {str(v.dtype).replace('torch.', '')}"
+                                                 for k, v in tensors.items())))
         print("metrics: " + _fmt(scalar_metrics(metrics), n=20))
     elif args.action == "push":
         if args.to.startswith("hf:"):

@@ -58,8 +58,50 @@ ATTRIBUTE = [
 ]
 
 # --- headprobe hub ---------------------------------------------------------------------------------------------
+def _hub_registry(more: str, digest: str = "0" * 64) -> Callable[[Path], None]:
+    """{tmp}/hub/registry.json holding one entry v0/x, with ``more`` JSON fields and this model digest."""
+    return _write("hub/registry.json", '{"version": 1, "checkpoints": {"v0/x": {"location": "v0/x", "sha256": '
+                  '{"model.safetensors": "' + digest + '", "config.json": "' + "1" * 64 + '"}' + more + '}}}')
+
+
+def _checkpoint_folder(config: str) -> Callable[[Path], None]:
+    """{tmp}/ck with 64 zero bytes as model.safetensors and ``config`` as config.json."""
+    return lambda tmp: (_write("ck/model.safetensors", bytes(64))(tmp), _write("ck/config.json", config)(tmp))
+
+
 HUB = [
     Bad("hub-traversal-id", ["hub", "show", "v1/../../etc"], r"invalid checkpoint id"),
+    Bad("hub-list-missing-hub", ["hub", "list", "--hub", "{tmp}/nothing"],
+        r"no registry at .*nothing/registry\.json: pass a hub folder", leaves=("{tmp}/nothing",)),
+    Bad("hub-show-unknown-id", ["hub", "show", "v0/missing", "--hub", "{tmp}/hub"],
+        r"'v0/missing' is not in the registry at .*hub \(known: none\): run `headprobe hub list`",
+        setup=_write("hub/registry.json", '{"version": 1, "checkpoints": {}}')),
+    Bad("hub-push-not-a-checkpoint", ["hub", "push", "{tmp}/notes", "--to", "{tmp}/hub", "--id", "v0/x"],
+        r"notes is not a headprobe checkpoint \(model\.safetensors is missing\)",
+        leaves=("{tmp}/hub",), setup=_write("notes/README.md", "# not a checkpoint\n")),
+    Bad("hub-push-to-a-file", ["hub", "push", "{ckpt}", "--to", "{tmp}/hubfile", "--id", "v0/x"],
+        r"hubfile is a file, not a hub folder: pass a folder", setup=_write("hubfile", "mine\n")),
+    Bad("hub-push-existing-id", ["hub", "push", "{ckpt}", "--to", "{tmp}/hub", "--id", "v0/x"],
+        r"hub already holds v0/x: pass --overwrite to replace it", leaves=("{tmp}/hub/v0/x",),
+        setup=_hub_registry("")),
+    Bad("hub-show-garbage-config", ["hub", "show", "{tmp}/ck"], r"ck/config\.json is not a valid checkpoint config",
+        setup=_checkpoint_folder("{not json")),
+    Bad("hub-show-tampered-tensors", ["hub", "show", "{tmp}/ck"],
+        r"ck/model\.safetensors does not match its recorded sha256 .*fetch it again",
+        setup=_checkpoint_folder('{"cls": "LinearProbes", "hparams": {}, "model_id": "m", "weights_hash": "w", '
+                                 '"architecture": "a", "hook_point": "h", "layers": [0], "n_heads": 1, "d_head": 1, '
+                                 '"tensors_sha256": "' + "0" * 64 + '"}')),
+    Bad("hub-list-registry-not-an-object", ["hub", "list", "--hub", "{tmp}/hub"],
+        r"registry\.json is not a valid headprobe registry \(want an object", setup=_write("hub/registry.json", "[1]")),
+    Bad("hub-list-metrics-not-numbers", ["hub", "list", "--hub", "{tmp}/hub"],
+        r"entry 'v0/x' has unsafe metrics .*the registry is corrupt or hostile",
+        setup=_hub_registry(', "metrics": {"val/acc": "high"}')),
+    Bad("hub-list-absolute-digest", ["hub", "list", "--hub", "{tmp}/hub"],
+        r"entry 'v0/x' has an unsafe sha256 for model\.safetensors: '/etc/.*want 64 lowercase hex digits",
+        setup=_hub_registry("", digest="/etc/cron.d/" + "x" * 52)),
+    Bad("hub-list-terminal-escape", ["hub", "list", "--hub", "{tmp}/hub"],
+        r"entry 'v0/x' has an unsafe task '.*\\x1b.*control characters",
+        setup=_hub_registry(', "task": "\\u001b[2Jcapitals"')),
 ]
 
 # --- headprobe run ---------------------------------------------------------------------------------------------
