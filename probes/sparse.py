@@ -26,8 +26,9 @@ from torch import Tensor
 
 from headprobe import InputError
 from headprobe.probes.checkpoint import CheckpointConfig, init_hparams, register
-from headprobe.probes.linear import SplitEval, fit_newton, loss_terms
 from headprobe.probes.metrics import probe_metrics
+from headprobe.probes.newton import fit_newton, loss_terms
+from headprobe.probes.probe_eval import SplitEval
 
 PENALTIES = ("l1", "elastic_net", "group_lasso")
 

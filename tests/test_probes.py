@@ -13,8 +13,9 @@ from sklearn.metrics import roc_auc_score
 
 from headprobe.extract.store import write_array_store as write_store
 from headprobe.probes.checkpoint import load_local, save_checkpoint
-from headprobe.probes.linear import LinearProbes, NewtonState, control_labels, fit_newton, newton_stats, penalised
+from headprobe.probes.linear import LinearProbes, control_labels
 from headprobe.probes.metrics import auroc, bootstrap_ci
+from headprobe.probes.newton import NewtonState, fit_newton, newton_stats, penalised
 from headprobe.probes.sparse import SparseProbe, ksparse_sweep
 from headprobe.train.data import StoreDataModule
 from helpers import planted
