@@ -33,6 +33,8 @@ from headprobe.probes.newton import LOSSES, NewtonState, newton_stats, probe_log
 from headprobe.probes.probe_eval import SplitEval
 
 CONTROLS = ("control", "shuffled")
+CONTROL_BY = ("token_id", "group", "example_id")  # store columns that name a row's word type
+log = logging.getLogger(__name__)
 
 
 def control_labels(labels: np.ndarray, split: np.ndarray, types: np.ndarray, kind: str, seed: int) -> np.ndarray:
@@ -54,6 +56,26 @@ def control_labels(labels: np.ndarray, split: np.ndarray, types: np.ndarray, kin
     return rng.choice(pool, size=len(uniq))[inv]
 
 
+def fittable_controls(columns: dict[str, np.ndarray], train: np.ndarray, controls: list[str], control_by: str,
+                      seed: int) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The label sets (N,) of the controls that can be fitted, by name, and why each other control is skipped.
+
+    ``columns`` holds the store's per-row "label", "split" and ``control_by`` arrays; ``train`` the training rows.
+    A control whose training labels take one value has no optimum under the logistic loss (its intercept grows
+    without end: the solver would run to ``max_steps``) and nothing to predict, so no baseline for selectivity."""
+    fitted, skipped = {}, {}
+    for c in controls:
+        labels = control_labels(columns["label"], columns["split"], columns[control_by], c, seed)
+        if len(np.unique(labels[train])) > 1:
+            fitted[c] = labels
+        elif c == "control" and len(np.unique(columns[control_by][train])) == 1:
+            at = " (read at one token)" if control_by == "token_id" else ""
+            skipped[c] = f"every training row has the same {control_by}{at}, so the control task has one label"
+        else:
+            skipped[c] = f"its labels on the training rows take one value, so the {c} task has one label"
+    return fitted, skipped
+
+
 @register
 class LinearProbes(SplitEval, L.LightningModule):
     """Linear probes on every (layer, head) of a store, trained at once.
@@ -64,7 +86,8 @@ class LinearProbes(SplitEval, L.LightningModule):
         l2: L2 penalty on the summed loss (sklearn's 1 / C; ITI uses C = 1).
         tol: stop when every probe's gradient of the mean loss is below this.
         max_steps: stop after this many Newton steps (whatever the epoch count).
-        controls: control label sets fitted alongside ("control", "shuffled").
+        controls: control label sets fitted alongside ("control", "shuffled"); one whose training labels take one
+            value is skipped (``controls_skipped`` in the metrics says why; ``fitted_controls`` lists the others).
         control_by: what a control-task "word type" is: a store column ("token_id", "group", "example_id").
         top_k: heads that get bootstrap confidence intervals; n_boot: bootstrap resamples.
         seed: seed of the control labels and the bootstrap.
@@ -82,27 +105,31 @@ class LinearProbes(SplitEval, L.LightningModule):
                  n_groups: int = 0, n_features: int = 0, n_classes: int = 0):
         super().__init__()
         if scope not in ("head", "layer"):
-            raise InputError(f"unknown scope {scope!r}: choose head or layer")
+            raise InputError(f"--model.scope {scope!r}: choose head or layer")
         if loss not in LOSSES:
-            raise InputError(f"unknown loss {loss!r}: choose one of {', '.join(LOSSES)}")
+            raise InputError(f"--model.loss {loss!r}: choose one of {', '.join(LOSSES)}")
         if not l2 >= 0:
             raise InputError(f"--model.l2 {l2}: the ridge penalty must be 0 or more")
         for c in controls:
             if c not in CONTROLS:
-                raise InputError(f"unknown control {c!r}: choose from {', '.join(CONTROLS)}")
+                raise InputError(f"--model.controls: unknown control {c!r}: choose from {', '.join(CONTROLS)}")
+        if control_by not in CONTROL_BY:
+            raise InputError(f"--model.control_by {control_by!r}: choose one of {', '.join(CONTROL_BY)}")
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.meta, self.layers, self.heads = None, None, None
         self.tables: dict[str, dict[str, np.ndarray]] = {}  # split -> name -> (K, L, G) arrays
         self.summary: dict[str, float] = {}
         self._outputs: dict[str, list] = {}
+        self.fitted_controls: list[str] = list(controls)  # setup() leaves out those that cannot be fitted
+        self.controls_skipped: dict[str, str] = {}  # control -> why it was not fitted
         if n_layers:
             self._build()
 
     # --- shapes ----------------------------------------------------------------------------------------------
     @property
     def label_sets(self) -> list[str]:
-        return ["task", *self.hparams.controls]
+        return ["task", *self.fitted_controls]
 
     def _build(self) -> None:
         hp = self.hparams
@@ -122,13 +149,23 @@ class LinearProbes(SplitEval, L.LightningModule):
                      n_features=dm.meta.d_head * (dm.n_heads if per_layer else 1), n_classes=C if C > 1 else 2)
         if loss == "ridge":
             shape["n_classes"] = 1
-        if not hp.n_layers or any(hp[k] != v for k, v in shape.items()):
+        columns = dm.columns()
+        controls, skipped = fittable_controls(columns, dm.split_rows["train"], hp.controls, hp.control_by, hp.seed)
+        self._note_skipped(str(dm.path), skipped, list(controls))
+        self.fitted_controls, self.controls_skipped = list(controls), skipped
+        if not hp.n_layers or any(hp[k] != v for k, v in shape.items()) or len(self.newton.W) != len(self.label_sets):
             hp.update(shape)
             self._build()
-        columns = dm.columns()
-        sets = [columns["label"]] + [control_labels(columns["label"], columns["split"], columns[hp.control_by], c,
-                                                    hp.seed) for c in hp.controls]
-        self.row_labels = torch.from_numpy(np.stack(sets).astype(np.float64))
+        self.row_labels = torch.from_numpy(np.stack([columns["label"], *controls.values()]).astype(np.float64))
+
+    def _note_skipped(self, path: str, skipped: dict[str, str], fitted: list[str]) -> None:
+        """One warning line per newly skipped control, naming the controls fitted instead."""
+        if skipped == self.controls_skipped or not self.trainer.is_global_zero:
+            return
+        instead = (f"selectivity uses {', '.join(fitted)} instead" if fitted else
+                   "no control is left, so no selectivity: add --model.controls [shuffled]")
+        for c, why in skipped.items():
+            log.warning(f"{path}: control {c!r} skipped: {why}; {instead}")
 
     # --- forward ---------------------------------------------------------------------------------------------
     def features(self, z: Tensor) -> Tensor:
@@ -254,7 +291,7 @@ class LinearProbes(SplitEval, L.LightningModule):
         task = table[key][0]
         summary = {f"{split}/{key}_max": float(task.max()), f"{split}/{key}_mean": float(task.mean()),
                    f"{split}/loss_mean": float(table["loss"][0].mean())}
-        for i, c in enumerate(hp.controls, start=1):
+        for i, c in enumerate(self.fitted_controls, start=1):
             summary[f"{split}/selectivity_{c}_max"] = float((task - table[key][i]).max())
             summary[f"{split}/{key}_{c}_mean"] = float(table[key][i].mean())
         top = np.argsort(-task.ravel(), kind="stable")[: hp.top_k]
@@ -274,7 +311,7 @@ class LinearProbes(SplitEval, L.LightningModule):
                 continue
             for name, v in table.items():
                 out[f"{split}/{name}"] = v[0]
-                for i, c in enumerate(self.hparams.controls, start=1):
+                for i, c in enumerate(self.fitted_controls, start=1):
                     if name in ("acc", "r2") and v.shape[0] > i:
                         out[f"{split}/{name}_{c}"] = v[i]
                         out[f"{split}/selectivity_{c}"] = v[0] - v[i]
@@ -292,23 +329,32 @@ class LinearProbes(SplitEval, L.LightningModule):
         return out
 
     def checkpoint_config(self, meta=None) -> CheckpointConfig:
+        """Provenance and hyperparameters; ``controls`` lists the controls fitted (their metrics are in metrics.json,
+        the checkpoint holds the task's weights only) and ``controls_skipped`` any skipped, with why."""
         meta = meta or self.meta
         hparams = init_hparams(self)
-        hparams["controls"] = []
+        hparams["controls"] = list(self.fitted_controls)
+        if self.controls_skipped:
+            hparams["controls_skipped"] = dict(self.controls_skipped)
         cfg = CheckpointConfig.from_store(meta, type(self).__name__, hparams, heads=self.heads)
         cfg.layers = list(self.layers)
         return cfg
 
     def checkpoint_metrics(self) -> dict:
+        """Summary metrics, the tables (arrays (K, L, G) in label-set order: task, then the fitted controls), and
+        ``controls_skipped`` (control -> why) when a control could not be fitted."""
         out = dict(self.summary)
         for split, table in self.tables.items():
             out[split] = {k: np.asarray(v).tolist() for k, v in table.items()}
+        if self.controls_skipped:
+            out["controls_skipped"] = dict(self.controls_skipped)
         return out
 
     @classmethod
     def from_checkpoint(cls, config: CheckpointConfig, tensors: dict[str, Tensor]) -> "LinearProbes":
-        hp = dict(config.hparams, controls=[])
-        module = cls(**hp)
+        """The task probes for inference: the checkpoint holds no control weights, whatever ``controls`` lists."""
+        hp = {k: v for k, v in config.hparams.items() if k != "controls_skipped"}
+        module = cls(**{**hp, "controls": []})
         Ln, G, Fd, C = tensors["weight"].shape
         W = torch.cat([tensors["weight"], tensors["bias"][:, :, None]], 2).reshape(1, Ln * G, Fd + 1, C)
         module.newton.W = W.to(getattr(torch, hp["dtype"]))
