@@ -1,7 +1,7 @@
 """Does more data raise the copy task's Spearman rho against the induction scores (issue 6's goal: 0.5)?
 
 Extracts ``repeat_tokens`` with ``--examples`` word lists per size (200 is the built-in task), fits one logistic
-probe per head on the train split (``probes.linear.fit_newton``, one L2 strength per run), and prints per size and
+probe per head on the train split (``probes.newton.fit_newton``, one L2 strength per run), and prints per size and
 L2 the rho over all heads between the induction scores and each head's held-out (val + test) accuracy and minus
 its log loss; the same over layers 0-16 (before the first induction head, where probe accuracy is near chance);
 and the rho reached if layers 0-16 were ordered exactly as their induction scores, the rest as measured.
@@ -29,7 +29,7 @@ from headprobe.extract.store import Store
 from headprobe.extract.tasks import get_task
 from headprobe.extract.tasks.builtin import _repeats
 from headprobe.probes.checks.head_scores import head_type_scores
-from headprobe.probes.linear import fit_newton
+from headprobe.probes.newton import fit_newton
 
 
 def held_out_scores(store: Store, l2: float) -> tuple[np.ndarray, np.ndarray]:

@@ -70,8 +70,8 @@ def sklearn_loop(x: np.ndarray, y: np.ndarray, split: np.ndarray, heads: np.ndar
 
 
 def newton_direct(x: np.ndarray, y: np.ndarray, split: np.ndarray, tol: float = 1e-8):
-    """probes.linear.fit_newton on in-memory arrays (no Lightning). Returns (seconds, val acc (P,), info)."""
-    from headprobe.probes.linear import fit_newton, probe_logits
+    """probes.newton.fit_newton on in-memory arrays (no Lightning). Returns (seconds, val acc (P,), info)."""
+    from headprobe.probes.newton import fit_newton, probe_logits
 
     tr, va = torch.from_numpy(split == 0), torch.from_numpy(split == 1)
     t = time.perf_counter()

@@ -26,8 +26,9 @@ from torch import Tensor
 
 from headprobe import InputError
 from headprobe.probes.checkpoint import CheckpointConfig, init_hparams, register
-from headprobe.probes.linear import SplitEval, fit_newton, loss_terms
 from headprobe.probes.metrics import probe_metrics
+from headprobe.probes.newton import fit_newton, loss_terms
+from headprobe.probes.probe_eval import SplitEval
 
 PENALTIES = ("l1", "elastic_net", "group_lasso")
 
@@ -63,7 +64,7 @@ class SparseProbe(SplitEval, L.LightningModule):
                  n_layers: int = 0, n_heads: int = 0, d_head: int = 0, n_classes: int = 0):
         super().__init__()
         if penalty not in PENALTIES:
-            raise InputError(f"unknown penalty {penalty!r}: choose one of {', '.join(PENALTIES)}")
+            raise InputError(f"--model.penalty {penalty!r}: choose one of {', '.join(PENALTIES)}")
         if not alpha > 0 or not 0 <= l1_ratio <= 1:
             raise InputError(f"--model.alpha {alpha}, --model.l1_ratio {l1_ratio}: alpha must be above 0 and l1_ratio "
                              f"within 0..1")

@@ -49,6 +49,23 @@ EXTRACT = [
 # --- headprobe train -------------------------------------------------------------------------------------------
 TRAIN = [
     Bad("train-unknown-kind", ["train", "foo"], r"unknown model 'foo': choose one of linear, sparse, sae"),
+    # linear / sparse probe settings
+    Bad("train-linear-unknown-control", ["train", "linear", "--data.path", "{store}", "--out", "{tmp}/run",
+                                         "--model.controls", "[nosuch]"],
+        r"--model.controls: unknown control 'nosuch': choose from control, shuffled", leaves=("{tmp}/run/checkpoint",)),
+    Bad("train-linear-unknown-scope", ["train", "linear", "--data.path", "{store}", "--out", "{tmp}/run",
+                                       "--model.scope", "xyz"],
+        r"--model.scope 'xyz': choose head or layer", leaves=("{tmp}/run/checkpoint",)),
+    Bad("train-linear-unknown-control-by", ["train", "linear", "--data.path", "{store}", "--out", "{tmp}/run",
+                                            "--model.control_by", "nosuchcolumn"],
+        r"--model.control_by 'nosuchcolumn': choose one of token_id, group, example_id",
+        leaves=("{tmp}/run/checkpoint",)),
+    Bad("train-linear-unknown-loss", ["train", "linear", "--data.path", "{store}", "--out", "{tmp}/run",
+                                      "--model.loss", "xyz"],
+        r"--model.loss 'xyz': choose one of auto, logistic, softmax, ridge", leaves=("{tmp}/run/checkpoint",)),
+    Bad("train-sparse-unknown-penalty", ["train", "sparse", "--data.path", "{store}", "--out", "{tmp}/run",
+                                         "--model.penalty", "xyz"],
+        r"--model.penalty 'xyz': choose one of l1, elastic_net, group_lasso", leaves=("{tmp}/run/checkpoint",)),
 ]
 
 # --- headprobe attribute ---------------------------------------------------------------------------------------

@@ -135,7 +135,7 @@ def test_copy_task_probes_find_the_induction_heads_of_the_default_model(tmp_path
     from headprobe.extract.models import load_model
     from headprobe.extract.store import Store
     from headprobe.extract.tasks import get_task
-    from headprobe.probes.linear import fit_newton
+    from headprobe.probes.newton import fit_newton
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

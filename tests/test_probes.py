@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import lightning as L
@@ -12,9 +16,12 @@ from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.metrics import roc_auc_score
 
 from headprobe.extract.store import write_array_store as write_store
+from headprobe.probes import newton
+from headprobe.probes.attribution import evidence_from_checkpoints
 from headprobe.probes.checkpoint import load_local, save_checkpoint
-from headprobe.probes.linear import LinearProbes, NewtonState, control_labels, fit_newton, newton_stats, penalised
+from headprobe.probes.linear import LinearProbes, control_labels
 from headprobe.probes.metrics import auroc, bootstrap_ci
+from headprobe.probes.newton import NewtonState, fit_newton, newton_stats, penalised
 from headprobe.probes.sparse import SparseProbe, ksparse_sweep
 from headprobe.train.data import StoreDataModule
 from helpers import planted
@@ -117,6 +124,18 @@ def test_converged_probes_leave_the_solve_chord_steps_and_every_probe_meets_tol(
     assert float(g.abs().amax() / N) < 1e-8
 
 
+def test_the_solver_module_runs_its_usage_example_without_lightning():
+    """probes.newton stands on its own: its docstring's example runs in a fresh process that never imports
+    Lightning, and the probe on the features the labels were read from is the one that decodes them."""
+    example = textwrap.dedent(newton.__doc__.split("::\n\n", 1)[1].split("\n\n", 1)[0])
+    code = example + "\nimport sys\nprint(int(acc.argmax()), float(acc.max()), 'lightning' in sys.modules)\n"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    best, top, lightning = res.stdout.split()
+    assert (best, lightning) == ("3", "False") and float(top) > 0.95
+
+
 def test_non_finite_activations_are_refused_with_a_message():
     x = torch.randn(50, 2, 3)
     x[7, 1, 2] = float("inf")
@@ -192,6 +211,46 @@ def test_control_labels():
     for s in range(3):
         assert np.bincount(shuf[split == s], minlength=2).tolist() == np.bincount(labels[split == s], minlength=2).tolist()
     assert (shuf != labels).any()
+
+
+def test_a_control_with_one_label_is_skipped_reported_and_costs_no_newton_steps(tmp_path, caplog):
+    """Every row read at one token (a facts-like store): the control task has one label and no optimum. It is
+    skipped with the reason in the metrics, the fit is the one configured without it (same Newton steps, same
+    weights), selectivity is reported for the shuffled control only, and the checkpoint's config says so."""
+    z, y, split = planted()
+    path = write_store(tmp_path / "one-token.h5", z, y, split, token_id=np.full(len(y), 13, np.int32))
+    both, shuffled = LinearProbes(controls=["control", "shuffled"]), LinearProbes(controls=["shuffled"])
+    with caplog.at_level("WARNING", logger="headprobe.probes.linear"):
+        fit(both, path)
+    fit(shuffled, path)
+    assert both.newton.steps == shuffled.newton.steps < both.hparams.max_steps
+    assert torch.equal(both.newton.W, shuffled.newton.W)
+    why = "every training row has the same token_id (read at one token), so the control task has one label"
+    metrics = both.checkpoint_metrics()
+    assert metrics["controls_skipped"] == {"control": why}
+    assert both.fitted_controls == ["shuffled"] and np.shape(metrics["val"]["acc"]) == (2, 3, 4)
+    assert "val/selectivity_shuffled_max" in metrics and not [k for k in metrics if "_control_" in k]
+    warned = [r.getMessage() for r in caplog.records if r.name == "headprobe.probes.linear"]
+    assert warned == [f"{path}: control 'control' skipped: {why}; selectivity uses shuffled instead"]
+    folder = save_checkpoint(tmp_path / "ck", both.checkpoint_tensors(), both.checkpoint_config(), metrics)
+    config = load_local(folder).checkpoint_config_loaded
+    assert config.hparams["controls"] == ["shuffled"] and config.hparams["controls_skipped"] == {"control": why}
+    (evidence,) = evidence_from_checkpoints([folder])
+    assert list(evidence.extra["selectivity"]) == ["shuffled"]
+
+
+def test_a_reloaded_checkpoint_config_lists_the_controls_fitted(tmp_path):
+    z, y, split = planted()
+    module = LinearProbes(controls=["control", "shuffled"])
+    fit(module, write_store(tmp_path / "planted.h5", z, y, split))
+    assert module.checkpoint_metrics()["val"]["acc"] and "controls_skipped" not in module.checkpoint_metrics()
+    folder = save_checkpoint(tmp_path / "ck", module.checkpoint_tensors(), module.checkpoint_config(),
+                             module.checkpoint_metrics())
+    loaded = load_local(folder)
+    assert loaded.checkpoint_config_loaded.hparams["controls"] == ["control", "shuffled"]
+    assert '"controls": ["control", "shuffled"]' in (folder / "README.md").read_text()
+    zz = torch.from_numpy(z[:50]).float()
+    torch.testing.assert_close(loaded(zz), module(zz), rtol=1e-4, atol=1e-4)  # the task weights, no controls
 
 
 def test_auroc_and_bootstrap():
