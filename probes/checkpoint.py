@@ -281,7 +281,7 @@ class PretrainedMixin:
 
     @classmethod
     def from_pretrained(cls, ref: str | Path, **kwargs):
-        """Load from a folder, registry id, Hugging Face repo or static hub URL (see :func:`probes.hub.load`)."""
+        """Load from a folder, registry id, Hugging Face repo or static hub URL (see :func:`headprobe.probes.hub.load`)."""
         from headprobe.probes.hub import load
 
         module = load(ref, **kwargs)

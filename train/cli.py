@@ -4,7 +4,7 @@
     headprobe tasks     list the built-in tasks      (extract.tasks.cli)
     headprobe train     probes and SAEs (LightningCLI)  (train.fit)
     headprobe attribute checkpoints -> stage map     (headprobe.probes.attribution)
-    headprobe hub       list / show / push checkpoints  (probes.hub_cli)
+    headprobe hub       list / show / push checkpoints  (headprobe.probes.hub)
     headprobe run       the whole pipeline           (train.pipeline)
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ COMMANDS = {
     "tasks": ("headprobe.extract.tasks.cli", "list the built-in probing tasks"),
     "train": ("headprobe.train.fit", "train probes or sparse autoencoders (LightningCLI; see `headprobe train -h`)"),
     "attribute": ("headprobe.probes.attribution.cli", "map trained probes and SAEs to heads and reasoning stages"),
-    "hub": ("headprobe.probes.hub_cli", "list, show and publish checkpoints"),
+    "hub": ("headprobe.probes.hub.cli", "list, show and publish checkpoints"),
     "run": ("headprobe.train.pipeline", "the whole pipeline on the default model, with a report"),
 }
 

@@ -1,4 +1,4 @@
-"""Find, fetch, verify and publish checkpoints: ``probes.load(ref)``.
+"""Find, fetch, verify and publish checkpoints: ``headprobe.load(ref)``.
 
 A reference is one of
 
@@ -34,23 +34,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from headprobe.extract.shipped import shipped_folder
-from headprobe.probes.checkpoint import (
-    FILES,
-    CheckpointError,
-    file_hashes,
-    load_local,
-    read_checkpoint,
-    scalar_metrics,
-    sha256,
-)
-from headprobe.probes.hub_http import (
-    NetworkError,
-    download,
-    get,
-    max_bytes,
-    show,
-    write_atomic,
-)
+from headprobe.probes.checkpoint import (FILES, CheckpointError, file_hashes, load_local, read_checkpoint,
+                                         scalar_metrics, sha256)
+from headprobe.probes.hub.download import NetworkError, download, get, max_bytes, show, write_atomic
 
 REGISTRY_FILE = "registry.json"
 REGISTRY_VERSION = 1

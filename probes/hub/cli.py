@@ -15,13 +15,7 @@ import json
 from pathlib import Path
 
 from headprobe.probes.checkpoint import read_checkpoint, scalar_metrics
-from headprobe.probes.hub import (
-    CONTROL_RE,
-    Registry,
-    push_to_folder,
-    push_to_hf,
-    resolve,
-)
+from headprobe.probes.hub.registry import CONTROL_RE, Registry, push_to_folder, push_to_hf, resolve
 
 HUB_HELP = "a hub folder with registry.json, or an http(s) base URL (default: the checkpoints shipped with headprobe)"
 
