@@ -5,17 +5,19 @@ A kind reads what it needs of an :class:`AttributionInputs` (checkpoints, labell
 check the evidence pooled so far and its stage map) and returns Evidence. Kinds whose evidence is *pooled*
 (linear probes, sparse probes, SAEs) make the stage map; the others are checks reported beside it
 (attention-pattern head types, ablations). Adding a kind means one module under ``probes/attribution/kinds/``
-with a subclass of :class:`EvidenceKind` decorated by :func:`register_kind`, and its module name in
-:data:`BUILTIN_KINDS` (docs/architecture.md shows the smallest real example).
+with a subclass of :class:`EvidenceKind` decorated by :func:`register_kind` (every module there is imported when
+the kinds are listed; docs/architecture.md shows the smallest real example).
 """
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar
 
 from headprobe import InputError
+import headprobe.probes.attribution.kinds as builtin
 from headprobe.probes.attribution.evidence import Evidence
 from headprobe.probes.attribution.result import Attribution, AttributionConfig
 from headprobe.probes.attribution.stage_map import StageMap
@@ -73,7 +75,7 @@ class EvidenceKind:
 
 
 KINDS: dict[str, EvidenceKind] = {}
-BUILTIN_KINDS = ("linear", "sparse", "sae", "head_types", "ablation")  # modules of headprobe.probes.attribution.kinds
+ORDER = ("linear", "sparse", "sae", "head_types", "ablation")  # the built-in kinds' order; others follow by name
 
 
 def register_kind(cls: type[EvidenceKind]) -> type[EvidenceKind]:
@@ -85,7 +87,9 @@ def register_kind(cls: type[EvidenceKind]) -> type[EvidenceKind]:
 
 
 def kinds() -> dict[str, EvidenceKind]:
-    """Every registered kind, the built-in ones imported first; pooled kinds come before checks."""
-    for module in BUILTIN_KINDS:
-        importlib.import_module(f"headprobe.probes.attribution.kinds.{module}")
-    return dict(sorted(KINDS.items(), key=lambda item: not item[1].pooled))
+    """Every registered kind (every module of ``probes/attribution/kinds/`` is imported first): pooled kinds before
+    checks, the probes' kinds first."""
+    for module in pkgutil.iter_modules(builtin.__path__):
+        importlib.import_module(f"{builtin.__name__}.{module.name}")
+    rank = lambda name: (not KINDS[name].pooled, ORDER.index(name) if name in ORDER else len(ORDER), name)  # noqa: E731
+    return {name: KINDS[name] for name in sorted(KINDS, key=rank)}

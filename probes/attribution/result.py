@@ -33,6 +33,8 @@ class AttributionConfig:
         examples: task examples per ablation metric
         metric: ablation metric: auto (the continuous one) or accuracy
         max_rows: labelled rows per store on which SAE latents are tied to tasks
+        scores: training-free head scores to compute from the model (see ``headprobe scores``)
+        steer: steer each task's top-k heads along their probe directions against controls (0: no steering check)
     """
 
     alpha: float = 0.01
@@ -47,6 +49,8 @@ class AttributionConfig:
     examples: int = 64
     metric: Literal["auto", "accuracy"] = "auto"
     max_rows: int = 20000
+    scores: list[str] = field(default_factory=list)
+    steer: int = 0
 
     def __post_init__(self) -> None:
         if not 0 < self.alpha < 1:
