@@ -27,6 +27,7 @@ COMMANDS = {
     "attribute": ("headprobe.probes.attribution.cli", "map trained probes and SAEs to heads and reasoning stages"),
     "hub": ("headprobe.probes.hub.cli", "list, show and publish checkpoints"),
     "run": ("headprobe.train.pipeline", "the whole pipeline on the default model, with a report"),
+    "toy": ("headprobe.train.toy.cli", "train small transformers from scratch on synthetic tasks"),
 }
 
 

@@ -1,22 +1,32 @@
-"""The task registry: built-in probing tasks for the four reasoning stages, and user datasets."""
+"""The task registry: built-in probing tasks for the four reasoning stages, the toy models' tasks, and user
+datasets. ``TASKS`` holds the tasks of the default run (``headprobe run`` without ``--tasks``: every one with a
+stage); ``TOY_TASKS`` the probing tasks of the toy models (``headprobe toy``), which are found by name but speak
+only about models trained on them, so no default run includes them."""
 from __future__ import annotations
 
 from headprobe import HeadprobeError
-from headprobe.extract.tasks import builtin
+from headprobe.extract.tasks import builtin, toy
 from headprobe.extract.tasks.base import POSITION_RULES, STAGES, Example, Task, assign_splits, dataset_hash
 
 TASKS: dict[str, Task] = {t.name: t for t in builtin.TASKS}
+TOY_TASKS: dict[str, Task] = {t.name: t for t in toy.TASKS}
 
 
 class TaskError(HeadprobeError, ValueError):
     pass
 
 
+def find_task(name: str) -> Task | None:
+    """The built-in or toy task called ``name``, or None."""
+    return TASKS.get(name) or TOY_TASKS.get(name)
+
+
 def get_task(name: str) -> Task:
-    if name not in TASKS:
+    task = find_task(name)
+    if task is None:
         raise TaskError(f"unknown task {name!r}: run `headprobe tasks` to list them, or pass a .jsonl/.csv file "
                         f"or hf:NAME")
-    return TASKS[name]
+    return task
 
 
 def resolve_task(ref: str) -> Task:
@@ -31,5 +41,5 @@ def resolve_task(ref: str) -> Task:
     return get_task(ref)
 
 
-__all__ = ["TASKS", "Task", "Example", "TaskError", "get_task", "resolve_task", "assign_splits", "dataset_hash",
-           "STAGES", "POSITION_RULES"]
+__all__ = ["TASKS", "TOY_TASKS", "find_task", "Task", "Example", "TaskError", "get_task", "resolve_task",
+           "assign_splits", "dataset_hash", "STAGES", "POSITION_RULES"]

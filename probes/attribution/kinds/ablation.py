@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from headprobe.extract.hooks import head_layout
-from headprobe.extract.tasks import TASKS
+from headprobe.extract.tasks import find_task
 from headprobe.extract.tasks.metrics import example_ids, model_metric, probe_reads_after_scoring, right_padded
 from headprobe.probes.attribution.contract import AttributionInputs, EvidenceKind, register_kind
 from headprobe.probes.attribution.evidence import Evidence, top_heads
@@ -126,7 +126,7 @@ def run_ablations(loaded, evidence: list[Evidence], k: int, mode: str, draws: in
 
     results = {}
     for task_name in sorted({ev.task for ev in evidence}):
-        task = TASKS.get(task_name)
+        task = find_task(task_name)
         if task is None or getattr(task, "metric", "none") == "none":
             print(f"attribute: {task_name}: no model metric, skipping the ablation")
             continue
@@ -147,7 +147,7 @@ def ablation_evidence(task: str, result: dict, n_layers: int, n_heads: int) -> E
     for layer, head in result["top_heads"]:
         score[layer, head] = result["clean"] - result["top"]
         null[layer, head] = result["clean"] - result["random_pi"][0]
-    stage = getattr(TASKS.get(task), "stage", "")
+    stage = getattr(find_task(task), "stage", "")
     return Evidence(task, stage, AblationEvidence.name, score, null, list(range(n_layers)),
                     metric=f"drop of {result['metric']} with the top {result['k']} heads ablated",
                     extra={"result": result})

@@ -23,7 +23,7 @@ def head_type_section(scores: dict[str, np.ndarray], evidence: list[Evidence], s
                       folder: Path | None = None, link: str = "") -> str:
     """The report's cross-check section; with ``folder``, also ``induction_check.png`` there (linked as
     ``link + name``) for the copy tasks."""
-    from headprobe.extract.tasks import TASKS
+    from headprobe.extract.tasks import find_task
 
     out = ["## Attention-pattern cross-check", "",
            f"Scores on [BOS, r1..r50, r1..r50] (TransformerLens 'mul' score; a head is typed above {TYPE_THRESHOLD}). "
@@ -52,7 +52,7 @@ def head_type_section(scores: dict[str, np.ndarray], evidence: list[Evidence], s
         auroc = "-" if few else f"{typed_auroc(ev.score, scores['induction'][rows]):.2f}"
         out.append(f"| {ev.task}/{ev.source} | {ev.stage} | " + " | ".join(f"{r:.2f}" for r in rhos)
                    + f" | {shared} | {auroc} |")
-    copying = [ev for ev in evidence if getattr(TASKS.get(ev.task), "metric", "") == "induction" and len(ev.layers) > 1]
+    copying = [ev for ev in evidence if getattr(find_task(ev.task), "metric", "") == "induction" and len(ev.layers) > 1]
     if folder is not None and copying:
         panels = [(f"{ev.task}/{ev.source}" + (f" ({ev.metric})" if ev.metric else ""), ev.score, ev.layers)
                   for ev in copying]
