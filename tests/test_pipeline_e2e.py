@@ -15,6 +15,7 @@ import pytest
 from headprobe.extract.tasks import TASKS
 from headprobe.probes.checkpoint import load_local
 from headprobe.train.loggers import read_offline_run
+from headprobe.probes.attribution import AttributionConfig
 from headprobe.train.pipeline import Pipeline, RunConfig, SAESettings, Steps
 from headprobe.train.report import images_in
 from helpers import run_snapshot, save_tiny_llama
@@ -23,8 +24,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def tiny_config(model: Path, out: Path) -> RunConfig:
-    return RunConfig(model=str(model), out=str(out), max_examples=40, logger="wandb", ablation_draws=2,
-                     ablation_examples=16, progress=False,
+    return RunConfig(model=str(model), out=str(out), max_examples=40, logger="wandb", progress=False,
+                     attribution=AttributionConfig(head_scores=True, ablate=8, draws=2, examples=16),
                      sae=SAESettings(layer=1, d_sae=96, k=4, batch_size=256, tokens=8192, corpus_examples=40,
                                      ce_tokens=256))
 
@@ -35,7 +36,7 @@ def finished_run(tmp_path_factory) -> tuple[Pipeline, Path, float]:
     model = save_tiny_llama(root / "tiny-llama")
     pipeline = Pipeline(tiny_config(model, root / "run"))
     t0 = time.perf_counter()
-    page = pipeline.run()
+    page = pipeline.run().report
     return pipeline, page, time.perf_counter() - t0
 
 
@@ -46,7 +47,7 @@ def test_the_run_prints_its_steps_without_per_training_noise(tmp_path):
     model = save_tiny_llama(tmp_path / "tiny-llama")
     cfg = tiny_config(model, tmp_path / "run")
     args = ["run", "--model", cfg.model, "--out", cfg.out, "--tasks", "[ioi]", "--max_examples", "40",
-            "--ablation_draws", "2", "--ablation_examples", "16", "--progress", "false", "--sae.layer", "1",
+            "--attribution.draws", "2", "--attribution.examples", "16", "--progress", "false", "--sae.layer", "1",
             "--sae.d_sae", "96", "--sae.k", "4", "--sae.batch_size", "256", "--sae.tokens", "8192",
             "--sae.corpus_examples", "40", "--sae.ce_tokens", "256", "--sae.architecture", "relu"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
@@ -68,7 +69,7 @@ def test_the_run_prints_its_steps_without_per_training_noise(tmp_path):
 def test_every_step_ran_and_every_artefact_is_written(finished_run):
     p, page, _ = finished_run
     names = [t.name for t in p.tasks]
-    assert len(names) == 9 and all(status == "ran" for _, status, _ in p.steps.summary)
+    assert len(names) == 9 and all(s.status == "ran" for s in p.steps.summary)
     assert {f"{kind}/{t}" for kind in ("extract", "linear", "sparse") for t in names} <= set(p.steps.done())
     assert {"extract/corpus", "sae", "sae/eval", "attribute", "report"} <= set(p.steps.done())
 
@@ -123,10 +124,10 @@ def test_second_run_is_cached_and_does_not_load_the_model(finished_run):
     p, page, *_ = finished_run
     before = page.stat().st_mtime_ns
     again = Pipeline(p.cfg)
-    assert again.run() == page
-    assert all(status == "cached" for _, status, _ in again.steps.summary)
+    assert again.run().report == page
+    assert all(s.status == "cached" for s in again.steps.summary)
     # the summary keeps the seconds each step took when it ran
-    assert [round(t, 6) for *_, t in again.steps.summary] == [round(t, 6) for *_, t in p.steps.summary]
+    assert [round(s.seconds, 6) for s in again.steps.summary] == [round(s.seconds, 6) for s in p.steps.summary]
     assert again._loaded is None and page.stat().st_mtime_ns == before
 
 
@@ -172,7 +173,7 @@ def test_steps_run_once_per_settings_and_know_stale_outputs(tmp_path):
     again = Steps(tmp_path)  # a new run reads the markers
     assert again("a", {"n": 1}, lambda: calls.append(2)) == {"x": 1} and calls == [1]
     again("a", {"n": 2}, lambda: calls.append(3))
-    assert calls == [1, 3] and [s for _, s, _ in again.summary] == ["cached", "ran"]
+    assert calls == [1, 3] and [s.status for s in again.summary] == ["cached", "ran"]
 
 
 def test_interrupted_extractions_resume_under_their_own_settings_and_restart_under_others(tmp_path, monkeypatch):
@@ -215,7 +216,7 @@ def test_interrupted_extractions_resume_under_their_own_settings_and_restart_und
 @pytest.mark.parametrize("option, message", [
     (["--tasks", "[nope]"], "unknown task 'nope': run `headprobe tasks` to list them, or pass a .jsonl/.csv file or "
                             "hf:NAME"),
-    (["--ablation_draws", "1"], "ablation_draws 1: the ablation check needs at least 2 random draws"),
+    (["--attribution.draws", "1"], "--draws 1: the ablation check needs at least 2 random draws"),
     (["--tasks", "[ioi,corpus]"], "--tasks ['ioi', 'corpus']: corpus: pick tasks with a stage ("
                                   + ", ".join(n for n, t in TASKS.items() if t.stage)
                                   + "); the SAE's corpus is extracted anyway"),

@@ -5,7 +5,7 @@
     headprobe train     probes and SAEs (LightningCLI)  (train.fit)
     headprobe attribute checkpoints -> stage map     (headprobe.probes.attribution)
     headprobe hub       list / show / push checkpoints  (headprobe.probes.hub)
-    headprobe run       the whole pipeline           (train.pipeline)
+    headprobe run       the whole pipeline           (headprobe.train.run_cli)
 """
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import argparse
 import errno
 import importlib
 import os
-import re
 import sys
 from typing import Callable
 
 from headprobe import HeadprobeError
+from headprobe.train.options import first_line, parse_error  # noqa: F401  (train.fit imports parse_error here)
 
 # subcommand -> (module with add_arguments(parser) and run(args), or main(argv) for pass-through; help)
 COMMANDS = {
@@ -26,7 +26,7 @@ COMMANDS = {
     "train": ("headprobe.train.fit", "train probes or sparse autoencoders (LightningCLI; see `headprobe train -h`)"),
     "attribute": ("headprobe.probes.attribution.cli", "map trained probes and SAEs to heads and reasoning stages"),
     "hub": ("headprobe.probes.hub.cli", "list, show and publish checkpoints"),
-    "run": ("headprobe.train.pipeline", "the whole pipeline on the default model, with a report"),
+    "run": ("headprobe.train.run_cli", "the whole pipeline on the default model, with a report"),
 }
 
 
@@ -51,27 +51,7 @@ def one_line(err: BaseException) -> str:
             return f"{where}: no space left on the device: free some space (finished work is kept), then run again"
         if err.strerror:
             return f"{where}: {err.strerror.lower()}: pass another path"
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
-
-
-def parse_error(err: Exception) -> str:
-    """jsonargparse's many-line parse error as one line: the innermost option and what was wrong with it."""
-    message = str(err)
-    keys = re.findall(r'Parser key "([^"]+)":', message)
-    if not keys and not message.startswith("Does not validate"):
-        return one_line(err)
-    lines = [re.sub(r"^\s*- ", "", line).strip() for line in
-             (message.split(f'Parser key "{keys[-1]}":', 1)[1] if keys else message).strip().splitlines()]
-    clean = lambda text: re.sub(r"(?:a )?typing\.Literal\[(.*?)\]", r"one of \1", re.sub(
-        r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", text)).replace("NoneType", "null")
-    noise = ("Does not validate", "Subtypes:", "Errors:", "Given value", "Problem with given class_path", "Expected a")
-    specific = [line for line in lines if line and not line.startswith(noise)]
-    got = next((line for line in lines if ". Got value: " in line), None)
-    expected = [clean(m) for line in lines for m in re.findall(r"Expected a (<class '[\w.]+'>)", line)]
-    given = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Given value:")), "")
-    detail = (clean(got) if got else specific[0] if specific
-              else f"expected {' or '.join(expected)}, got {given!r}" if expected else lines[0])
-    return f"--{'.'.join(keys)}: {detail}" if keys else detail
+    return first_line(err)
 
 
 def guarded(prog: str, work: Callable[[], object]) -> None:
