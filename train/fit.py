@@ -12,6 +12,8 @@ resume with ``--resume true``: weights, solver/optimiser state, RNG, and the epo
 ``--logger csv`` next to the CSV logger's metrics.csv, in its version folder: ``csv/``, and ``csv/resume-N/`` for
 the N-th resume), and the logger's files (W&B by default, offline without credentials; ``--logger csv`` or
 ``none``). A folder that holds a run is refused unless ``--resume true`` or ``--overwrite true`` says what to do.
+Every setting (the trainer's limits, the data module's, ``--out``, ``--config`` files, the store, ``last.ckpt``) is
+checked before anything is written or trained, each refusal one line; ``last.ckpt`` is read without unpickling.
 """
 from __future__ import annotations
 

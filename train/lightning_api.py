@@ -10,8 +10,8 @@ def epoch_to_run(trainer: object | None) -> int:
     """The training epoch whose data a DataLoader iterator created now will serve (0 outside a trainer).
 
     Lightning creates the train iterator before it calls ``set_epoch`` on samplers, and its public
-    ``trainer.current_epoch`` counts *completed* epochs, which lags one behind while a run with ``max_steps``
-    resumes from an epoch-end checkpoint. The fit loop's count of *processed* epochs is the value Lightning then
+    ``trainer.current_epoch`` counts *completed* epochs, which is one behind when a run resumed from an epoch-end
+    checkpoint makes its first iterator. The fit loop's count of *processed* epochs is the value Lightning then
     passes to ``set_epoch``: this adapter reads it (``trainer.fit_loop.epoch_progress.current.processed``)."""
     if trainer is None:
         return 0
