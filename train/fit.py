@@ -91,7 +91,8 @@ class HeadprobeCLI(LightningCLI):
         try:
             return super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, ValueError) as err:  # a Trainer setting check_trainer does not know of
-            raise TrainError(f"--trainer: {one_line(err)} (`headprobe train NAME --help` lists the options)") from None
+            raise TrainError(f"--trainer: {one_line(err).rstrip('.!')}: change that --trainer setting "
+                             f"(`headprobe train NAME --help` lists them)") from None
 
 
 def check_before_training(cfg, trainer: dict, model, datamodule) -> None:
