@@ -3,6 +3,7 @@ exit code 2, exactly one line on stderr that names the problem and what to do, a
 complete. Commands run in subprocesses forked from a server that imported torch once (tests/helpers.py)."""
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,37 @@ EXTRACT = [
 ]
 
 # --- headprobe train -------------------------------------------------------------------------------------------
+class _Hostile:
+    """Unpickled, it makes the folder ``marker``: loading a checkpoint must never run it."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+def _hostile_last_ckpt(zipped: bool) -> Callable[[Path], None]:
+    """``{tmp}/run/checkpoints/last.ckpt`` as a hostile pickle (torch's zip format, or a bare pickle) that would make
+    ``{tmp}/pwned``."""
+    def setup(tmp: Path) -> None:
+        import pickle
+
+        import torch
+
+        path = tmp / "run" / "checkpoints" / "last.ckpt"
+        path.parent.mkdir(parents=True)
+        state = {"state_dict": _Hostile(tmp / "pwned"), "pytorch-lightning_version": "2.6.6"}
+        torch.save(state, path) if zipped else path.write_bytes(pickle.dumps(state, protocol=4))
+    return setup
+
+
+def _unlabelled_store(tmp: Path) -> None:
+    z, _, split = planted(n=200)
+    write_array_store(tmp / "unlabelled.h5", z, None, split, label_kind="none")
+
+
+_RUN = ["--out", "{tmp}/run", "--logger", "none"]
 TRAIN = [
     Bad("train-unknown-kind", ["train", "foo"], r"unknown model 'foo': choose one of linear, sparse, sae"),
     # linear / sparse probe settings
@@ -66,6 +98,50 @@ TRAIN = [
     Bad("train-sparse-unknown-penalty", ["train", "sparse", "--data.path", "{store}", "--out", "{tmp}/run",
                                          "--model.penalty", "xyz"],
         r"--model.penalty 'xyz': choose one of l1, elastic_net, group_lasso", leaves=("{tmp}/run/checkpoint",)),
+    # trainer, data, store, output and resume settings
+    Bad("train-max-epochs-negative", ["train", "linear", "--data.path", "{store}", *_RUN, "--trainer.max_epochs", "-5"],
+        r"--trainer.max_epochs -5: pass 1 or more, or -1 for no limit", leaves=("{tmp}/run",)),
+    Bad("train-max-steps-zero", ["train", "linear", "--data.path", "{store}", *_RUN, "--trainer.max_steps", "0"],
+        r"--trainer.max_steps 0 trains nothing: pass 1 or more", leaves=("{tmp}/run",)),
+    Bad("train-batch-size-negative", ["train", "linear", "--data.path", "{store}", *_RUN, "--data.batch_size", "-5"],
+        r"--data.batch_size -5: pass 0 or more \(rows per batch, or 0 for the whole split", leaves=("{tmp}/run",)),
+    Bad("train-num-workers-negative", ["train", "linear", "--data.path", "{store}", *_RUN, "--data.num_workers", "-1"],
+        r"--data.num_workers -1: pass 0 or more", leaves=("{tmp}/run",)),
+    Bad("train-layers-outside-the-store", ["train", "linear", "--data.path", "{store}", *_RUN, "--data.layers", "[7]"],
+        r"--data.layers \[7\]: pick from 0..2", leaves=("{tmp}/run",)),
+    Bad("train-store-missing", ["train", "linear", "--data.path", "{tmp}/none.h5", *_RUN],
+        r"--data.path .*none.h5 does not exist: pass a store written by `headprobe extract`", leaves=("{tmp}/run",)),
+    Bad("train-store-a-folder", ["train", "linear", "--data.path", "{tmp}", *_RUN],
+        r"--data.path .* is a folder: pass the .h5 store file", leaves=("{tmp}/run",)),
+    Bad("train-store-not-hdf5", ["train", "linear", "--data.path", "{tmp}/fake.h5", *_RUN],
+        r"--data.path: .*fake.h5 is not a readable HDF5 file.*extract it again", setup=_write("fake.h5", "no hdf5"),
+        leaves=("{tmp}/run",)),
+    Bad("train-unlabelled-store-for-a-probe", ["train", "linear", "--data.path", "{tmp}/unlabelled.h5", *_RUN],
+        r"no labels.*train an SAE on it", setup=_unlabelled_store, leaves=("{tmp}/run/checkpoint",)),
+    Bad("train-out-is-a-file", ["train", "linear", "--data.path", "{store}", "--out", "{tmp}/taken",
+                                "--logger", "none"],
+        r"--out .*taken is a file: pass a folder", setup=_write("taken", "mine")),
+    Bad("train-out-under-a-file", ["train", "linear", "--data.path", "{store}", "--out", "{tmp}/taken/run",
+                                   "--logger", "none"],
+        r"--out .*taken/run: .*taken is a file, so the folder cannot be made", setup=_write("taken", "mine")),
+    Bad("train-config-missing", ["train", "--config", "{tmp}/none.yaml", "--data.path", "{store}", *_RUN],
+        r"--config .*none.yaml does not exist: pass a YAML file", leaves=("{tmp}/run",)),
+    Bad("train-config-not-yaml", ["train", "--config", "{tmp}/bad.yaml", "--data.path", "{store}", *_RUN],
+        r"--config .*bad.yaml is not valid YAML at line 2: fix the file", setup=_write("bad.yaml", "model: [x\n"),
+        leaves=("{tmp}/run",)),
+    Bad("train-config-no-mapping", ["train", "--config", "{tmp}/list.yaml", "--data.path", "{store}", *_RUN],
+        r"--config .*list.yaml holds no settings", setup=_write("list.yaml", "- model\n- data\n"),
+        leaves=("{tmp}/run",)),
+    Bad("train-resume-damaged-last-ckpt", ["train", "linear", "--data.path", "{store}", *_RUN, "--resume", "true"],
+        r"--resume: .*last.ckpt is damaged.*--overwrite true",
+        setup=_write("run/checkpoints/last.ckpt", b"PK\x03\x04junk"),
+        leaves=("{tmp}/run/checkpoint",)),
+    Bad("train-resume-hostile-last-ckpt", ["train", "linear", "--data.path", "{store}", *_RUN, "--resume", "true"],
+        r"--resume: .*last.ckpt holds objects other than tensors and plain values", setup=_hostile_last_ckpt(True),
+        leaves=("{tmp}/pwned", "{tmp}/run/checkpoint")),
+    Bad("train-resume-hostile-bare-pickle", ["train", "linear", "--data.path", "{store}", *_RUN, "--resume", "true"],
+        r"--resume: .*last.ckpt holds objects other than tensors and plain values", setup=_hostile_last_ckpt(False),
+        leaves=("{tmp}/pwned", "{tmp}/run/checkpoint")),
 ]
 
 # --- headprobe attribute ---------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """What a training run leaves behind, as Lightning callbacks shared by probes and SAEs.
 
+:class:`HoldConsole` holds Lightning's console lines back until training starts (a refused setting prints one line).
+
 :class:`SaveLast` keeps ``checkpoints/last.ckpt`` (for exact resume) up to date at every epoch end.
 
 :class:`ExportRun` writes, into ``out``::
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -71,6 +74,60 @@ def write_head_table(scores: dict[str, np.ndarray], folder: Path, layers: list[i
         writer.writeheader()
         writer.writerows(rows)
     (folder / "heads.json").write_text(json.dumps({"heads": rows, "metrics": metrics}, indent=1, default=float))
+
+
+LIGHTNING_CONSOLE = ("lightning.pytorch", "lightning.fabric")  # the loggers Lightning's console lines go through
+
+
+class _Keep(logging.Handler):
+    """Appends each record, with the logger it is to be replayed through, to a list."""
+
+    def __init__(self, logger: logging.Logger, held: list):
+        super().__init__()
+        self.logger, self.held = logger, held
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.held.append((self.logger, record))
+
+
+class HoldConsole(L.Callback):
+    """Hold Lightning's console lines (the seed, the devices, tips) from ``with HoldConsole():`` until training
+    starts (``on_fit_start``, after the data and model ``setup`` hooks), then print them in order. An error before
+    that drops them, so a refused setting prints only its one-line error."""
+
+    def __init__(self, names: tuple[str, ...] = LIGHTNING_CONSOLE):
+        self.names, self.held, self.saved = names, [], []
+
+    def __enter__(self) -> "HoldConsole":
+        for name in self.names:
+            logger = logging.getLogger(name)
+            self.saved.append((logger, list(logger.handlers), logger.propagate))
+            for handler in self.saved[-1][1]:
+                logger.removeHandler(handler)
+            logger.addHandler(_Keep(logger, self.held))
+            logger.propagate = False
+        return self
+
+    def release(self) -> None:
+        """Give the loggers back their handlers and print what was held."""
+        saved, self.saved = self.saved, []
+        for logger, handlers, propagate in saved:
+            for handler in list(logger.handlers):
+                logger.removeHandler(handler)
+            for handler in handlers:
+                logger.addHandler(handler)
+            logger.propagate = propagate
+        held, self.held[:] = list(self.held), []
+        for logger, record in held:
+            logger.handle(record)
+
+    def __exit__(self, kind, error, trace) -> None:
+        if kind is not None:
+            self.held.clear()
+        self.release()
+
+    def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.release()
 
 
 class SaveLast(L.Callback):

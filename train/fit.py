@@ -12,6 +12,8 @@ resume with ``--resume true``: weights, solver/optimiser state, RNG, and the epo
 ``--logger csv`` next to the CSV logger's metrics.csv, in its version folder: ``csv/``, and ``csv/resume-N/`` for
 the N-th resume), and the logger's files (W&B by default, offline without credentials; ``--logger csv`` or
 ``none``). A folder that holds a run is refused unless ``--resume true`` or ``--overwrite true`` says what to do.
+Every setting (the trainer's limits, the data module's, ``--out``, ``--config`` files, the store, ``last.ckpt``) is
+checked before anything is written or trained, each refusal one line; ``last.ckpt`` is read without unpickling.
 """
 from __future__ import annotations
 
@@ -23,12 +25,14 @@ import warnings
 from pathlib import Path
 
 from jsonargparse import ArgumentError
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from headprobe import HeadprobeError
-from headprobe.train.callbacks import ExportRun, SaveLast
-from headprobe.train.cli import parse_error
+from headprobe.train.callbacks import ExportRun, HoldConsole, SaveLast
+from headprobe.train.cli import one_line, parse_error
 from headprobe.train.data import StoreDataModule
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -70,24 +74,78 @@ class HeadprobeCLI(LightningCLI):
                             "run, deleting that run's files first")
         parser.add_argument("--test", type=bool, default=True, help="evaluate on the test split after fitting")
 
-    def instantiate_trainer(self, **kwargs):
-        cfg = self.config
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        """Check every setting of the run before anything is written, then build the trainer with the run's
+        logger, folder and callbacks through LightningCLI's public ``instantiate_trainer(**kwargs)``."""
+        cfg, trainer = self.config, dict(self.config_init.get("trainer") or {})
         out = Path(cfg.out)
-        if cfg.logger not in LOGGERS:
-            raise TrainError(f"--logger {cfg.logger!r}: choose one of {', '.join(LOGGERS)}")
-        held = [p.relative_to(out) for p in (out / "checkpoints" / "last.ckpt", out / "checkpoint") if p.exists()]
-        if held and not (cfg.resume or cfg.overwrite):
-            raise TrainError(f"{out} holds a run ({held[0]}): pass --resume true to continue it, --overwrite true "
-                             f"to replace it, or another --out")
+        check_before_training(cfg, {**trainer, **kwargs}, self.model, self.datamodule)
         if cfg.overwrite and not cfg.resume:
             remove_run_files(out)
-        trainer_cfg = {**self._get(self.config_init, "trainer", default={}), **kwargs}
-        if trainer_cfg.get("logger") in (None, True):
-            trainer_cfg["logger"] = make_logger(cfg.logger, out, cfg.project, resume=cfg.resume)
-        trainer_cfg["default_root_dir"] = str(out)
-        extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
-        extra += [SaveLast(str(out / "checkpoints")), ExportRun(str(out), when="test" if cfg.test else "fit")]
-        return self._instantiate_trainer(trainer_cfg, extra)
+        if kwargs.get("logger", trainer.get("logger")) in (None, True):
+            kwargs["logger"] = make_logger(cfg.logger, out, cfg.project, resume=cfg.resume)
+        theirs = kwargs.get("callbacks", trainer.get("callbacks")) or []
+        kwargs["callbacks"] = [*(theirs if isinstance(theirs, list) else [theirs]), SaveLast(str(out / "checkpoints")),
+                               ExportRun(str(out), when="test" if cfg.test else "fit")]
+        kwargs["default_root_dir"] = str(out)
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError) as err:  # a Trainer setting check_trainer does not know of
+            raise TrainError(f"--trainer: {one_line(err).rstrip('.!')}: change that --trainer setting "
+                             f"(`headprobe train NAME --help` lists them)") from None
+
+
+def check_before_training(cfg, trainer: dict, model, datamodule) -> None:
+    """Refuse, in one line and before anything is written, every setting the run would fail on or waste."""
+    out = Path(cfg.out)
+    if cfg.logger not in LOGGERS:
+        raise TrainError(f"--logger {cfg.logger!r}: choose one of {', '.join(LOGGERS)}")
+    check_out(out)
+    held = [p.relative_to(out) for p in (out / "checkpoints" / "last.ckpt", out / "checkpoint") if p.exists()]
+    if held and not (cfg.resume or cfg.overwrite):
+        raise TrainError(f"{out} holds a run ({held[0]}): pass --resume true to continue it, --overwrite true "
+                         f"to replace it, or another --out")
+    check_trainer(trainer)
+    if cfg.test and not len(datamodule.split_rows["test"]):
+        raise TrainError(f"{datamodule.path}: the test split holds no rows: extract more examples, or pass "
+                         f"--test false")
+    if cfg.resume:
+        ckpt = out / "checkpoints" / "last.ckpt"
+        if not ckpt.is_file():
+            raise TrainError(f"--resume: {ckpt} does not exist; run without --resume to start training")
+        check_resume(ckpt, model, datamodule, full=True)
+
+
+def check_out(out: Path) -> None:
+    """``--out`` must be a folder, or a path where one can be made."""
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out {out} is a file: pass a folder for the run's files")
+    parent = next(p for p in (out, *out.parents) if p.exists())
+    if not parent.is_dir():
+        raise TrainError(f"--out {out}: {parent} is a file, so the folder cannot be made: pass another --out")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise TrainError(f"--out {out}: {parent} is not writable: pass a folder you can write to")
+
+
+# Trainer setting -> (smallest value, what would work); -1 means "no limit" where Lightning allows it
+TRAINER_BOUNDS = {"max_epochs": (1, "1 or more, or -1 for no limit"), "max_steps": (1, "1 or more, or -1 for no limit"),
+                  "min_epochs": (0, "0 or more"), "min_steps": (0, "0 or more"),
+                  "check_val_every_n_epoch": (1, "1 or more"), "accumulate_grad_batches": (1, "1 or more"),
+                  "log_every_n_steps": (0, "0 or more")}
+
+
+def check_trainer(trainer: dict) -> None:
+    """Refuse trainer limits that Lightning rejects with a traceback, or that would train nothing."""
+    for key, (least, works) in TRAINER_BOUNDS.items():
+        value = trainer.get(key)
+        if value is None or (value == -1 and "-1" in works) or isinstance(value, bool) or value >= least:
+            continue
+        nothing = " trains nothing" if value == 0 and key in ("max_epochs", "max_steps") else ""
+        raise TrainError(f"--trainer.{key} {value}{nothing}: pass {works}")
+    limit = trainer.get("limit_train_batches")
+    if limit is not None and not isinstance(limit, bool) and limit <= 0:
+        raise TrainError(f"--trainer.limit_train_batches {limit} trains nothing: pass a number of batches (1 or "
+                         f"more) or a fraction of them (above 0, up to 1.0)")
 
 
 RUN_FILES = ("checkpoints", "checkpoint", "csv", "wandb", "heads.csv", "heads.json", "heatmap.png", "config.yaml")
@@ -128,39 +186,64 @@ def expand_short_form(argv: list[str]) -> list[str]:
 
 
 def run(argv: list[str]) -> HeadprobeCLI:
-    """Parse, fit (resuming if asked), test and export; returns the CLI (its .trainer and .model)."""
-    with warnings.catch_warnings():  # argv is sys.argv minus `headprobe train`, passed on purpose
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-        try:
-            cli = HeadprobeCLI(model_class=None, datamodule_class=StoreDataModule, subclass_mode_model=True,
-                               save_config_callback=LogConfig, save_config_kwargs={"overwrite": True}, run=False,
-                               args=argv, parser_kwargs={"prog": "headprobe train", "exit_on_error": False})
-        except ArgumentError as err:
-            raise TrainError(f"{parse_error(err)} (`headprobe train NAME --help` lists the options)") from None
-        except ValueError as err:  # a class refused its settings; jsonargparse wraps the message in its own
-            raise TrainError(parse_error(err)) from None
-    out = Path(cli.config.out)
-    if cli.config.test and not len(cli.datamodule.split_rows["test"]):
-        raise TrainError(f"{cli.datamodule.path}: the test split holds no rows: extract more examples, or pass "
-                         f"--test false")
-    ckpt = None
-    if cli.config.resume:
-        ckpt = out / "checkpoints" / "last.ckpt"
-        if not ckpt.exists():
-            raise TrainError(f"--resume: {ckpt} does not exist; run without --resume to start training")
-        check_resume(ckpt, cli.model, cli.datamodule)
-    with warnings.catch_warnings():
-        # by design: the closed-form probes (Newton, FISTA) take no torch optimizer; and a Lightning-internal notice
-        warnings.filterwarnings("ignore", message=r"`LightningModule.configure_optimizers` returned `None`")
-        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt, weights_only=True if ckpt else None)
-        if cli.config.test:
-            cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+    """Parse, check, fit (resuming if asked), test and export; returns the CLI (its .trainer and .model).
+
+    Lightning's console lines (the seed, the devices) are held back until training starts, so that a setting
+    refused before then prints only its one-line error."""
+    check_config_files(argv)
+    with HoldConsole() as hold:
+        cli = make_cli(argv, hold)
+        ckpt = Path(cli.config.out) / "checkpoints" / "last.ckpt" if cli.config.resume else None
+        with warnings.catch_warnings():
+            # by design: the closed-form probes (Newton, FISTA) take no torch optimizer; a Lightning-internal notice
+            warnings.filterwarnings("ignore", message=r"`LightningModule.configure_optimizers` returned `None`")
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt, weights_only=True if ckpt else None)
+            if cli.config.test:
+                cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
     if cli.config.logger == "wandb":  # close the run: the next training in this process starts its own
         import wandb
 
         wandb.finish()
     return cli
+
+
+def make_cli(argv: list[str], hold: HoldConsole) -> HeadprobeCLI:
+    """Parse ``argv`` and build the model, the data module and the trainer (every setting checked)."""
+    with warnings.catch_warnings():  # argv is sys.argv minus `headprobe train`, passed on purpose
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        try:
+            return HeadprobeCLI(model_class=None, datamodule_class=StoreDataModule, subclass_mode_model=True,
+                                save_config_callback=LogConfig, save_config_kwargs={"overwrite": True}, run=False,
+                                trainer_defaults={"callbacks": [hold]}, args=argv,
+                                parser_kwargs={"prog": "headprobe train", "exit_on_error": False})
+        except ArgumentError as err:
+            raise TrainError(f"{parse_error(err)} (`headprobe train NAME --help` lists the options)") from None
+        except ValueError as err:  # a class refused its settings; jsonargparse wraps the message in its own
+            raise TrainError(parse_error(err)) from None
+
+
+def check_config_files(argv: list[str]) -> None:
+    """Each ``--config FILE`` must exist and hold a YAML mapping (jsonargparse's own errors do not name the file)."""
+    import yaml
+
+    files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    files += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for name in files:
+        path = Path(name)
+        if not path.is_file():
+            raise TrainError(f"--config {name} " + ("is a folder" if path.is_dir() else "does not exist") +
+                             ": pass a YAML file (`headprobe train linear --print_config` writes a whole one)")
+        try:
+            config = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            where = getattr(err, "problem_mark", None)
+            at = f" at line {where.line + 1}" if where else ""
+            raise TrainError(f"--config {name} is not valid YAML{at}: fix the file (`headprobe train linear "
+                             f"--print_config` writes a valid one)") from None
+        if not isinstance(config, dict):
+            raise TrainError(f"--config {name} holds no settings (a YAML mapping such as `model: ...`, `data: ...`): "
+                             f"`headprobe train linear --print_config` writes a whole one")
 
 
 # settings a resumed run may change: they do not alter what it computes
@@ -169,12 +252,39 @@ RESUME_FREE = {"num_workers", "memory_limit_gb", "n_boot"}
 RESOLVED_AT_SETUP = {"n_layers", "n_groups", "n_features", "n_classes", "n_heads", "d_head", "d_in", "d_sae", "loss"}
 
 
-def check_resume(ckpt: Path, model, datamodule) -> None:
-    """Refuse to resume ``ckpt`` with other model or data settings than it was trained with (one line naming the
-    first difference). Settings a module derives from the data are skipped while they hold their placeholder."""
+def read_last(ckpt: Path) -> dict:
+    """``last.ckpt`` as a dict of tensors and plain values, never unpickling objects; a damaged or foreign file is
+    refused in one line."""
     import torch
 
-    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    try:
+        with warnings.catch_warnings():  # torch warns of an unusual pickle protocol before refusing the file
+            warnings.simplefilter("ignore")
+            saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except PermissionError:
+        raise
+    except Exception as err:  # torch's errors on a hostile or damaged file suggest weights_only=False: never show it
+        kind = "holds objects other than tensors and plain values" if "weights_only" in str(err) else "is damaged"
+        raise TrainError(f"--resume: {ckpt} {kind}, so it is not a checkpoint of `headprobe train`: train afresh "
+                         f"with --overwrite true (which deletes it), or pass another --out") from None
+    if not isinstance(saved, dict):
+        raise TrainError(f"--resume: {ckpt} is not a Lightning checkpoint (it holds a {type(saved).__name__}): "
+                         f"train afresh with --overwrite true, or pass another --out")
+    return saved
+
+
+LIGHTNING_KEYS = ("pytorch-lightning_version", "state_dict", "loops")  # what a resume reads
+
+
+def check_resume(ckpt: Path, model, datamodule, full: bool = False) -> None:
+    """Refuse to resume ``ckpt`` with other model or data settings than it was trained with (one line naming the
+    first difference). Settings a module derives from the data are skipped while they hold their placeholder.
+    ``full``: also require what Lightning reads to resume (a dict of settings alone passes otherwise)."""
+    saved = read_last(ckpt)
+    missing = [key for key in LIGHTNING_KEYS if full and key not in saved]
+    if missing:
+        raise TrainError(f"--resume: {ckpt} is not a whole Lightning checkpoint (no {missing[0]!r}): train afresh "
+                         f"with --overwrite true, or pass another --out")
     for what, now, before in (("model", dict(model.hparams), saved.get("hyper_parameters") or {}),
                               ("data", dict(datamodule.hparams), saved.get("datamodule_hyper_parameters") or {})):
         for key, old in before.items():
