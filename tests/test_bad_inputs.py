@@ -213,7 +213,7 @@ def fixtures(tmp_path_factory) -> dict[str, str]:
     model = save_model_folder(root / "model")
     z, y, split = planted(n=300)
     store = write_array_store(root / "store.h5", z, y, split, label_names=["no", "yes"])
-    from headprobe.train.fit import expand_short_form, run
+    from headprobe.train.train_cli import expand_short_form, run
 
     run(expand_short_form(["linear", "--data.path", str(store), "--out", str(root / "linear"), "--logger", "none",
                            "--trainer.enable_progress_bar", "false"]))

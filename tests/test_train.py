@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from headprobe.extract.store import write_array_store as write_store
 from headprobe.probes.checkpoint import load_local
 from headprobe.train.data import StoreDataModule
-from headprobe.train.fit import MODELS, TrainError, expand_short_form, run
+from headprobe.train.fit import MODELS, TrainError
+from headprobe.train.train_cli import expand_short_form, run
 from headprobe.train.loggers import read_offline_run
 from helpers import planted
 

@@ -2,7 +2,7 @@
 
     headprobe extract   model -> HDF5 store          (extract.cli)
     headprobe tasks     list the built-in tasks      (extract.tasks.cli)
-    headprobe train     probes and SAEs (LightningCLI)  (train.fit)
+    headprobe train     probes and SAEs (LightningCLI)  (headprobe.train.train_cli)
     headprobe attribute checkpoints -> stage map     (headprobe.probes.attribution)
     headprobe hub       list / show / push checkpoints  (headprobe.probes.hub)
     headprobe run       the whole pipeline           (headprobe.train.run_cli)
@@ -17,13 +17,14 @@ import sys
 from typing import Callable
 
 from headprobe import HeadprobeError
-from headprobe.train.options import first_line, parse_error  # noqa: F401  (train.fit imports parse_error here)
+from headprobe.train.options import one_line
 
 # subcommand -> (module with add_arguments(parser) and run(args), or main(argv) for pass-through; help)
 COMMANDS = {
     "extract": ("headprobe.extract.cli", "extract per-head activations of a model into an HDF5 store"),
     "tasks": ("headprobe.extract.tasks.cli", "list the built-in probing tasks"),
-    "train": ("headprobe.train.fit", "train probes or sparse autoencoders (LightningCLI; see `headprobe train -h`)"),
+    "train": ("headprobe.train.train_cli",
+              "train probes or sparse autoencoders (LightningCLI; see `headprobe train -h`)"),
     "attribute": ("headprobe.probes.attribution.cli", "map trained probes and SAEs to heads and reasoning stages"),
     "hub": ("headprobe.probes.hub.cli", "list, show and publish checkpoints"),
     "run": ("headprobe.train.run_cli", "the whole pipeline on the default model, with a report"),
@@ -41,17 +42,6 @@ def known_errors() -> tuple[type[BaseException], ...]:
     file-system errors on a path (a full disk, a read-only or missing folder). Anything else is a bug: its
     traceback shows."""
     return (HeadprobeError, OSError)
-
-
-def one_line(err: BaseException) -> str:
-    """An error's first line; an OS error on a path says which path and what to do."""
-    if isinstance(err, OSError) and not isinstance(err, HeadprobeError):
-        where = err.filename or "a file"
-        if err.errno == errno.ENOSPC:
-            return f"{where}: no space left on the device: free some space (finished work is kept), then run again"
-        if err.strerror:
-            return f"{where}: {err.strerror.lower()}: pass another path"
-    return first_line(err)
 
 
 def guarded(prog: str, work: Callable[[], object]) -> None:

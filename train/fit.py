@@ -1,4 +1,10 @@
-"""``headprobe train``: LightningCLI over the activation store, with YAML configs in train/configs/.
+"""Training on an activation store: LightningCLI over :class:`StoreDataModule`, with YAML configs in train/configs/.
+
+    from headprobe.train.fit import fit
+    result = fit("linear", "capitals.h5", "runs/capitals-linear", {"model": {"init_args": {"l2": 0.5}}})
+    result.metrics["val/acc_max"], result.checkpoint
+
+``headprobe train`` (:mod:`headprobe.train.train_cli`) is the same on the command line:
 
     headprobe train linear --data.path capitals.h5 --out runs/capitals-linear
     headprobe train sparse --data.path capitals.h5 --model.alpha 0.05 --logger csv
@@ -17,11 +23,10 @@ checked before anything is written or trained, each refusal one line; ``last.ckp
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
-import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from jsonargparse import ArgumentError
@@ -32,7 +37,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from headprobe import HeadprobeError
 from headprobe.train.callbacks import ExportRun, HoldConsole, SaveLast
-from headprobe.train.cli import one_line, parse_error
+from headprobe.train.options import one_line, parse_error
 from headprobe.train.data import StoreDataModule
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -40,15 +45,6 @@ CONFIGS = Path(__file__).resolve().parent / "configs"
 MODELS = {"linear": ("headprobe.probes.linear", "linear.yaml"), "sparse": ("headprobe.probes.sparse", "sparse.yaml"),
           "sae": ("headprobe.probes.sae", "sae.yaml")}
 LOGGERS = ("wandb", "csv", "none")
-USAGE = """usage: headprobe train {linear,sparse,sae} --data.path STORE.h5 --out DIR [options]
-       headprobe train --config FILE.yaml [options]
-
-Train per-head linear probes, a group-lasso sparse probe or a sparse autoencoder on an activation store
-(LightningCLI; NAME loads train/configs/NAME.yaml). Options of the data module, the run and the Lightning Trainer:
-`headprobe train linear --help`; of a model: `headprobe train linear --model.help LinearProbes` (SparseProbe,
-SparseAutoencoder); a whole configuration: `headprobe train linear --print_config`."""
-
-
 class TrainError(HeadprobeError, ValueError):
     """Bad `headprobe train` input; the message says what to do."""
 
@@ -169,30 +165,13 @@ def make_logger(kind: str, out: Path, project: str, resume: bool = False) -> Log
     return WandbLogger(save_dir=str(out), project=project)
 
 
-def expand_short_form(argv: list[str]) -> list[str]:
-    """``NAME rest...`` -> ``--config train/configs/NAME.yaml rest...``; the model's module must exist."""
-    if argv and not argv[0].startswith("-") and argv[0] not in MODELS:
-        raise TrainError(f"unknown model {argv[0]!r}: choose one of {', '.join(MODELS)}, or pass --config FILE")
-    if not argv or argv[0] not in MODELS:
-        return argv
-    module, config = MODELS[argv[0]]
-    if importlib.util.find_spec(module) is None:
-        raise TrainError(f"`headprobe train {argv[0]}` needs {module}, which this installation lacks: "
-                         f"update headprobe")
-    path = CONFIGS / config
-    if not path.exists():
-        raise TrainError(f"{path} is missing: reinstall headprobe, or pass --config with your own file")
-    return ["--config", str(path), *argv[1:]]
-
-
-def run(argv: list[str]) -> HeadprobeCLI:
+def train(args: list[str] | dict) -> HeadprobeCLI:
     """Parse, check, fit (resuming if asked), test and export; returns the CLI (its .trainer and .model).
 
     Lightning's console lines (the seed, the devices) are held back until training starts, so that a setting
     refused before then prints only its one-line error."""
-    check_config_files(argv)
     with HoldConsole() as hold:
-        cli = make_cli(argv, hold)
+        cli = make_cli(args, hold)
         ckpt = Path(cli.config.out) / "checkpoints" / "last.ckpt" if cli.config.resume else None
         with warnings.catch_warnings():
             # by design: the closed-form probes (Newton, FISTA) take no torch optimizer; a Lightning-internal notice
@@ -208,42 +187,20 @@ def run(argv: list[str]) -> HeadprobeCLI:
     return cli
 
 
-def make_cli(argv: list[str], hold: HoldConsole) -> HeadprobeCLI:
-    """Parse ``argv`` and build the model, the data module and the trainer (every setting checked)."""
-    with warnings.catch_warnings():  # argv is sys.argv minus `headprobe train`, passed on purpose
+def make_cli(args: list[str] | dict, hold: HoldConsole) -> HeadprobeCLI:
+    """Parse ``args`` (a command line's options, or a configuration dict) and build the model, the data module and
+    the trainer (every setting checked)."""
+    with warnings.catch_warnings():  # args are passed on purpose, not read from sys.argv
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         try:
             return HeadprobeCLI(model_class=None, datamodule_class=StoreDataModule, subclass_mode_model=True,
                                 save_config_callback=LogConfig, save_config_kwargs={"overwrite": True}, run=False,
-                                trainer_defaults={"callbacks": [hold]}, args=argv,
+                                trainer_defaults={"callbacks": [hold]}, args=args,
                                 parser_kwargs={"prog": "headprobe train", "exit_on_error": False})
         except ArgumentError as err:
             raise TrainError(f"{parse_error(err)} (`headprobe train NAME --help` lists the options)") from None
         except ValueError as err:  # a class refused its settings; jsonargparse wraps the message in its own
             raise TrainError(parse_error(err)) from None
-
-
-def check_config_files(argv: list[str]) -> None:
-    """Each ``--config FILE`` must exist and hold a YAML mapping (jsonargparse's own errors do not name the file)."""
-    import yaml
-
-    files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
-    files += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
-    for name in files:
-        path = Path(name)
-        if not path.is_file():
-            raise TrainError(f"--config {name} " + ("is a folder" if path.is_dir() else "does not exist") +
-                             ": pass a YAML file (`headprobe train linear --print_config` writes a whole one)")
-        try:
-            config = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as err:
-            where = getattr(err, "problem_mark", None)
-            at = f" at line {where.line + 1}" if where else ""
-            raise TrainError(f"--config {name} is not valid YAML{at}: fix the file (`headprobe train linear "
-                             f"--print_config` writes a valid one)") from None
-        if not isinstance(config, dict):
-            raise TrainError(f"--config {name} holds no settings (a YAML mapping such as `model: ...`, `data: ...`): "
-                             f"`headprobe train linear --print_config` writes a whole one")
 
 
 # settings a resumed run may change: they do not alter what it computes
@@ -305,15 +262,86 @@ def check_resume(ckpt: Path, model, datamodule, full: bool = False) -> None:
                          f"resume on the original store, or train into another --out")
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv in ([], ["-h"], ["--help"]):
-        print(USAGE)
-        return
-    from headprobe.train.cli import guarded
+# --- the Python API: fit(kind, store, out, overrides) -> FitResult ---------------------------------------------------
+def deep_merge(base: dict, *overlays: dict) -> dict:
+    """``base`` with each overlay's values on top, dicts merged key by key (lists and values replaced)."""
+    out = dict(base)
+    for overlay in overlays:
+        for key, value in overlay.items():
+            out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+                else value
+    return out
 
-    guarded("headprobe", lambda: run(expand_short_form(argv)))  # TrainError is a ValueError
+
+def merged_config(kind: str, overrides: dict | None = None, configs: list[str] | None = None) -> dict:
+    """The configuration a ``kind`` training runs with: its packaged YAML (train/configs/KIND.yaml), then each of
+    ``configs`` (file names in train/configs/, or paths), then ``overrides`` (a nested dict such as
+    ``{"model": {"init_args": {"alpha": 0.1}}, "data": {"batch_size": 64}}``)."""
+    import yaml
+
+    if kind not in MODELS:
+        raise TrainError(f"unknown model {kind!r}: choose one of {', '.join(MODELS)}")
+    files = [CONFIGS / MODELS[kind][1], *(Path(c) if Path(c).is_absolute() else CONFIGS / c for c in configs or [])]
+    layers = []
+    for path in files:
+        if not path.is_file():
+            raise TrainError(f"{path} is missing: reinstall headprobe, or pass your own configuration")
+        layers.append(yaml.safe_load(path.read_text()) or {})
+    return deep_merge(*layers, overrides or {})
 
 
-if __name__ == "__main__":
-    main()
+@dataclass
+class FitResult:
+    """A finished training: its run folder (``checkpoint/``, ``heads.json``, ``heatmap.png``, logs), the configuration
+    it ran with and the metrics its checkpoint records."""
+
+    kind: str
+    out: Path
+    config: dict
+    metrics: dict
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.out / "checkpoint"
+
+    @classmethod
+    def load(cls, out: str | Path, kind: str = "", config: dict | None = None) -> "FitResult":
+        """The result of the training whose run folder is ``out``."""
+        import json
+
+        out = Path(out)
+        metrics = json.loads((out / "checkpoint" / "metrics.json").read_text())
+        return cls(kind, out, config or {}, metrics)
+
+    def scalars(self) -> dict[str, float]:
+        """The scalar metrics (the per-head tables left out)."""
+        return {k: v for k, v in self.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+    def head_table(self) -> list[dict]:
+        """One row per (layer, head): every per-head score the module reported (``heads.json``)."""
+        import json
+
+        return json.loads((self.out / "heads.json").read_text())["heads"]
+
+
+def fit(kind: str, store: str | Path, out: str | Path, overrides: dict | None = None, *,
+        configs: list[str] | None = None, logger: str = "wandb", seed: int = 0, resume: bool = False,
+        overwrite: bool = False, test: bool = True, quiet: bool = False) -> FitResult:
+    """Train ``kind`` (linear, sparse or sae) on ``store`` into ``out`` with its packaged configuration, ``configs``
+    and ``overrides`` on top (see :func:`merged_config`); ``headprobe train`` runs the same with options. ``quiet``
+    keeps Lightning's per-run console lines (devices, seed, tips) down, for one training of many."""
+    import logging
+
+    config = merged_config(kind, overrides, configs)
+    args = deep_merge(config, {"data": {"path": str(store)}, "out": str(out), "logger": logger,
+                               "seed_everything": seed, "resume": resume, "overwrite": overwrite, "test": test})
+    logs = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")] if quiet else []
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(max(log.level, logging.WARNING))
+    try:
+        train(args)
+    finally:
+        for log, level in zip(logs, levels):
+            log.setLevel(level)
+    return FitResult.load(out, kind, config)

@@ -8,7 +8,10 @@ every command.
 from __future__ import annotations
 
 import argparse
+import errno
 import re
+
+from headprobe import HeadprobeError
 
 TRUE, FALSE = ("true", "yes", "1"), ("false", "no", "0")
 
@@ -85,3 +88,14 @@ def parse_error(err: Exception) -> str:
 def first_line(err: BaseException) -> str:
     """An error message's first line (its type's name when it has none)."""
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def one_line(err: BaseException) -> str:
+    """An error's first line; an OS error on a path says which path and what to do."""
+    if isinstance(err, OSError) and not isinstance(err, HeadprobeError):
+        where = err.filename or "a file"
+        if err.errno == errno.ENOSPC:
+            return f"{where}: no space left on the device: free some space (finished work is kept), then run again"
+        if err.strerror:
+            return f"{where}: {err.strerror.lower()}: pass another path"
+    return first_line(err)

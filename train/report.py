@@ -83,23 +83,24 @@ def _copy(src: Path, folder: Path, name: str) -> str:
 
 
 def _probe_table(p: RunState) -> str:
+    from headprobe.train.fit import FitResult
+
     rows = ["| task | stage | rows | best head (val acc) | mean val acc | max selectivity (control task / shuffled "
             "labels) | heads kept by group lasso |", "|---|---|---|---|---|---|---|"]
     for t in p.tasks:
-        heads = json.loads((p.run_dir("linear", t.name) / "heads.json").read_text())["heads"]
+        linear = FitResult.load(p.run_dir("linear", t.name), "linear")
+        heads = linear.head_table()
         best = max(heads, key=lambda h: h.get("val/acc", 0))
         sel = [max(h.get(f"val/selectivity_{c}", float("nan")) for h in heads) for c in ("control", "shuffled")]
         # read at one token type (e.g. always the prompt's last word), the control task has one label: no baseline
-        # (training skips it and says so in metrics.json; runs from before that fitted it to accuracy 1)
-        linear = json.loads((p.run_dir("linear", t.name) / "checkpoint" / "metrics.json").read_text())
-        one_label = "control" in linear.get("controls_skipped", {}) or min(h.get("val/acc_control", 0)
-                                                                             for h in heads) > 0.999
+        # (training skips it and says so; runs from before that fitted it to accuracy 1)
+        one_label = "control" in linear.metrics.get("controls_skipped", {}) or min(h.get("val/acc_control", 0)
+                                                                                    for h in heads) > 0.999
         control = "n/a" if one_label else f"{sel[0]:.3f}"
-        sparse = json.loads((p.run_dir("sparse", t.name) / "checkpoint" / "metrics.json").read_text())
-        kept = sparse.get("heads_selected", sparse.get("val/heads_selected", float("nan")))
+        kept = len(FitResult.load(p.run_dir("sparse", t.name), "sparse").metrics["selected_heads"])
         mean = sum(h["val/acc"] for h in heads) / len(heads)
         rows.append(f"| {t.name} | {t.stage} | {_rows(p.store(t.name))} | L{best['layer']}.H{best['head']} "
-                    f"({best['val/acc']:.3f}) | {mean:.3f} | {control} / {sel[1]:.3f} | {kept:.0f} |")
+                    f"({best['val/acc']:.3f}) | {mean:.3f} | {control} / {sel[1]:.3f} | {kept} |")
     note = ("\n\nn/a: every row of the task is read at one token type, so its control task has one label and gives "
             "no baseline (training skips it; shuffled labels remain).")
     return "\n".join(rows) + (note if any(" | n/a / " in r for r in rows) else "")
