@@ -7,7 +7,6 @@ training's metrics, the SAE's evaluation).
 """
 from __future__ import annotations
 
-import json
 import platform
 import re
 import shutil
