@@ -163,7 +163,8 @@ def test_token_budget_stops_training(tmp_path):
     budget = SparseAutoencoder(expansion=2, k=2, token_budget=2500)  # no epoch limit: the budget's 3 epochs
     trainer = quiet_trainer(max_epochs=-1, limit_val_batches=0)
     trainer.fit(budget, datamodule=dm)
-    assert int(budget.tokens_seen) == 2500 and trainer.max_epochs == 3 and trainer.current_epoch == 3
+    assert int(budget.tokens_seen) == 2500 and trainer.current_epoch == 3 and budget.global_step == 25
+    assert trainer.max_epochs == -1  # the module stopped itself; nothing rewrote the Trainer's limits
 
 
 def test_splice_replaces_only_the_chosen_heads_and_identity_recovers_everything():
