@@ -16,6 +16,7 @@ the N-th resume), and the logger's files (W&B by default, offline without creden
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import shutil
 import sys
@@ -129,6 +130,9 @@ def expand_short_form(argv: list[str]) -> list[str]:
 
 def run(argv: list[str]) -> HeadprobeCLI:
     """Parse, fit (resuming if asked), test and export; returns the CLI (its .trainer and .model)."""
+    seed_log = logging.getLogger("lightning.fabric.utilities.seed")  # no "Seed set to N" line before a refusal
+    seed_level = seed_log.level
+    seed_log.setLevel(logging.WARNING)
     with warnings.catch_warnings():  # argv is sys.argv minus `headprobe train`, passed on purpose
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         try:
@@ -139,6 +143,8 @@ def run(argv: list[str]) -> HeadprobeCLI:
             raise TrainError(f"{parse_error(err)} (`headprobe train NAME --help` lists the options)") from None
         except ValueError as err:  # a class refused its settings; jsonargparse wraps the message in its own
             raise TrainError(parse_error(err)) from None
+        finally:
+            seed_log.setLevel(seed_level)
     out = Path(cli.config.out)
     if cli.config.test and not len(cli.datamodule.split_rows["test"]):
         raise TrainError(f"{cli.datamodule.path}: the test split holds no rows: extract more examples, or pass "
