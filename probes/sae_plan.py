@@ -49,8 +49,8 @@ def _cap(option: str, asked: int, frac: float, steps: float, notes: list[str]) -
     if not math.isfinite(steps) or asked <= frac * steps:
         return asked
     capped = int(frac * steps)
-    notes.append(f"--model.{option} {asked} is more than {frac:.0%} of this run's {int(steps)} steps: warming up "
-                 f"over {capped} instead")
+    instead = f"warming up over {capped} instead" if capped else "no warm-up"
+    notes.append(f"--model.{option} {asked} is more than {frac:.0%} of this run's {int(steps)} steps: {instead}")
     return capped
 
 
