@@ -232,7 +232,7 @@ class SparseAutoencoder(L.LightningModule):
         self.initialised = True
 
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        dm = getattr(self.attached_trainer, "datamodule", None)
         if dm is None or not hasattr(dm, "meta"):
             return
         self.meta = dm.meta
@@ -259,12 +259,20 @@ class SparseAutoencoder(L.LightningModule):
                 sample = next(iter(dm.train_dataloader()))["z"]
             self.initialise(sample)
 
+    @property
+    def attached_trainer(self) -> L.Trainer | None:
+        """The Trainer running this module, or None (``trainer`` raises when there is none)."""
+        try:
+            return self.trainer
+        except RuntimeError:
+            return None
+
     def warn(self, message: str) -> None:
         """Show a one-line :class:`SAEWarning` (once per run, on rank zero) and keep it for metrics.json."""
         if message in self.warnings:
             return
         self.warnings.append(message)
-        if self._trainer is None or self.trainer.is_global_zero:
+        if self.attached_trainer is None or self.trainer.is_global_zero:
             warnings.warn(message, SAEWarning, stacklevel=2)
 
     # --- the autoencoder ---------------------------------------------------------------------------------
@@ -314,7 +322,7 @@ class SparseAutoencoder(L.LightningModule):
     @torch.no_grad()
     def _count_firing(self, fired: Tensor, n_tokens: int) -> None:
         """Update the tokens seen and each latent's tokens since it last fired; fired (d_sae,) bool."""
-        if self._trainer is not None and self.trainer.world_size > 1:  # DDP: count every rank's tokens
+        if self.attached_trainer is not None and self.trainer.world_size > 1:  # DDP: count every rank's tokens
             fired = self.trainer.strategy.reduce(fired.int(), reduce_op="sum") > 0
             n_tokens *= self.trainer.world_size  # training shares are equal batches
         self.tokens_since_fired.add_(n_tokens).masked_fill_(fired, 0)
@@ -363,7 +371,7 @@ class SparseAutoencoder(L.LightningModule):
         """Fraction of training done: tokens against the token budget, else steps against the Trainer's limit."""
         if self.hparams.token_budget:
             return float(self.tokens_seen) / self.hparams.token_budget
-        total = self.trainer.estimated_stepping_batches if self._trainer is not None else float("inf")
+        total = self.trainer.estimated_stepping_batches if self.attached_trainer is not None else float("inf")
         return step / total if math.isfinite(total) and total > 0 else 0.0
 
     def configure_optimizers(self):
@@ -407,7 +415,8 @@ class SparseAutoencoder(L.LightningModule):
 
     def checkpoint_metrics(self) -> dict:
         """metrics.json: the logged scalars, and the run's warnings and notes (lists of lines) if it had any."""
-        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items()} if self._trainer is not None else {}
+        trainer = self.attached_trainer
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()} if trainer is not None else {}
         metrics.update({key: list(lines) for key, lines in (("warnings", self.warnings), ("notes", self.notes))
                         if lines})
         return metrics
