@@ -71,8 +71,8 @@ class Architecture:
         raise NotImplementedError
 
     def latents(self, sae, pre: Tensor) -> Tensor:
-        """Inference latents (B, n)."""
-        raise NotImplementedError
+        """Inference latents (B, n): by default the pre-activations above the inference threshold."""
+        return pre * (pre > self.threshold(sae))
 
     def threshold(self, sae) -> Tensor | None:
         """The inference threshold (() or (n,)) on pre-activations, if the architecture has one."""
@@ -172,11 +172,8 @@ class BatchTopK(Architecture):
         rate = threshold_rate(sae.global_step, sae.plan.threshold_momentum)
         sae.threshold.lerp_(smallest.to(sae.threshold.dtype), rate)
 
-    def latents(self, sae, pre: Tensor) -> Tensor:
-        return pre * (pre > sae.threshold)
-
     def threshold(self, sae) -> Tensor:
-        return sae.threshold
+        return sae.threshold  # a buffer: ()
 
 
 @register_architecture
@@ -191,8 +188,5 @@ class JumpReLU(Architecture):
         theta, eps = sae.log_theta.exp(), sae.hparams.jumprelu_eps
         return JumpReLUFunction.apply(pre, theta, eps), Step.apply(pre, theta, eps).sum(1).mean()
 
-    def latents(self, sae, pre: Tensor) -> Tensor:
-        return pre * (pre > sae.log_theta.exp())
-
     def threshold(self, sae) -> Tensor:
-        return sae.log_theta.exp()
+        return sae.log_theta.exp()  # learned: (n,)

@@ -97,6 +97,40 @@ def test_normalisation_folded_on_save(tmp_path, arch):
         torch.testing.assert_close(loaded.encode(x), sae.encode(x), rtol=1e-5, atol=1e-5)
 
 
+def test_a_new_architecture_is_one_registered_object(tmp_path, monkeypatch):
+    """An architecture with a parameter of its own trains, saves and loads without a change to the module."""
+    from headprobe.probes.sae_arch import ReLU
+
+    class Shrink(ReLU):  # ReLU above a learned per-latent offset, with ReLU's weighted L1
+        name = "shrink"
+
+        def extra_parameters(self, n, hp):
+            return {"offset": torch.full((n,), 0.1)}
+
+        def train_activate(self, sae, pre):
+            return super().train_activate(sae, pre - sae.offset)
+
+        def latents(self, sae, pre):
+            return (pre - sae.offset).relu()
+
+    monkeypatch.setitem(ARCHITECTURES, "shrink", Shrink)
+    x, _ = sparse_data(256, 24, 48, 3, scale=4.0)
+    sae = SparseAutoencoder(architecture="shrink", d_in=24, d_sae=64, seed=1)
+    sae.initialise(x)
+    opt = torch.optim.Adam(sae.parameters(), 1e-2)
+    for _ in range(5):
+        loss, logs = sae.loss(x * sae.input_scale)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert "train/sparsity" in logs and not torch.allclose(sae.offset, torch.full((64,), 0.1))
+    meta = Store(make_store(tmp_path / "s.h5", x.view(-1, 1, 4, 6).numpy())).meta
+    loaded = load_local(sae.eval().save(tmp_path / "ckpt", meta))
+    torch.testing.assert_close(loaded.offset, sae.offset.detach())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), sae(x), rtol=1e-5, atol=1e-4)
+
+
 def test_auxk_revives_dead_latents():
     x, _ = sparse_data(4096, 32, 24, 3, seed=2)
     x[:, 16:] = 0  # the data lives in the first 16 dimensions
