@@ -76,8 +76,8 @@ class SAEWarning(UserWarning):
 
 
 def check_options(hp) -> None:
-    """Refuse settings that cannot train (one line naming the option and what to pass); those that need d_in and
-    d_sae are checked by :func:`check_width`."""
+    """Refuse settings that cannot train (one line naming the option and what to pass); ``k`` against the width is
+    checked by :func:`check_k` once d_in and d_sae are known."""
     if hp.architecture not in ARCHITECTURES:
         raise InputError(f"unknown SAE architecture {hp.architecture!r}: choose one of {', '.join(ARCHITECTURES)}")
     for option, choices in CHOICES.items():
@@ -92,11 +92,12 @@ def check_options(hp) -> None:
     if ARCHITECTURES[hp.architecture].uses_k and hp.k < 1:
         raise InputError(f"--model.k {hp.k}: pass a positive number of active latents per token")
     if hp.d_sae:
-        check_width(hp, hp.d_sae, hp.d_in)
+        check_k(hp, hp.d_sae)
 
 
-def check_width(hp, d_sae: int, d_in: int | None) -> None:
-    """Refuse a ``k`` that the SAE's ``d_sae`` latents on ``d_in`` inputs (None: not known yet) cannot hold."""
+def check_k(hp, d_sae: int, d_in: int | None = None) -> None:
+    """Refuse a ``k`` that the SAE's ``d_sae`` latents cannot hold, or, when training on ``d_in`` inputs (None: not
+    training), one with more active latents than inputs (a loaded checkpoint is not refused for that)."""
     if not ARCHITECTURES[hp.architecture].uses_k:
         return
     width = f"--model.d_sae {d_sae}" if hp.d_sae else f"{d_sae} latents (--model.expansion {hp.expansion} x d_in)"
@@ -139,7 +140,7 @@ class SparseAutoencoder(L.LightningModule):
         d_sae: number of latents; 0 means ``expansion * d_in``.
         expansion: latents per input dimension when ``d_sae`` is 0.
         d_in: input width; None infers layers x heads x d_head from the datamodule at setup.
-        k: active latents per token (topk) or mean per token (batchtopk).
+        k: active latents per token (topk) or mean per token (batchtopk); at most d_sae, and d_in in training.
         l1_coeff: ReLU's L1 coefficient, on the FVU scale of the reconstruction loss.
         l0_coeff: JumpReLU's L0 coefficient.
         jumprelu_theta: initial JumpReLU threshold (on normalised inputs); jumprelu_eps: STE kernel width.
@@ -197,7 +198,7 @@ class SparseAutoencoder(L.LightningModule):
     def _build(self, d_in: int) -> None:
         hp = self.hparams
         n = hp.d_sae or hp.expansion * d_in
-        check_width(hp, n, d_in)
+        check_k(hp, n)
         hp.d_in = d_in
         need, ram = 32 * n * d_in / 2**30, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
         if need > ram:  # encoder and decoder in float32, each with a gradient and two Adam moments
@@ -220,8 +221,9 @@ class SparseAutoencoder(L.LightningModule):
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
 
     def initialise(self, sample: Tensor) -> None:
-        """Set the input scale and b_dec from a sample of raw training inputs (N, d_in)."""
+        """Set the input scale and b_dec from a sample of raw training inputs (N, d_in), before training."""
         hp, x = self.hparams, sample.flatten(1).double()
+        check_k(hp, self.d_sae, self.d_in)
         if hp.input_norm == "expected_norm":
             self.input_scale.fill_(math.sqrt(self.d_in / x.pow(2).sum(1).mean().clamp_min(1e-30).item()))
         xs = x * self.input_scale.double()
