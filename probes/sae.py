@@ -212,8 +212,9 @@ class SparseAutoencoder(L.LightningModule):
         self.W_enc = nn.Parameter(W_dec.clone())
         self.b_enc = nn.Parameter(torch.zeros(n))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
-        self.extra_names = list(self.arch.extra_parameters(n, hp))  # the architecture's own tensors (log_theta)
-        for name, value in self.arch.extra_parameters(n, hp).items():
+        extra = self.arch.extra_parameters(n, hp)  # the architecture's own tensors (JumpReLU's log_theta)
+        self.extra_names = list(extra)
+        for name, value in extra.items():
             self.register_parameter(name, nn.Parameter(value))
         self.register_buffer("input_scale", torch.ones(()))  # training inputs are x * input_scale
         self.register_buffer("threshold", torch.zeros(()))  # BatchTopK inference threshold
