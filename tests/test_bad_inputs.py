@@ -79,6 +79,7 @@ def _unlabelled_store(tmp: Path) -> None:
 
 
 _RUN = ["--out", "{tmp}/run", "--logger", "none"]
+SAE = ["train", "sae", "--data.path", "{store}", "--out", "{tmp}/run", "--logger", "none"]
 TRAIN = [
     Bad("train-unknown-kind", ["train", "foo"], r"unknown model 'foo': choose one of linear, sparse, sae"),
     # linear / sparse probe settings
@@ -142,6 +143,23 @@ TRAIN = [
     Bad("train-resume-hostile-bare-pickle", ["train", "linear", "--data.path", "{store}", *_RUN, "--resume", "true"],
         r"--resume: .*last.ckpt holds objects other than tensors and plain values", setup=_hostile_last_ckpt(False),
         leaves=("{tmp}/pwned", "{tmp}/run/checkpoint")),
+    # sparse autoencoder settings
+    Bad("train-sae-k-above-d-sae", [*SAE, "--model.init_args.d_sae", "16", "--model.init_args.k", "32"],
+        r"--model.k 32 is more than the SAE's --model.d_sae 16: pass a smaller k or a larger d_sae",
+        leaves=("{tmp}/run/checkpoint",)),
+    Bad("train-sae-k-zero", [*SAE, "--model.init_args.k", "0"], r"--model.k 0: pass a positive number of active",
+        leaves=("{tmp}/run/checkpoint",)),
+    Bad("train-sae-unknown-architecture", [*SAE, "--model.init_args.architecture", "gated"],
+        r"unknown SAE architecture 'gated': choose one of relu, topk, batchtopk, jumprelu",
+        leaves=("{tmp}/run/checkpoint",)),
+    Bad("train-sae-negative-l1-coeff", [*SAE, "--model.init_args.architecture", "relu",
+                                        "--model.init_args.l1_coeff", "-0.5"],
+        r"--model.l1_coeff -0.5: pass a coefficient >= 0", leaves=("{tmp}/run/checkpoint",)),
+    Bad("train-sae-no-latents", [*SAE, "--model.init_args.expansion", "0"],
+        r"--model.d_sae 0 with --model.expansion 0 gives the SAE no latents: pass a positive d_sae or expansion",
+        leaves=("{tmp}/run/checkpoint",)),
+    Bad("train-sae-momentum-one", [*SAE, "--model.init_args.batchtopk_momentum", "1"],
+        r"--model.batchtopk_momentum 1(\.0)?: pass a momentum in \[0, 1\)", leaves=("{tmp}/run/checkpoint",)),
 ]
 
 # --- headprobe attribute ---------------------------------------------------------------------------------------
