@@ -142,6 +142,20 @@ def save_checkpoint(folder: str | Path, tensors: dict[str, torch.Tensor], config
     return folder
 
 
+def export(module, folder: str | Path, meta=None, metrics: dict | None = None, command: str = "",
+           data: dict | None = None) -> Path:
+    """Write a trained module as a checkpoint folder through its export protocol: ``checkpoint_tensors()`` (tensors
+    on raw activations, normalisation folded in), ``checkpoint_config(meta)`` (``meta``: the training store's
+    StoreMeta) and, unless ``metrics`` is given, ``checkpoint_metrics()``. ``data`` adds to the config's record of
+    the training data (e.g. rows per split)."""
+    config = module.checkpoint_config(meta)
+    config.command = command or config.command
+    config.data.update(data or {})
+    if metrics is None:
+        metrics = module.checkpoint_metrics() if hasattr(module, "checkpoint_metrics") else {}
+    return save_checkpoint(folder, module.checkpoint_tensors(), config, metrics)
+
+
 def scalar_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
     """The scalar entries of a metrics dict, nested dicts flattened as ``outer/inner`` (tables are left out)."""
     out = {}

@@ -30,15 +30,15 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from headprobe import InputError
-from headprobe.probes.checkpoint import CheckpointConfig, init_hparams, register, save_checkpoint
+from headprobe.probes.checkpoint import CheckpointConfig, init_hparams, register
 from headprobe.probes.sae_arch import ARCHITECTURES, Architecture
 from headprobe.probes.sae_kernels import topk_sae
 from headprobe.probes.sae_plan import RunPlan, plan_run, planned_steps, width_warning
@@ -408,7 +408,7 @@ class SparseAutoencoder(L.LightningModule):
                 self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
     # --- checkpoints -------------------------------------------------------------------------------------
-    def folded_tensors(self) -> dict[str, Tensor]:
+    def checkpoint_tensors(self) -> dict[str, Tensor]:
         """Weights that act on raw activations: W_enc * c, b_dec / c, W_dec / c (latents are unchanged)."""
         c = self.input_scale
         out = {"W_enc": self.W_enc * c, "b_enc": self.b_enc, "W_dec": self.W_dec / c, "b_dec": self.b_dec / c,
@@ -425,7 +425,7 @@ class SparseAutoencoder(L.LightningModule):
         return metrics
 
     def checkpoint_config(self, meta=None) -> CheckpointConfig:
-        """Provenance and hyperparameters for :func:`probes.checkpoint.save_checkpoint`."""
+        """Provenance and hyperparameters for :func:`headprobe.probes.checkpoint.export`."""
         meta = meta or self.meta
         if meta is None:
             raise InputError("this SAE has no record of its training data: pass the store's meta to save it")
@@ -436,10 +436,6 @@ class SparseAutoencoder(L.LightningModule):
         if self.layers is not None:
             cfg.layers = list(self.layers)
         return cfg
-
-    def save(self, folder: str | Path, meta=None, metrics: dict | None = None) -> Path:
-        """Write a checkpoint folder with the normalisation folded into the weights."""
-        return save_checkpoint(folder, self.folded_tensors(), self.checkpoint_config(meta), metrics)
 
     @classmethod
     def from_checkpoint(cls, config: CheckpointConfig, tensors: dict[str, Tensor]) -> "SparseAutoencoder":
@@ -466,13 +462,28 @@ class SparseAutoencoder(L.LightningModule):
         return {"sae/mean_share": shares.mean(0).numpy(), "sae/top_head_share": owned.numpy()}
 
     def head_shares(self, n_heads: int | None = None) -> Tensor:
-        """Decoder-norm share of each head block per latent: (d_sae, L, H), rows sum to 1 (Kissane et al.)."""
+        """Decoder-norm share of each head block per latent: (d_sae, L, H), rows sum to 1 (Kissane et al.; see
+        :func:`decoder_head_shares`)."""
         H = n_heads or self.n_heads_in
         if H is None:
             raise InputError("pass n_heads: this SAE does not know its head layout")
         L_ = len(self.layers) if self.layers is not None else 1
-        norms = self.W_dec.detach().view(self.d_sae, L_, H, -1).norm(dim=-1)
-        return norms / norms.sum((1, 2), keepdim=True).clamp_min(1e-12)
+        shares = decoder_head_shares(self.W_dec.detach(), L_ * H)  # (d_sae, L * H)
+        return torch.from_numpy(shares).float().view(self.d_sae, L_, H)
+
+
+def decoder_head_shares(W_dec: np.ndarray | torch.Tensor, n_heads: int) -> np.ndarray:
+    """Decoder-norm share of every head in every feature: W_dec (F, H*D) -> (F, H), rows summing to 1.
+
+    ``w[f, h] = ||W_dec[f, h-block]|| / sum_h' ||W_dec[f, h'-block]||``; a feature with an all-zero decoder row
+    gets uniform shares.
+    """
+    W = torch.as_tensor(W_dec, dtype=torch.float64)
+    if W.shape[1] % n_heads:
+        raise InputError(f"decoder width {W.shape[1]} is not a multiple of {n_heads} heads: pass W_dec as (F, H*D)")
+    norms = W.view(W.shape[0], n_heads, -1).norm(dim=2)  # (F, H)
+    total = norms.sum(dim=1, keepdim=True)
+    return torch.where(total > 0, norms / total.clamp_min(1e-300), torch.full_like(norms, 1.0 / n_heads)).numpy()
 
 
 def remove_parallel_grad(W: nn.Parameter) -> None:

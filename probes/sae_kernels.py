@@ -75,7 +75,7 @@ class TopKSAEFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_hat, g_vals, _g_idx, g_aux_hat, g_aux_vals, _g_aux_idx):
         x_c, W_enc, W_dec, vals, idx, aux_vals, aux_idx = ctx.saved_tensors
-        n, B = W_dec.shape[0], len(x_c)
+        n = W_dec.shape[0]
         g_hat = torch.zeros_like(x_c) if g_hat is None else g_hat
         g_aux_hat = torch.zeros_like(x_c) if g_aux_hat is None else g_aux_hat
         # dL/d(selected pre-activations): through the decoder, plus any direct use of the values; ReLU mask.

@@ -14,7 +14,7 @@ import yaml
 
 from headprobe import InputError
 from headprobe.extract.store import Store
-from headprobe.probes.checkpoint import load_local
+from headprobe.probes.checkpoint import export, load_local
 from headprobe.probes.sae import ARCHITECTURES, SAEWarning, SparseAutoencoder, fve, topk_sae
 from headprobe.probes.sae_eval import ce_loss_recovered, evaluate, splice, token_batches
 from headprobe.train.data import EpochBatches, InMemoryRows, StoreDataModule
@@ -90,7 +90,7 @@ def test_normalisation_folded_on_save(tmp_path, arch):
         opt.step()
     sae.eval()
     meta = Store(make_store(tmp_path / "s.h5", x.view(-1, 1, 4, 6).numpy())).meta
-    loaded = load_local(sae.save(tmp_path / "ckpt", meta))
+    loaded = load_local(export(sae, tmp_path / "ckpt", meta))
     assert float(loaded.input_scale) == 1.0 and loaded.hparams.architecture == arch
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), sae(x), rtol=1e-5, atol=1e-5 * x.abs().max().item())
@@ -125,7 +125,7 @@ def test_a_new_architecture_is_one_registered_object(tmp_path, monkeypatch):
         opt.step()
     assert "train/sparsity" in logs and not torch.allclose(sae.offset, torch.full((64,), 0.1))
     meta = Store(make_store(tmp_path / "s.h5", x.view(-1, 1, 4, 6).numpy())).meta
-    loaded = load_local(sae.eval().save(tmp_path / "ckpt", meta))
+    loaded = load_local(export(sae.eval(), tmp_path / "ckpt", meta))
     torch.testing.assert_close(loaded.offset, sae.offset.detach())
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), sae(x), rtol=1e-5, atol=1e-4)
@@ -188,7 +188,7 @@ def test_every_architecture_trains_and_round_trips(tmp_path, arch):
     batches = lambda: (b["z"] for b in dm.test_dataloader())
     metrics = evaluate(sae, batches())
     assert metrics["fve"] > 0.3 and 0 < metrics["l0"] < 32, metrics
-    loaded = load_local(sae.save(tmp_path / "ckpt"))
+    loaded = load_local(export(sae, tmp_path / "ckpt"))
     assert loaded.layers == [1] and loaded.heads == [0, 2]
     again = evaluate(loaded, batches())
     for key in ("fve", "l0", "mse", "dead_frac"):
@@ -297,7 +297,7 @@ def test_more_active_latents_than_inputs_are_refused_for_training_not_for_loadin
         sae.initialise(x)
     sae.initialised = True  # as a checkpoint trained before k was checked against d_in
     meta = Store(make_store(tmp_path / "s.h5", x.view(-1, 1, 2, 4).numpy())).meta
-    assert load_local(sae.save(tmp_path / "ckpt", meta)).hparams.k == 12
+    assert load_local(export(sae, tmp_path / "ckpt", meta)).hparams.k == 12
 
 
 def test_a_width_far_above_the_training_rows_is_warned_about_and_recorded(tmp_path):

@@ -6,7 +6,7 @@
 
 :class:`ExportRun` writes, into ``out``::
 
-    checkpoint/        the project checkpoint format (probes.checkpoint.save_checkpoint)
+    checkpoint/        the project checkpoint format (headprobe.probes.checkpoint.export)
     heads.csv          one row per (layer, head): every per-head score the module reports
     heads.json         the same table, plus the module's metrics
     heatmap.png        layer x head map of the main score (test accuracy, else val accuracy, else the first score)
@@ -15,8 +15,7 @@ and, with a W&B logger, logs the heatmap as an image and the checkpoint folder a
 
 The protocol a LightningModule implements to be exported (only the first two are required)::
 
-    checkpoint_tensors() -> dict[str, Tensor]      tensors that act on raw activations (normalisation folded in);
-                                                   ``folded_tensors()`` is accepted under that name too
+    checkpoint_tensors() -> dict[str, Tensor]      tensors that act on raw activations (normalisation folded in)
     checkpoint_config(meta) -> CheckpointConfig    provenance and hyperparameters; ``meta`` is the store's StoreMeta
     checkpoint_metrics() -> dict                   JSON-able metrics for metrics.json (default: the logged scalars)
     head_scores() -> dict[str, ndarray (L, G)]     per-head maps for heads.csv / heatmap.png (G = heads, or 1)
@@ -34,7 +33,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 
-from headprobe.probes.checkpoint import save_checkpoint
+from headprobe.probes.checkpoint import export, read_checkpoint
 
 HEATMAP_KEYS = ("test/acc", "val/acc", "test/r2", "val/r2")
 
@@ -175,13 +174,13 @@ class ExportRun(L.Callback):
         if not trainer.is_global_zero:
             return self.out / "checkpoint"
         self.out.mkdir(parents=True, exist_ok=True)
-        tensors_fn = getattr(module, "checkpoint_tensors", None) or getattr(module, "folded_tensors")
-        meta = getattr(trainer.datamodule, "meta", None)
-        config = module.checkpoint_config(meta)
-        config.command = self.command
+        datamodule = trainer.datamodule
         metrics = (module.checkpoint_metrics() if hasattr(module, "checkpoint_metrics")
                    else {k: float(v) for k, v in trainer.callback_metrics.items()})
-        folder = save_checkpoint(self.out / "checkpoint", tensors_fn(), config, metrics)
+        rows = {k: int(len(v)) for k, v in getattr(datamodule, "split_rows", {}).items()}  # for attribution's nulls
+        folder = export(module, self.out / "checkpoint", getattr(datamodule, "meta", None), metrics, self.command,
+                        {"split_rows": rows} if rows else None)
+        config = read_checkpoint(folder)[0]
         scores = module.head_scores() if hasattr(module, "head_scores") else {}
         layers = list(getattr(module, "layers", None) or config.layers)
         write_head_table(scores, self.out, layers, {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))})

@@ -111,7 +111,7 @@ def _top_tokens(p: RunState, n_features: int = 8, n_tokens: int = 5, context: in
     import torch
 
     from headprobe.extract.store import Store
-    from headprobe.probes.attribution.kinds.sae import decoder_head_shares
+    from headprobe.probes.sae import decoder_head_shares
     from headprobe.probes.checkpoint import load_local
 
     sae = load_local(p.sae_dir / "checkpoint")

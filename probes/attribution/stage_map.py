@@ -29,7 +29,7 @@ import numpy as np
 
 from headprobe import InputError
 from headprobe.extract.tasks.base import STAGES
-from headprobe.probes.attribution.evidence import Evidence
+from headprobe.probes.attribution.evidence import Evidence, scaled_excess
 
 STAGE_AXIS = tuple(STAGES)  # the stage map's last axis: ("KR", "ICI", "LR", "EP")
 COLOURS = {"KR": "#1f77b4", "ICI": "#ff7f0e", "LR": "#2ca02c", "EP": "#d62728"}
@@ -97,10 +97,7 @@ def build_stage_map(evidence: list[Evidence], reduce: str = "mean", scale: str =
     per_stage: dict[str, list[np.ndarray]] = {s: [] for s in STAGE_AXIS}
     for ev in evidence:
         full = np.zeros((len(layers), n_heads))
-        ex = ev.excess()
-        covered = max(1, int(np.isfinite(ev.score).sum()))  # heads the evidence measured (NaN: not measured)
-        norm = ex.sum() * full.size / covered if scale == "share" else ex.max()
-        full[[layers.index(layer) for layer in ev.layers]] = ex / norm if norm > 0 else ex
+        full[[layers.index(layer) for layer in ev.layers]] = scaled_excess(ev, scale, full.size)
         per_stage[ev.stage].append(full)
     pool = {"mean": np.mean, "max": np.max}[reduce]
     scores = np.stack([pool(per_stage[s], axis=0) if per_stage[s] else np.zeros((len(layers), n_heads))
