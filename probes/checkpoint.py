@@ -39,12 +39,10 @@ class CheckpointError(HeadprobeError, RuntimeError):
 
 
 def register(cls: type) -> type:
-    """Class decorator: make ``cls`` loadable by name. It must define ``from_checkpoint(config, tensors)``; it
-    gets :meth:`PretrainedMixin.from_pretrained` unless it has its own."""
+    """Class decorator: make ``cls`` loadable by name. It must define ``from_checkpoint(config, tensors)``
+    (:class:`headprobe.probes.hub.FromPretrained` adds ``Cls.from_pretrained(ref)``)."""
     if not callable(getattr(cls, "from_checkpoint", None)):
         raise TypeError(f"{cls.__name__} needs a from_checkpoint(config, tensors) classmethod to be registered")
-    if not hasattr(cls, "from_pretrained"):
-        cls.from_pretrained = classmethod(PretrainedMixin.from_pretrained.__func__)
     CLASSES[cls.__name__] = cls
     return cls
 
@@ -285,23 +283,13 @@ def load_local(folder: str | Path, expected_sha256: dict[str, str] | None = None
 
 class PretrainedMixin:
     """Checkpoint methods for a torch module whose constructor takes ``config.hparams`` and whose state_dict is
-    exactly what it saves. Subclasses may override :meth:`from_checkpoint`; use with ``@register``."""
+    exactly what it saves. Subclasses may override :meth:`from_checkpoint`; use with ``@register`` (and
+    :class:`headprobe.probes.hub.FromPretrained` for ``from_pretrained``)."""
 
     @classmethod
     def from_checkpoint(cls, config: CheckpointConfig, tensors: dict[str, torch.Tensor]):
         module = cls(**config.hparams)
         module.load_state_dict(tensors, strict=True)
-        return module
-
-    @classmethod
-    def from_pretrained(cls, ref: str | Path, **kwargs):
-        """Load from a folder, registry id, Hugging Face repo or static hub URL (see :func:`headprobe.probes.hub.load`)."""
-        from headprobe.probes.hub import load
-
-        module = load(ref, **kwargs)
-        if not isinstance(module, cls):
-            raise CheckpointError(f"{ref} holds a {type(module).__name__}, not a {cls.__name__}: "
-                                  f"load it with probes.load or {type(module).__name__}.from_pretrained")
         return module
 
     def save_pretrained(self, folder: str | Path, config: CheckpointConfig, metrics: dict | None = None,

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from headprobe import InputError
 from headprobe.probes.checkpoint import CheckpointConfig, init_hparams, register
+from headprobe.probes.hub import FromPretrained
 from headprobe.probes.sae_arch import ARCHITECTURES, Architecture
 from headprobe.probes.sae_kernels import topk_sae
 from headprobe.probes.sae_plan import RunPlan, plan_run, planned_steps, width_warning
@@ -132,7 +133,7 @@ def fvu_of(x: Tensor, x_hat: Tensor) -> Tensor:
 
 # --- the module ----------------------------------------------------------------------------------------------
 @register
-class SparseAutoencoder(L.LightningModule):
+class SparseAutoencoder(FromPretrained, L.LightningModule):
     """A sparse autoencoder on per-head outputs of the store's selected layers and heads.
 
     Args:

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from headprobe import InputError
 from headprobe.probes.checkpoint import CheckpointConfig, init_hparams, register
+from headprobe.probes.hub import FromPretrained
 from headprobe.probes.metrics import probe_metrics
 from headprobe.probes.newton import fit_newton, loss_terms
 from headprobe.probes.probe_eval import SplitEval
@@ -51,7 +52,7 @@ def prox(W: Tensor, penalty: str, thresh: float, l1_ratio: float = 0.5) -> Tenso
 
 
 @register
-class SparseProbe(SplitEval, L.LightningModule):
+class SparseProbe(SplitEval, FromPretrained, L.LightningModule):
     """One sparse linear probe over every stored head.
 
     Args:

@@ -21,6 +21,7 @@ from transformers.models.llama import modeling_llama  # noqa: F401
 from headprobe.extract.store import StoreMeta, write_array_store
 from headprobe.extract.tasks import Example, Task
 from headprobe.probes.checkpoint import CheckpointConfig, PretrainedMixin, register
+from headprobe.probes.hub import FromPretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -215,7 +216,7 @@ def run_cli_split(argv: list[str], log, env: dict[str, str] | None = None,
 
 
 @register
-class HeadScorer(PretrainedMixin, torch.nn.Module):
+class HeadScorer(PretrainedMixin, FromPretrained, torch.nn.Module):
     """A per-head linear read-out, (B, L, H, D) -> (B, L, H): a small stand-in for a probe."""
 
     def __init__(self, n_layers: int, n_heads: int, d_head: int):

@@ -340,6 +340,19 @@ def load(ref: str | Path, hub: str | Path | None = None, meta=None):
     return module
 
 
+class FromPretrained:
+    """Mixin of the checkpoint classes: ``Cls.from_pretrained(ref, hub=None, meta=None)`` loads ``ref`` (a folder,
+    registry id, Hugging Face repo or static hub URL, see :func:`load`) and refuses a checkpoint of another class."""
+
+    @classmethod
+    def from_pretrained(cls, ref: str | Path, hub: str | Path | None = None, meta=None):
+        module = load(ref, hub, meta)
+        if not isinstance(module, cls):
+            raise CheckpointError(f"{ref} holds a {type(module).__name__}, not a {cls.__name__}: "
+                                  f"load it with headprobe.load or {type(module).__name__}.from_pretrained")
+        return module
+
+
 def registry_entry(folder: Path, location: str, revision: str = "", command: str = "") -> RegistryEntry:
     """The registry entry describing the checkpoint in ``folder``."""
     config, _, metrics = read_checkpoint(folder)
