@@ -161,7 +161,7 @@ def require_every_split(task: Task, keys: list[str], splits: np.ndarray, note: s
     if not names or task.extra.get("source") is None:
         return
     fractions = np.asarray(task.split_fractions, dtype=float) / sum(task.split_fractions)
-    need = next(n for n in range(1, 10_000) if _fills_every_split(n, task.split_fractions))
+    need = next((n for n in range(1, 10_000) if _fills_every_split(n, task.split_fractions)), "more")
     raise UserDataError(f"{task.extra['source']}: {len(keys)} examples in {len(set(keys))} groups leave the "
                         f"{' and '.join(names)} split{'s' if len(names) > 1 else ''} empty{note}: a "
                         f"{'/'.join(f'{100 * f:.0f}' for f in fractions)} train/val/test split needs at least {need} "
