@@ -31,6 +31,7 @@ from headprobe import HeadprobeError
 from headprobe.extract.extractor import ExtractConfig, ExtractError, check_output, extract
 from headprobe.extract.store import StoreError, StoreMeta
 from headprobe.extract.tasks import Task, assign_splits, dataset_hash
+from headprobe.extract.tasks.user import require_every_split
 
 PER_EXAMPLE = ("example_id", "group", "split")  # columns that depend on every example: stored in the master
 
@@ -55,9 +56,13 @@ def shard_path(out: str | Path, rank: int, world: int) -> Path:
 
 
 def _task_examples(task: Task, cfg: ExtractConfig) -> list:
+    """The examples of the whole extraction; user data too small for every split is refused here, as the shares
+    are split again in the join (a share's own splits say nothing)."""
     examples = task.examples(cfg.seed)[: cfg.max_examples]
     if not examples:
         raise ExtractError(f"task {task.name!r} has no examples: check the data file")
+    keys = [ex.group or str(i) for i, ex in enumerate(examples)]
+    require_every_split(task, keys, assign_splits(keys, task.split_fractions, cfg.seed))
     return examples
 
 
@@ -75,7 +80,7 @@ def extract_share(load, task: Task, out: str | Path, cfg: ExtractConfig, rank: i
     if resume and path.exists() and not overwrite:
         return path
     share = examples[lo:hi]
-    sub = replace(task, make=lambda seed: share)
+    sub = replace(task, make=lambda seed: share, extra={**task.extra, "share": (lo, hi)})
     loaded = load() if callable(load) else load
     return extract(loaded, sub, path, replace(cfg, max_examples=None), resume=resume, overwrite=overwrite,
                    progress=progress)
@@ -191,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
         task = resolve_task(args.task)
         cfg = ExtractConfig(layers=args.layers, positions=args.positions, store_dtype=args.store_dtype,
                             writes=args.writes, padding_side=args.padding_side, batch_tokens=args.batch_tokens,
-                            seed=args.seed, max_examples=args.max_examples, block_examples=args.block_examples)
+                            seed=args.seed, max_examples=args.max_examples, block_examples=args.block_examples,
+                            truncate=args.truncate)
         check_output(args.out, args.resume, args.overwrite)
         if not args.join_only and not (args.resume and args.out.exists() and not args.overwrite):
             load = lambda: load_model(args.model, dtype=args.dtype, device=device, device_map=args.device_map)
