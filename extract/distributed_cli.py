@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
         if not args.join_only and not (args.resume and args.out.exists() and not args.overwrite):
             load = lambda: load_model(args.model, dtype=args.dtype, device=device, device_map=args.device_map)
             extract_share(load, task, args.out, cfg, rank, world, resume=args.resume, overwrite=args.overwrite,
-                          progress=not args.no_progress and rank == 0)
+                          progress=args.progress and rank == 0)
             _barrier(world)
             if rank == 0:
                 join_shards(args.out, task, cfg, world, overwrite=True)

@@ -64,9 +64,19 @@ def guarded(prog: str, work: Callable[[], object]) -> None:
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--debug" in argv:  # tracebacks for user errors too
-        argv.remove("--debug")
-        os.environ["HEADPROBE_DEBUG"] = "1"
+    if "--debug" not in argv:
+        return dispatch(argv)
+    argv.remove("--debug")  # tracebacks for user errors too, for this command only
+    before = os.environ.get("HEADPROBE_DEBUG")
+    os.environ["HEADPROBE_DEBUG"] = "1"
+    try:
+        dispatch(argv)
+    finally:
+        os.environ.pop("HEADPROBE_DEBUG") if before is None else os.environ.update(HEADPROBE_DEBUG=before)
+
+
+def dispatch(argv: list[str]) -> None:
+    """Run the subcommand ``argv[0]`` (its module's ``main``, or ``add_arguments`` and ``run``)."""
     parser = argparse.ArgumentParser(prog="headprobe", description="What do a language model's attention heads do? "
                                      "(--debug anywhere, or HEADPROBE_DEBUG=1: tracebacks for errors too)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
