@@ -255,3 +255,29 @@ def test_the_run_finds_what_it_found_before_the_redesign(finished_run):
             np.testing.assert_allclose(flat(now[part][key]), flat(values), rtol=1e-6, atol=1e-7,
                                        err_msg=f"{part}: {key}")
     assert now["images"] == before["images"]
+
+
+def test_editing_a_packaged_yaml_default_retrains_that_step_only(tmp_path, monkeypatch):
+    """Step keys hash the merged training configuration, packaged YAML included: a changed default in
+    train/configs/linear.yaml retrains the linear probes (and what reads them), and nothing else."""
+    import headprobe.train.fit as fit
+
+    configs = tmp_path / "configs"
+    shutil.copytree(fit.CONFIGS, configs)
+    monkeypatch.setattr(fit, "CONFIGS", configs)
+    model = save_tiny_llama(tmp_path / "model")
+    cfg = RunConfig(model=str(model), out=str(tmp_path / "run"), tasks=["ioi"], max_examples=40, logger="none",
+                    progress=False, attribution=AttributionConfig(),
+                    sae=SAESettings(layer=1, d_sae=48, k=4, batch_size=256, tokens=2048, corpus_examples=20,
+                                    ce_tokens=64))
+    Pipeline(cfg).run()
+    again = Pipeline(cfg)
+    again.run()
+    assert all(s.status == "cached" for s in again.steps.summary)
+    yaml_file = configs / "linear.yaml"
+    yaml_file.write_text(yaml_file.read_text().replace("l2: 1.0 ", "l2: 0.5 "))
+    edited = Pipeline(cfg)
+    edited.run()
+    ran = {s.name for s in edited.steps.summary if s.status == "ran"}
+    assert ran == {"linear/ioi", "attribute", "report"}, ran
+    assert load_local(edited.run_dir("linear", "ioi") / "checkpoint").checkpoint_config_loaded.hparams["l2"] == 0.5
