@@ -218,11 +218,18 @@ class ModelSource:
             kwargs["device_map"] = device_map
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
+        from transformers.utils import logging as hf_logging
+
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a per-shard bar in the middle of headprobe's own output
         try:
             model = _auto_class(self.config).from_pretrained(str(self.folder or self.name),
                                                              local_files_only=self.offline, **kwargs)
         except (OSError, ValueError) as err:
             raise _load_error(self.name, self.folder, self.offline, err) from None
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
         model.eval()
         if device_map is None:
             model.to(device)

@@ -187,7 +187,9 @@ def cli_process(argv: list[str], log, env: dict[str, str] | None = None, err_log
     global _SERVER
     if _SERVER is None:
         _SERVER = multiprocessing.get_context("forkserver")
-        _SERVER.set_forkserver_preload(["headprobe.extract.cli", "headprobe.train.cli", "helpers"])
+        _SERVER.set_forkserver_preload(["headprobe.extract.cli", "headprobe.train.cli", "headprobe.train.train_cli",
+                                        "headprobe.train.run_cli", "headprobe.probes.attribution.cli",
+                                        "headprobe.probes.hub.cli", "headprobe.probes.linear", "helpers"])
     proc = _SERVER.Process(target=_cli_child, args=(list(argv), str(log), env or {}, err_log and str(err_log)))
     proc.start()
     return proc

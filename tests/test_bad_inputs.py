@@ -209,8 +209,37 @@ TRAIN = [
 ]
 
 # --- headprobe attribute ---------------------------------------------------------------------------------------
+def _store_of_another_model(tmp: Path) -> None:
+    """{tmp}/other.h5: a labelled store whose model (weights hash) is not the checkpoints'."""
+    import h5py
+
+    z, y, split = planted(n=60)
+    write_array_store(tmp / "other.h5", z, y, split)
+    with h5py.File(tmp / "other.h5", "r+") as f:
+        f.attrs["weights_hash"] = "f" * 16
+        f.attrs["model_id"] = "another-model"
+
+
 ATTRIBUTE = [
     Bad("attribute-no-checkpoint", ["attribute", "{tmp}", "--out", "{tmp}/attr"], r"no checkpoint found",
+        leaves=("{tmp}/attr/report.md",)),
+    Bad("attribute-missing-path", ["attribute", "{tmp}/missing", "--out", "{tmp}/attr"],
+        r"missing does not exist: pass checkpoint folders or a run folder", leaves=("{tmp}/attr",)),
+    Bad("attribute-out-is-a-file", ["attribute", "{ckpt}", "--out", "{tmp}/taken"], r"--out .*taken is a file: pass a "
+        r"folder", setup=_write("taken", "mine")),
+    Bad("attribute-level-outside-0-1", ["attribute", "{ckpt}", "--out", "{tmp}/attr", "--alpha", "2"],
+        r"'2': a level between 0 and 1", leaves=("{tmp}/attr",)),
+    Bad("attribute-one-random-draw", ["attribute", "{ckpt}", "--out", "{tmp}/attr", "--ablate", "2", "--draws", "1"],
+        r"'1': the prediction interval needs at least 2 random draws", leaves=("{tmp}/attr",)),
+    Bad("attribute-store-of-another-model", ["attribute", "{ckpt}", "--stores", "{tmp}/other.h5", "--out",
+                                             "{tmp}/attr"],
+        r"other.h5 was extracted from another-model .*pass stores extracted from the checkpoints' model",
+        setup=_store_of_another_model, leaves=("{tmp}/attr/report.md",)),
+    Bad("attribute-earlier-attribution", ["attribute", "{ckpt}", "--out", "{tmp}/attr"],
+        r"--out .*attr holds an attribution \(report.md\): pass --overwrite", setup=_write("attr/report.md", "old")),
+    Bad("attribute-checks-on-another-model", ["attribute", "{ckpt}", "--out", "{tmp}/attr", "--head_scores",
+                                              "--model", "{model}"],
+        r"is not the model the checkpoints were trained on: pass that model with --model",
         leaves=("{tmp}/attr/report.md",)),
 ]
 
@@ -265,6 +294,18 @@ HUB = [
 RUN = [
     Bad("run-max-examples-zero", ["run", "--max_examples", "0", "--out", "{tmp}/run"],
         r"--max_examples 0: pass a positive number", leaves=("{tmp}/run",)),
+    Bad("run-unknown-task", ["run", "--tasks", "[nope]", "--out", "{tmp}/run"],
+        r"unknown task 'nope': run `headprobe tasks` to list them", leaves=("{tmp}/run",)),
+    Bad("run-task-without-stage", ["run", "--tasks", "[corpus]", "--out", "{tmp}/run"],
+        r"corpus: pick tasks with a stage", leaves=("{tmp}/run",)),
+    Bad("run-one-random-draw", ["run", "--attribution.draws", "1", "--out", "{tmp}/run"],
+        r"--draws 1: the ablation check needs at least 2 random draws", leaves=("{tmp}/run",)),
+    Bad("run-unknown-logger", ["run", "--logger", "xyz", "--out", "{tmp}/run"],
+        r"--logger: Expected one of 'wandb', 'csv', 'none'", leaves=("{tmp}/run",)),
+    Bad("run-unknown-option", ["run", "--nosuch", "3", "--out", "{tmp}/run"], r"nosuch", leaves=("{tmp}/run",)),
+    Bad("run-sae-layer-outside-the-model", ["run", "--model", "{model}", "--tasks", "[ioi]", "--max_examples", "20",
+                                            "--sae.layer", "99", "--logger", "none", "--out", "{tmp}/run"],
+        r"--sae.layer 99: .* has layers 0..2", leaves=("{tmp}/run/report",)),
 ]
 
 TABLE = GENERAL + EXTRACT + TRAIN + ATTRIBUTE + HUB + RUN

@@ -75,6 +75,14 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.pop("HEADPROBE_DEBUG") if before is None else os.environ.update(HEADPROBE_DEBUG=before)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line (no usage block) that points at ``--help``; exit code 2."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)", file=sys.stderr)
+        sys.exit(2)
+
+
 def dispatch(argv: list[str]) -> None:
     """Run the subcommand ``argv[0]`` (its module's ``main``, or ``add_arguments`` and ``run``)."""
     parser = argparse.ArgumentParser(prog="headprobe", description="What do a language model's attention heads do? "
@@ -88,7 +96,7 @@ def dispatch(argv: list[str]) -> None:
     module = importlib.import_module(COMMANDS[argv[0]][0])
     if hasattr(module, "main"):  # the subcommand parses its own arguments (LightningCLI and friends)
         return module.main(argv[1:])
-    cmd = argparse.ArgumentParser(prog=f"headprobe {argv[0]}", description=COMMANDS[argv[0]][1])
+    cmd = OneLineParser(prog=f"headprobe {argv[0]}", description=COMMANDS[argv[0]][1])
     module.add_arguments(cmd)
     args = cmd.parse_args(argv[1:])
     guarded("headprobe", lambda: module.run(args))

@@ -228,6 +228,16 @@ class Pipeline:
 
         return tqdm(items, desc=desc, unit="task", disable=not self.cfg.progress, dynamic_ncols=True)
 
+    def check_layer(self, layer: int, option: str) -> None:
+        """Refuse a layer the model does not have, from its config (no weights loaded)."""
+        from headprobe.extract.extractor import config_layout
+        from headprobe.extract.hooks import head_layout
+        from headprobe.extract.models import open_model
+
+        layout = config_layout(open_model(self.cfg.model).config) or head_layout(self.loaded.model)
+        if not 0 <= layer < layout.n_layers:
+            raise InputError(f"{option} {layer}: {self.cfg.model} has layers 0..{layout.n_layers - 1}")
+
     # --- 1. extraction --------------------------------------------------------------------------------------------
     def extract_all(self) -> None:
         from headprobe.extract.extractor import ExtractConfig
@@ -236,12 +246,8 @@ class Pipeline:
         cfg = self.cfg
         corpus = ExtractConfig(layers=[cfg.sae.layer], seed=cfg.seed, max_examples=cfg.sae.corpus_examples)
         corpus_key = self._extract_key("corpus", corpus)
-        if self.steps.key_of("extract/corpus") != self.steps.digest(corpus_key):  # check before the other tasks run
-            from headprobe.extract.hooks import head_layout
-
-            n_layers = head_layout(self.loaded.model).n_layers
-            if not 0 <= cfg.sae.layer < n_layers:
-                raise InputError(f"--sae.layer {cfg.sae.layer}: {cfg.model} has layers 0..{n_layers - 1}")
+        if self.steps.key_of("extract/corpus") != self.steps.digest(corpus_key):  # check before any weights load
+            self.check_layer(cfg.sae.layer, "--sae.layer")
         for task in self._bar(self.tasks, "extract"):
             config = ExtractConfig(seed=cfg.seed, max_examples=cfg.max_examples)
             self._extract(f"extract/{task.name}", self._extract_key(task.name, config), task, config)
