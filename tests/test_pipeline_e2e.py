@@ -1,5 +1,7 @@
 """``headprobe run`` end to end on a tiny random Llama: every step, every report artefact, a cached second run, and
 the page rendered in headless Chromium with every image loaded."""
+import csv
+import io
 import json
 import os
 import re
@@ -163,6 +165,12 @@ def test_chromium_loads_every_image_of_the_page(finished_run, tmp_path):
     assert total and loaded, f"the page's load handler did not run: {dom[:300]}"
     assert int(total.group(1)) == len(images_in((page.parent / "report.md").read_text()))
     assert int(loaded.group(1)) == int(total.group(1))
+    links = re.findall(r'href="([^"]+\.(?:csv|json))"', dom)  # every per-head table the page links resolves and parses
+    assert {"data/stage_map.csv", "data/stage_map.json", "data/heads_ioi.csv", "data/heads_ioi.json"} <= set(links)
+    for link in links:
+        text = (page.parent / link).read_text()
+        rows = json.loads(text) if link.endswith(".json") else list(csv.DictReader(io.StringIO(text)))
+        assert len(rows) == 3 * 6 and {"layer", "head", "stage"} <= set(rows[0]), link  # every head of the model
 
 
 def test_steps_run_once_per_settings_and_know_stale_outputs(tmp_path):
@@ -281,3 +289,33 @@ def test_editing_a_packaged_yaml_default_retrains_that_step_only(tmp_path, monke
     ran = {s.name for s in edited.steps.summary if s.status == "ran"}
     assert ran == {"linear/ioi", "attribute", "report"}, ran
     assert load_local(edited.run_dir("linear", "ioi") / "checkpoint").checkpoint_config_loaded.hparams["l2"] == 0.5
+
+
+def test_a_user_jsonl_task_with_group_and_stage_columns_goes_into_the_stage_map(tmp_path, capsys):
+    """A user's file joins the run beside a built-in task: its stage from its `stage` column, its twins (one
+    `group`) in one split, and its name kept apart from the built-in task it shares (facts.jsonl -> facts-file)."""
+    from headprobe.extract.store import Store
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(60):  # true/false twins: one group each
+        a, b = rng.integers(1, 9, size=2)
+        for label, c in ((1, a + b), (0, a + b + 1)):
+            rows.append({"text": f"{a} plus {b} is {c}", "label": label, "group": f"pair{i}", "stage": "LR"})
+    data = tmp_path / "facts.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    model = save_tiny_llama(tmp_path / "model")
+    cfg = RunConfig(model=str(model), out=str(tmp_path / "run"), tasks=[str(data), "ioi"], max_examples=40,
+                    logger="none", progress=False, attribution=AttributionConfig(),
+                    sae=SAESettings(layer=1, d_sae=48, k=4, batch_size=256, tokens=2048, corpus_examples=20,
+                                    ce_tokens=64))
+    result = Pipeline(cfg).run()
+    assert "facts.jsonl is named 'facts-file' in this run ('facts' is taken)" in capsys.readouterr().out
+    pooled = {(ev.task, ev.stage, ev.source) for ev in result.attribution.pooled_evidence}
+    assert {("facts-file", "LR", "linear"), ("facts-file", "LR", "sparse"), ("ioi", "ICI", "linear")} <= pooled
+    with Store(tmp_path / "run" / "stores" / "facts-file.h5") as store:
+        groups, splits = store.column("group"), store.column("split")
+        assert all(len(set(splits[groups == g])) == 1 for g in set(groups))  # twins never straddle splits
+        assert len(store) == 40  # --max_examples applies to every task
+    report = (tmp_path / "run" / "report" / "report.md").read_text()
+    assert "| facts-file | LR |" in report and "data/heads_facts-file.csv" in report

@@ -29,7 +29,7 @@ from headprobe.extract.models import DEFAULT_MODEL
 from headprobe.probes.attribution.result import Attribution, AttributionConfig
 
 # Raise a step's number when its code changes what it computes: its cached results are then recomputed.
-STEP_VERSION = {"extract": 1, "linear": 1, "sparse": 1, "sae": 1, "sae/eval": 1, "attribute": 3, "report": 2}
+STEP_VERSION = {"extract": 2, "linear": 1, "sparse": 1, "sae": 1, "sae/eval": 1, "attribute": 3, "report": 2}
 
 
 @dataclass
@@ -70,7 +70,8 @@ class RunConfig:
     Args:
         model: alias, Hugging Face id or folder, or .gguf file
         out: run folder; finished steps are cached there
-        tasks: built-in tasks to probe (null: every task with a stage)
+        tasks: tasks to probe: built-in names, user files (FILE.jsonl or .csv, with a stage column or FILE.jsonl:STAGE)
+            or hf:NAME?text=..&label=..&stage=.. (null: every built-in task with a stage)
         max_examples: examples per task, for quick runs (null: all)
         seed: seed of the probes, the SAE and the splits
         logger: wandb (offline without credentials), csv or none
@@ -160,16 +161,28 @@ class Steps:
 
 
 def run_tasks(names: list[str] | None) -> list:
-    """The tasks of a run: ``names``, or every built-in task with a stage; each must have a stage."""
-    from headprobe.extract.tasks import TASKS, get_task
+    """The tasks of a run: ``names`` (built-in names, user files ``path.jsonl[:STAGE]`` / ``.csv``, ``hf:`` refs),
+    or every built-in task with a stage; each must have a stage. A user task whose name is taken (by a built-in
+    task, the corpus or another task of the run) is renamed ``NAME-file``, ``NAME-file2``, ... and says so."""
+    from dataclasses import replace
+
+    from headprobe.extract.tasks import TASKS, resolve_task
 
     names = names if names is not None else [n for n, t in TASKS.items() if t.stage]
-    tasks = [get_task(n) for n in names]
+    tasks, taken = [], set(TASKS)
+    for ref in names:
+        task = resolve_task(ref)
+        if task.extra.get("source") is not None and task.name in taken | {t.name for t in tasks}:
+            new = next(f"{task.name}-file{i if i > 1 else ''}" for i in range(1, 1000)
+                       if f"{task.name}-file{i if i > 1 else ''}" not in taken | {t.name for t in tasks})
+            print(f"headprobe run: {ref} is named {new!r} in this run ({task.name!r} is taken)")
+            task = replace(task, name=new)
+        tasks.append(task)
     unstaged = [t.name for t in tasks if not t.stage]
     if unstaged or not tasks:
         raise InputError(f"--tasks {names}: {', '.join(unstaged) or 'none given'}: pick tasks with a stage "
-                         f"({', '.join(n for n, t in TASKS.items() if t.stage)}); the SAE's corpus is extracted "
-                         f"anyway")
+                         f"({', '.join(n for n, t in TASKS.items() if t.stage)}), or give a user file its stage "
+                         f"(a stage column, or FILE.jsonl:STAGE); the SAE's corpus is extracted anyway")
     return tasks
 
 
@@ -245,16 +258,20 @@ class Pipeline:
 
         cfg = self.cfg
         corpus = ExtractConfig(layers=[cfg.sae.layer], seed=cfg.seed, max_examples=cfg.sae.corpus_examples)
-        corpus_key = self._extract_key("corpus", corpus)
+        corpus_key = self._extract_key(get_task("corpus"), corpus)
         if self.steps.key_of("extract/corpus") != self.steps.digest(corpus_key):  # check before any weights load
             self.check_layer(cfg.sae.layer, "--sae.layer")
         for task in self._bar(self.tasks, "extract"):
             config = ExtractConfig(seed=cfg.seed, max_examples=cfg.max_examples)
-            self._extract(f"extract/{task.name}", self._extract_key(task.name, config), task, config)
+            self._extract(f"extract/{task.name}", self._extract_key(task, config), task, config)
         self._extract("extract/corpus", corpus_key, get_task("corpus"), corpus)
 
-    def _extract_key(self, task: str, config) -> dict:
-        return {"version": STEP_VERSION["extract"], **self.model_key, "task": task, "config": asdict(config)}
+    def _extract_key(self, task, config) -> dict:
+        """What an extraction depends on: the model's files, the task's name and examples, the settings."""
+        from headprobe.extract.tasks import dataset_hash
+
+        return {"version": STEP_VERSION["extract"], **self.model_key, "task": task.name,
+                "examples": dataset_hash(task.examples(config.seed)), "config": asdict(config)}
 
     def _extract(self, step: str, key: dict, task, config) -> None:
         """Extract ``task`` as step ``step``. An interrupted extraction resumes only under the key it started with

@@ -164,10 +164,9 @@ def run_report(p: RunState) -> Path:
         f"## Stage map\n\n![stage map]({stage_png})",
         demote(attribution_md),
         "## Probes per task\n\n" + _probe_table(p),
-        "## Per-task probe accuracy (each head's linear probe on held-out rows: test accuracy, or val where a "
-        "store has no test split; the title names it)\n\n" + "\n\n".join(
-            f"![{t.name}]({_copy(p.run_dir('linear', t.name) / 'heatmap.png', folder, f'heatmap_{t.name}.png')})"
-            for t in p.tasks),
+        "## Per-task probe accuracy (each head's linear probe on the val split, the split the evidence and the "
+        "stage map use)\n\n" + "\n\n".join(_val_heatmap(p, t.name, folder) for t in p.tasks),
+        "## Per-head numbers\n\n" + _tables(p, result, folder),
     ]
     sae_dir = p.sae_dir
     ev = p.sae_eval
@@ -183,6 +182,42 @@ def run_report(p: RunState) -> Path:
                     "\n\n```\n" + p.steps.table() + "\n```\n\nCommand: `"
                     + " ".join(["headprobe", *sys.argv[1:]]) + "`")
     return write_report(folder, "headprobe report", sections)
+
+
+def _val_heatmap(p: RunState, task: str, folder: Path) -> str:
+    """The task's per-head val accuracy as a layer x head heatmap in ``folder/img``; its Markdown image."""
+    import numpy as np
+
+    from headprobe.probes.checkpoint import Checkpoint
+    from headprobe.train.callbacks import heatmap
+
+    ckpt = Checkpoint.read(p.run_dir("linear", task) / "checkpoint")
+    acc = np.asarray(ckpt.metrics["val"]["acc"], dtype=float)[0]  # (L, H): the task's label set
+    n = ckpt.config.data.get("split_rows", {}).get("val")
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    heatmap(acc, folder / "img" / f"heatmap_{task}.png", f"{task}: val accuracy" + (f" ({n} rows)" if n else ""),
+            list(ckpt.config.layers))
+    return f"![{task}](img/heatmap_{task}.png)"
+
+
+def _tables(p: RunState, result, folder: Path) -> str:
+    """Write every task's per-head table and the stage map's into ``folder/data`` (CSV and JSON); the links."""
+    from headprobe.probes.checkpoint import Checkpoint
+    from headprobe.train.head_tables import stage_table, task_table, write_table
+
+    data = folder / "data"
+    lines = ["Every head's numbers, to plot in your own tools (val and test accuracy with 95% Wilson intervals, "
+             "selectivity per control, group-lasso norm, SAE evidence, attention-pattern scores, stage):", ""]
+    write_table(stage_table(result), data / "stage_map")
+    lines.append("- stage map (every head's four stage scores, its stage and every evidence): "
+                 "[CSV](data/stage_map.csv), [JSON](data/stage_map.json)")
+    for t in p.tasks:
+        linear = Checkpoint.read(p.run_dir("linear", t.name) / "checkpoint")
+        sparse_dir = p.run_dir("sparse", t.name) / "checkpoint"
+        sparse = Checkpoint.read(sparse_dir) if sparse_dir.exists() else None
+        write_table(task_table(t.name, linear, sparse, result), data / f"heads_{t.name}")
+        lines.append(f"- {t.name} ({t.stage}): [CSV](data/heads_{t.name}.csv), [JSON](data/heads_{t.name}.json)")
+    return "\n".join(lines)
 
 
 def demote(markdown: str) -> str:

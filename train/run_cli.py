@@ -11,6 +11,13 @@ from headprobe.train.pipeline import RunConfig, SAESettings, run
 FLAGS = {"--progress", "--attribution.head_scores"}  # yes/no options that also work without a value
 
 
+def expand_quick(argv: list[str]) -> list[str]:
+    """``--quick`` -> ``--config train/configs/run_quick.yaml`` (in place, so later options override it)."""
+    from headprobe.train.fit import CONFIGS
+
+    return [a for arg in argv for a in (["--config", str(CONFIGS / "run_quick.yaml")] if arg == "--quick" else [arg])]
+
+
 def parse(argv: list[str]) -> RunConfig:
     """The RunConfig of a command line (a one-line InputError for a bad option)."""
     from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
@@ -20,12 +27,14 @@ def parse(argv: list[str]) -> RunConfig:
     parser = ArgumentParser(prog="headprobe run", description=__doc__.splitlines()[0], exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below "
                         "(--print_config prints the current configuration)")
+    parser.add_argument("--quick", action="store_true", help="a quick run: one task per stage, 100 examples each, "
+                        "a small SAE (train/configs/run_quick.yaml; about two minutes on 2 CPU cores)")
     parser.add_class_arguments(RunConfig, nested_key=None, fail_untyped=False)
     try:
-        args = parser.parse_args(expand_bare_flags(argv, FLAGS)).as_dict()
+        args = parser.parse_args(expand_bare_flags(expand_quick(argv), FLAGS)).as_dict()
     except ArgumentError as err:
         raise InputError(f"{parse_error(err)} (`headprobe run --help` lists the options)") from None
-    args = {k: v for k, v in args.items() if k != "config" and not k.startswith("__")}
+    args = {k: v for k, v in args.items() if k not in ("config", "quick") and not k.startswith("__")}
     return RunConfig(**{**args, "sae": SAESettings(**args["sae"]),
                         "attribution": AttributionConfig(**args["attribution"])})
 

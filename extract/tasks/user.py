@@ -181,9 +181,20 @@ def load_user_task(path: str | Path, stage: str = "", text: str = "text", label:
         raise UserDataError(f"dataset file {path} does not exist: check the path")
     if path.suffix not in (".jsonl", ".csv"):
         raise UserDataError(f"{path}: user datasets are .jsonl or .csv files")
-    rows = _rows_jsonl(path) if path.suffix == ".jsonl" else _rows_csv(path, (text, label))
+    rows = list(_rows_jsonl(path) if path.suffix == ".jsonl" else _rows_csv(path, (text, label)))
     parsed = examples_from_rows(rows, str(path), text, label, position, group)
-    return _task(path.stem, parsed, stage, f"user dataset {path}", str(path))
+    return _task(path.stem, parsed, stage or _stage_column(rows, str(path)), f"user dataset {path}", str(path))
+
+
+def _stage_column(rows: list[tuple[int, dict]], where: str) -> str:
+    """The task's stage from a ``stage`` column (one value for every row), or "" without one."""
+    values = {(n, str(row["stage"]).strip()) for n, row in rows if row.get("stage") not in (None, "")}
+    stages = {v for _, v in values}
+    if len(stages) > 1:
+        line = min(n for n, v in values if v != min(stages))
+        raise UserDataError(f"{where}:{line}: the stage column holds {', '.join(sorted(stages))}: a task has one "
+                            f"stage (one of {', '.join(STAGES)}); split the file by stage")
+    return stages.pop() if stages else ""
 
 
 def load_hf_task(ref: str) -> Task:
