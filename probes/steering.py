@@ -257,7 +257,7 @@ def build_intervention(probe, store, k: int = 8, alpha: float = 5.0, direction: 
     head_ids = list(range(cfg.n_heads)) if cfg.heads is None else list(cfg.heads)
     ranking = head_ranking(probe.checkpoint_metrics_loaded, cfg.layers, head_ids)
     chosen = [tuple(h) for h in heads] if heads is not None else ranking[:k]
-    if not 0 < len(chosen) <= len(ranking):
+    if not 0 < (len(chosen) if heads is not None else k) <= len(ranking):
         raise InputError(f"--k {k}: steer between 1 and {len(ranking)} heads (the probe read {len(ranking)})")
     unknown = sorted(set(chosen) - set(ranking))
     if unknown:

@@ -34,7 +34,7 @@ from headprobe.probes.steering import (HeadSteering, build_intervention, head_ra
                                        projection_std, shift_table)
 
 CONDITIONS = ("probe", "random_direction", "random_heads")
-ALPHAS = (0.0, 2.0, 5.0, 10.0, 20.0)
+ALPHAS = (0.0, 1.0, 2.0, 5.0, 10.0)
 
 
 # --- the behaviour metric ----------------------------------------------------------------------------------------
@@ -262,6 +262,10 @@ def steer_sweep(loaded, probe, store, ks: tuple[int, ...] = (8,), alphas: tuple[
     if task is None:
         raise InputError(f"the probe's task {cfg.task!r} is not a built-in task: steering measures built-in tasks")
     build_intervention(probe, store, k=max(ks), direction=direction, position=position)  # checks inputs up front
+    n_heads = len(cfg.layers) * (cfg.n_heads if cfg.heads is None else len(cfg.heads))
+    if 2 * max(ks) > n_heads:
+        raise InputError(f"--k {max(ks)}: the random-heads control draws K heads besides the top K, and the probe "
+                         f"read {n_heads}: steer at most {n_heads // 2} heads")
     examples = held_out_examples(task, store, n_examples, seed)
     what = behaviour(loaded, task, examples)
     side = SideEffects(loaded.model, corpus_sequences(loaded.tokenizer, corpus_tokens),

@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--position", choices=POSITIONS, default="all", help="steer every position or the last token")
     p.add_argument("--examples", type=_positive, default=32, help="held-out task examples per measurement")
     p.add_argument("--draws", type=at_least_two, default=4, help="draws of each control (at least 2)")
-    p.add_argument(*kebab_aliases("--corpus_tokens"), type=_positive, default=1024,
+    p.add_argument(*kebab_aliases("--corpus_tokens"), type=_positive, default=512,
                    help="held-out corpus tokens for the side effect (CE and KL)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", type=Path, default=None, help="also save the intervention (the first --k, at --alpha) "
@@ -96,6 +96,7 @@ def run(args: argparse.Namespace) -> None:
     if type(probe).__name__ != "LinearProbes":
         raise InputError(f"--probe {args.probe} holds a {type(probe).__name__}: pass a LinearProbes checkpoint")
     with Store(args.store) as store:
+        build_intervention(probe, store, max(args.k), 1.0, args.direction, args.position)  # refuse before loading
         loaded = load_model(args.model or probe.checkpoint_config_loaded.model_id)
         result = steer_sweep(loaded, probe, store, tuple(args.k), tuple(alphas), args.direction, args.position,
                              args.examples, args.draws, args.corpus_tokens, args.seed)
