@@ -83,7 +83,8 @@ def build(job: Job, hub: Path, release: str) -> Path:
     return folder
 
 
-KEY_METRICS = ("val/acc_mean", "val/acc_max", "val/acc", "val/heads_selected", "test/fve", "test/l0", "test/dead_frac")
+KEY_METRICS = ("val/acc_mean", "val/acc_max", "val/acc", "val/heads_selected", "test/fve", "test/l0", "test/dead_frac",
+               "alpha", "effect/margin", "side/kl")
 
 
 def write_readme(hub: Path) -> Path:

@@ -336,3 +336,35 @@ def test_steering_beats_a_control_only_above_one_draws_prediction_interval():
         assert s["probe"] == pytest.approx(probe - 1.0)
     with pytest.raises(InputError, match="no K=8"):
         _result(3.0, controls).summary(8, 1.0, "margin")
+
+
+# --- the shipped intervention ----------------------------------------------------------------------------------
+def test_the_shipped_intervention_is_the_shipped_probes_top_heads_and_mass_means():
+    from headprobe.probes.steering import head_ranking
+
+    intervention, probe = probes.load("v1/sentiment-steer"), probes.load("v1/sentiment-linear")
+    cfg, metrics = intervention.checkpoint_config_loaded, intervention.checkpoint_metrics_loaded
+    assert isinstance(intervention, Intervention) and cfg.task == "sentiment" and cfg.command.startswith("headprobe")
+    assert intervention.hparams == {"n_layers": 30, "n_heads": 9, "d_head": 64, "k": 8, "alpha": 2.0,
+                                    "direction": "mass_mean", "position": "all"}
+    top = head_ranking(probe.checkpoint_metrics_loaded, list(range(30)), list(range(9)))[:8]
+    assert intervention.head_list() == top
+    theta = probe.mass_mean["direction"].float()
+    torch.testing.assert_close(intervention.direction, torch.stack([theta[h] for h in top]))
+    assert (intervention.sigma > 0).all() and metrics["alpha"] == 2.0
+    assert metrics["effect/margin"] > max(metrics["random_direction_pi_high/margin"],
+                                          metrics["random_heads_pi_high/margin"])
+
+
+@pytest.mark.slow
+def test_the_shipped_intervention_steers_the_default_model_towards_positive():
+    from headprobe.extract.models import load_model
+    from headprobe.extract.tasks import TASKS
+    from headprobe.extract.tasks.metrics import choice_metric
+
+    loaded = load_model("smollm2-135m")
+    negative = [ex for ex in TASKS["sentiment"].examples(0) if ex.label == 0][:8]
+    clean = choice_metric(loaded, negative)  # margin of " negative" over " positive"
+    with probes.steer(loaded.model, probes.load("v1/sentiment-steer")):
+        steered = choice_metric(loaded, negative)
+    assert clean["metric"] == 1.0 and steered["margin"] < clean["margin"] - 2
