@@ -66,8 +66,10 @@ def main() -> None:
           f"{torch.get_num_threads()} threads")
     print(f"one measurement: clean {clean[0]:.2f} s wall ({clean[1]:.2f} s CPU), steered {steered[0]:.2f} s wall "
           f"({steered[1]:.2f} s CPU): the hook adds {100 * (steered[1] / clean[1] - 1):+.1f}% CPU")
-    print(f"the steering kind: {per_task} measurements per task ~ {per_task * steered[0] / 60:.1f} min wall; "
-          f"{len(steerable)} steerable tasks ~ {len(steerable) * per_task * steered[0] / 60:.1f} min")
+    n = len(steerable)
+    print(f"the steering kind: {per_task} measurements per task ~ {per_task * steered[0] / 60:.1f} min wall "
+          f"({per_task * steered[1] / 60:.1f} min CPU); the {n} steerable built-in tasks at this task's cost ~ "
+          f"{n * per_task * steered[0] / 60:.1f} min wall ({n * per_task * steered[1] / 60:.1f} min CPU)")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import json
 import re
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 
@@ -111,3 +112,28 @@ def test_a_finished_sweep_is_kept_unless_overwrite(trained, tmp_path, capsys):
     assert (out / "steer.json").read_text() == "{}" and sorted(p.name for p in out.iterdir()) == ["steer.json"]
     main(_argv(trained, out, "--overwrite"))
     assert json.loads((out / "steer.json").read_text())["sentiment"]["task"] == "sentiment"
+
+
+def test_the_attribution_reports_steering_as_a_check(trained, tmp_path):
+    from headprobe.probes.attribution import AttributionConfig, attribute, write_attribution
+    from headprobe.probes.attribution.api import earlier_outputs
+    from headprobe.probes.attribution.kinds.steer import ALPHA, results_of
+
+    config = AttributionConfig(steer=2, examples=8)
+    result = attribute([trained["probe"]], [trained["store"]], trained["model"], config)
+    (ev,) = result.of_kind("steer")
+    sweep = results_of(result.evidence)["sentiment"]
+    s = sweep.summary(2, ALPHA, "margin")
+    heads = [tuple(h) for h in sweep.top_heads[2]]
+    assert ev.task == "sentiment" and np.isfinite(ev.score).sum() == 2
+    for layer, head in heads:
+        assert ev.score[layer, head] == s["probe"]
+        assert ev.null[layer, head] == max(s["random_direction"]["pi"][1], s["random_heads"]["pi"][1])
+    assert ev not in result.stage_map.evidence  # a check, not pooled
+    paths = write_attribution(result, tmp_path / "attr")
+    report = paths["report"].read_text()
+    assert "## Steering along probe directions" in report and f"| sentiment | margin | 2 | {ALPHA:g} |" in report
+    for name in ("steer.json", "steer.csv", "steer.png"):
+        assert (tmp_path / "attr" / name).stat().st_size > 0
+        assert tmp_path / "attr" / name in earlier_outputs(tmp_path / "attr", overwrite=True)
+    assert not AttributionConfig().steer and not attribute([trained["probe"]], [trained["store"]]).of_kind("steer")

@@ -83,8 +83,8 @@ def behaviour(loaded, task, examples: list, all_examples: list | None = None) ->
         return Behaviour(names, measure, len(examples))
     if any(e.choice is None or len(e.choice["candidates"]) != 2 for e in examples):
         raise InputError(f"task {task.name!r}: steering towards label 1 needs two answer candidates per question")
-    names = {"margin": f"log-prob margin of label 1's answer ({one!r}) over label 0's",
-             "share_label1": f"share of questions answered as label 1 ({one!r}) would"}
+    names = {"margin": f"log-prob margin of the answer label 1 ({one!r}) gives over label 0's answer",
+             "share_label1": f"share of questions given label 1's ({one!r}) answer"}
     return Behaviour(names, lambda: _towards_label1(loaded, examples), len(examples))
 
 

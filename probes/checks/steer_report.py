@@ -40,11 +40,13 @@ def write_csv(results: dict[str, SteerResult], path: Path) -> Path:
     return path
 
 
-def _band(ax, alphas: list[float], values: np.ndarray, colour: str, label: str) -> None:
-    """Mean over draws (line) and one draw's 95% prediction interval (band); ``values`` (alphas, draws)."""
+def _band(ax, alphas: list[float], values: np.ndarray, colour: str, label: str, floor: float | None = None) -> None:
+    """Mean over draws (line) and one draw's 95% prediction interval (band, cut at ``floor``); ``values`` (alphas,
+    draws)."""
     from headprobe.probes.checks.ablation import t_interval
 
     pis = np.array([t_interval(v, one_draw=True) for v in values])
+    pis = pis if floor is None else np.maximum(pis, floor)
     ax.fill_between(alphas, pis[:, 0], pis[:, 1], color=colour, alpha=0.18, linewidth=0)
     ax.plot(alphas, values.mean(1), color=colour, marker="o", markersize=3, label=label)
 
@@ -60,7 +62,7 @@ def _panel(ax, r: SteerResult, k: int, metric: str | None) -> None:
             ax.plot(alphas, values[:, 0], color=COLOURS[cond], marker="D", markersize=4, label=LABELS[cond],
                     zorder=3)
         else:
-            _band(ax, alphas, values, COLOURS[cond], LABELS[cond])
+            _band(ax, alphas, values, COLOURS[cond], LABELS[cond], floor=0.0 if metric is None else None)
     ax.axhline(0, color="k", linewidth=0.6)
     ax.set_xlabel("alpha")
     ax.tick_params(labelsize=7)
