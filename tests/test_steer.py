@@ -16,6 +16,7 @@ from headprobe.extract.store import Store
 from headprobe.extract.tasks import Example, Task
 from headprobe.extract.tasks.metrics import right_padded
 from headprobe.probes.checkpoint import load_local, save_checkpoint
+from headprobe.probes.checks.steer import SteerResult, SteerRow, steer_sweep
 from headprobe.probes.linear import LinearProbes
 from headprobe.probes.steering import HeadSteering, Intervention, build_intervention, shift_table, steer
 from headprobe.train.data import StoreDataModule
@@ -85,6 +86,23 @@ def test_the_last_position_follows_the_attention_mask():
         steering._mask = mask  # None, or covering cached tokens too (generation): the last position
         assert steering.last_positions(2, 5, torch.device("cpu")).tolist() == expected
     steering.remove()
+
+
+def test_generation_is_steered_at_the_new_tokens():
+    model = tiny_model("llama")
+    layout = head_layout(model)
+    shift = shift_table(layout.n_layers, layout.n_heads, [(2, h) for h in range(6)], 50 * torch.ones(6, 8))
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        clean = model.generate(ids, **kwargs)
+        with HeadSteering(model, shift, "last"):
+            steered = model.generate(ids, **kwargs)
+            first = model(ids).logits[0, -1].argmax()
+        with HeadSteering(model, shift, "all"):
+            everywhere = model.generate(ids, **kwargs)
+    assert steered[0, 5] == first and not torch.equal(steered, clean) and not torch.equal(everywhere, clean)
+    assert torch.equal(model.generate(ids, **kwargs), clean)
 
 
 def test_bad_shifts_and_heads_are_refused_in_one_line():
@@ -283,7 +301,6 @@ def test_random_directions_of_equal_norm_do_not_flip_the_answer(planted):
 
 # --- the sweep and its controls ----------------------------------------------------------------------------------
 def test_the_sweep_flips_the_planted_answer_and_beats_both_controls(planted, tmp_path):
-    from headprobe.probes.checks.steer import SteerResult, steer_sweep
     from headprobe.probes.checks.steer_report import FILES, write_steer
 
     with Store(planted["store"]) as store:
@@ -315,9 +332,7 @@ def test_the_sweep_flips_the_planted_answer_and_beats_both_controls(planted, tmp
     assert "margin beats both controls at 1 of 1 settings" in paths["steer.md"].read_text()
 
 
-def _result(probe: float, controls: list[float]) -> "SteerResult":
-    from headprobe.probes.checks.steer import SteerResult, SteerRow
-
+def _result(probe: float, controls: list[float]) -> SteerResult:
     rows = [SteerRow(4, 1.0, "probe", 0, {"margin": probe}, 2.0, 0.1)]
     rows += [SteerRow(4, 1.0, cond, i, {"margin": v}, 2.0, 0.1) for cond in ("random_direction", "random_heads")
              for i, v in enumerate(controls)]

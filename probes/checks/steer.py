@@ -227,10 +227,10 @@ def _controls(theta: torch.Tensor, sigma: torch.Tensor, top: list, layout, draws
     at = lambda heads: ([layer_index[l] for l, _ in heads], [head_index[h] for _, h in heads])  # noqa: E731
     rows, cols = at(top)
     out = {"random_direction": [], "random_heads": []}
+    pool = {(l, h) for l in layer_index for h in head_index}  # the heads the probe read
     for _ in range(draws):
         u = torch.from_numpy(rng.normal(size=(len(top), theta.shape[-1]))).float()
         out["random_direction"].append((top, u / u.norm(dim=-1, keepdim=True), sigma[rows, cols]))
-        pool = [(l, h) for l in layer_index for h in head_index]
         heads = [h for h in draw_random_heads(top, layout.n_layers, layout.n_heads, "all", rng) if h in pool]
         r, c = at(heads)
         out["random_heads"].append((heads, theta[r, c], sigma[r, c]))

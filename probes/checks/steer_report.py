@@ -131,8 +131,8 @@ def steer_section(results: dict[str, SteerResult], folder: Path | None = None, l
         plot_steer(results, Path(folder) / "steer.png")
         out += [f"![steering: effect and side effect against alpha]({link}steer.png)", ""]
     rows = summary_rows(results, alphas)
-    out += ["| task | metric | K | alpha | clean | probe: change | random directions: mean [one draw's 95% PI] | "
-            "random heads: mean [one draw's 95% PI] | beats both | CE change | KL |", "|---" * 11 + "|"]
+    out += [("| task | metric | K | alpha | clean | probe: change | random directions: mean [one draw's 95% PI] | "
+             "random heads: mean [one draw's 95% PI] | beats both | CE change | KL |"), "|---" * 11 + "|"]
     for s in rows:
         out.append(f"| {s['task']} | {s['metric']} | {s['k']} | {s['alpha']:g} | {s['clean']:.3f} | "
                    f"{s['probe']:+.3f} | {_pi(s['random_direction'])} | {_pi(s['random_heads'])} | "
