@@ -31,7 +31,7 @@ FORMAT_VERSION = 1
 FILES = ("model.safetensors", "config.json", "metrics.json", "README.md")
 CLASSES: dict[str, type] = {}
 # imported when a class name is not yet known
-BUILTIN_MODULES = ("headprobe.probes.linear", "headprobe.probes.sparse", "headprobe.probes.sae")
+BUILTIN_MODULES = ("headprobe.probes.linear", "headprobe.probes.sparse", "headprobe.probes.sae", "headprobe.probes.steering")
 
 
 class CheckpointError(HeadprobeError, RuntimeError):

@@ -149,7 +149,8 @@ def report_sections(result: Attribution, folder: Path | None = None, link: str =
 
 
 OUTPUTS = ("report.md", "stage_map.png", "stage_map.json", "stage_map.md", "stage_scores.csv", "head_types.csv",
-           "induction_check.png", "ablation.json", "ablation.png", RESULT_FILE)  # what an attribution writes
+           "induction_check.png", "ablation.json", "ablation.png", "steer.json", "steer.csv", "steer.png",
+           RESULT_FILE)  # what an attribution writes
 
 
 def earlier_outputs(out: Path, overwrite: bool) -> list[Path]:
