@@ -94,7 +94,7 @@ def write_readme(hub: Path) -> Path:
     registry = Registry.open(hub)
     lines = ["# Shipped checkpoints", "",
              "Trained on the default model (SmolLM2-135M-Instruct, `smollm2-135m`) by `python checkpoints/build.py`;",
-             "load one with `probes.load(\"<id>\")` (offline; every file is checked against `registry.json`).",
+             "load one with `headprobe.load(\"<id>\")` (offline; every file is checked against `registry.json`).",
              "Each checkpoint's `config.json` and `README.md` hold the exact commands that reproduce it (run them in",
              "an empty folder). The format and the hub are described in docs/checkpoints.md.", "",
              "| id | class | task (stage) | size | metrics |", "|---|---|---|---|---|"]

@@ -13,7 +13,7 @@ probe's held-out (val) accuracy, ties broken by its val loss. The shift enters t
 ``alpha * sigma_h * theta_h @ W_O[h]``, at every position (``position="all"``, ITI's generation setting) or only
 at each sequence's last token (``"last"``).
 
-    intervention = probes.load("v1/capitals-steer")         # an Intervention checkpoint
+    intervention = headprobe.load("v1/capitals-steer")         # an Intervention checkpoint
     with probes.steer(model, intervention):                  # model: a Hugging Face model of a supported family
         out = model(**batch)
 
@@ -237,7 +237,7 @@ def open_probe(probe):
 
         probe = load(probe)
     if type(probe).__name__ != "LinearProbes" or not hasattr(probe, "checkpoint_config_loaded"):
-        raise InputError("an intervention is built from a LinearProbes checkpoint (loaded with probes.load): pass "
+        raise InputError("an intervention is built from a LinearProbes checkpoint (loaded with headprobe.load): pass "
                          "its folder or registry id")
     return probe
 

@@ -7,7 +7,7 @@
 A thin wrapper over :func:`headprobe.probes.checks.steer.steer_sweep` and :func:`.steer_report.write_steer`. Writes
 into ``--out``: ``steer.csv`` (every setting and draw), ``steer.json``, ``steer.png`` (effect and side effect
 against alpha) and ``steer.md`` (the report section). With ``--save DIR`` also the intervention (the first K, at
-``--alpha``) as a checkpoint that ``probes.load`` reads, its measured effect in ``metrics.json``.
+``--alpha``) as a checkpoint that ``headprobe.load`` reads, its measured effect in ``metrics.json``.
 """
 from __future__ import annotations
 
