@@ -26,6 +26,8 @@ COMMANDS = {
     "train": ("headprobe.train.fit", "train probes or sparse autoencoders (LightningCLI; see `headprobe train -h`)"),
     "attribute": ("headprobe.probes.attribution.cli", "map trained probes and SAEs to heads and reasoning stages"),
     "hub": ("headprobe.probes.hub.cli", "list, show and publish checkpoints"),
+    "scores": ("headprobe.probes.checks.scores_cli", "training-free head scores (retrieval, negative, copying, "
+                                                     "successor, induction) of a model, with nulls and stages"),
     "run": ("headprobe.train.pipeline", "the whole pipeline on the default model, with a report"),
 }
 
