@@ -173,11 +173,13 @@ def negative_model() -> LlamaForCausalLM:
 def test_a_head_that_attends_to_no_has_the_top_negative_score_and_the_others_do_not():
     tok = WordTokenizer()
     questions = binary_questions(tok, n=32, chat=False)
-    r = negative_scores(negative_model(), questions, batch_size=16)
+    placebo = {"Red/Blue": binary_questions(tok, n=32, chat=False, words=(" Red", " Blue"))}
+    r = negative_scores(negative_model(), questions, placebo, batch_size=16)
     assert r.score[1, 0] == r.score.max() and r.score[1, 0] > 1.5 * r.null[1, 0] > 0
     assert r.score[1, 1] < 0 and r.score[1, 1] == pytest.approx(-r.score[1, 0], rel=0.05)  # the " Yes" head
     assert np.abs(r.score[0]).max() < 1e-9  # uniform attention: as much on either candidate
     assert (r.score <= r.null)[[0, 0, 1], [0, 1, 1]].all()
+    assert r.answers["placebo_max"]["Red/Blue"] < 1e-3  # neither candidate head finds its word among Red and Blue
 
 
 def test_binary_questions_mark_the_candidates_and_balance_truth_and_order():
@@ -317,7 +319,18 @@ def test_scores_command_writes_tables_and_heatmaps_and_refuses_bad_input(tmp_pat
     assert all((out / f"score_{n}.png").stat().st_size > 0 for n in ("negative", "copying", "successor"))
     before = (out / "scores.csv").read_bytes()
     for bad, says in ((["--scores", "retrieval,bogus", "--overwrite"], "unknown bogus"),
-                      (["--lengths", "12,x", "--overwrite"], "--lengths"), (["--questions", "8"], "holds scores")):
+                      (["--questions", "8"], "holds scores")):
         code, log = run_cli([*argv[:-4], *bad, "--out", str(out)], tmp_path / "log.txt")
         assert code == 2 and re.search(says, log.strip().splitlines()[-1]), log
     assert (out / "scores.csv").read_bytes() == before
+
+
+def test_scores_command_options_refuse_bad_lists():
+    import argparse
+
+    from headprobe.probes.checks.scores_cli import _depths, _ints
+
+    assert _ints("256,512") == [256, 512] and _depths("0,0.5,1") == [0.0, 0.5, 1.0]
+    for parse, text in ((_ints, "12,x"), (_ints, "0"), (_ints, ""), (_depths, "0.5,2"), (_depths, "a")):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(text)

@@ -23,14 +23,17 @@ from headprobe import InputError
 from headprobe.extract.shipped import shipped_folder
 
 INSTRUCTION = "Answer the following question with"
+WORDS = (" Yes", " No")
+PLACEBO_WORDS = ((" Red", " Blue"), (" Up", " Down"), (" Left", " Right"), (" Hot", " Cold"), (" Day", " Night"),
+                 (" Old", " New"))  # unrelated pairs: how much heads prefer one word of a pair for no reason
 MARK = "\x00"
 
 
 @dataclass
 class BinaryQuestion:
     ids: list[int]
-    yes: tuple[int, int]  # [start, end) of the positive candidate in the instruction
-    no: tuple[int, int]  # [start, end) of the negative candidate
+    yes: tuple[int, int]  # [start, end) of the positive candidate in the instruction (" Yes", or a placebo's first)
+    no: tuple[int, int]  # [start, end) of the negative candidate (" No", or a placebo's second)
     query_start: int  # first position after the instruction
     truth: int  # 1: the right answer is Yes
     answer_ids: tuple[int, int]  # the first token where the replies "Yes" and "No" differ
@@ -71,24 +74,28 @@ def _frame(tokenizer, chat: bool | None) -> tuple[list[int], list[int], str]:
     return _encode(tokenizer, head), _encode(tokenizer, tail), ""
 
 
-def binary_question(tokenizer, question: str, truth: int, yes_first: bool, chat: bool | None = None) -> BinaryQuestion:
-    """One prompt: the instruction with the candidates in the given order, then ``question``."""
+def binary_question(tokenizer, question: str, truth: int, yes_first: bool, chat: bool | None = None,
+                    words: tuple[str, str] = WORDS) -> BinaryQuestion:
+    """One prompt: the instruction naming the candidates ``words`` (positive, negative) in the given order, then
+    ``question``."""
     head, tail, lead = _frame(tokenizer, chat)
-    first, second = (" Yes", " No") if yes_first else (" No", " Yes")
+    first, second = words if yes_first else words[::-1]
     pieces = [head, _encode(tokenizer, INSTRUCTION), _encode(tokenizer, first), _encode(tokenizer, " or"),
               _encode(tokenizer, second), _encode(tokenizer, ".")]
     starts = [sum(map(len, pieces[:i])) for i in range(len(pieces) + 1)]
     spans = [(starts[2], starts[3]), (starts[4], starts[5])]
     yes, no = spans if yes_first else spans[::-1]
     ids = sum(pieces, []) + _encode(tokenizer, f"\nQuestion: {question}") + tail
-    answers = _first_difference(_encode(tokenizer, lead + "Yes"), _encode(tokenizer, lead + "No"))
+    answers = _first_difference(*(_encode(tokenizer, lead + w.strip()) for w in words))
     order = f"{first.strip()} or {second.strip()}"
     return BinaryQuestion(ids, yes, no, starts[-1], truth, answers, f"{INSTRUCTION} {order}. {question}")
 
 
-def binary_questions(tokenizer, n: int = 128, seed: int = 0, chat: bool | None = None) -> list[BinaryQuestion]:
+def binary_questions(tokenizer, n: int = 128, seed: int = 0, chat: bool | None = None,
+                     words: tuple[str, str] = WORDS) -> list[BinaryQuestion]:
     """``n`` prompts (rounded up to a multiple of 4): facts drawn by ``seed``, each asked true and false, each in
-    both candidate orders."""
+    both candidate orders. Other ``words`` than (" Yes", " No") make the placebo prompts of the negative score's
+    null (the same questions with an unrelated pair of candidates)."""
     facts = _facts()
     if not 1 <= n <= 4 * len(facts):
         raise InputError(f"--questions {n}: pass 1 to {4 * len(facts)}")
@@ -98,5 +105,5 @@ def binary_questions(tokenizer, n: int = 128, seed: int = 0, chat: bool | None =
         wrong = rng.choice([f[0] for f in facts if f[1] == relation and f[2] != obj])
         for truth, who in ((1, entity), (0, wrong)):
             for yes_first in (True, False):
-                out.append(binary_question(tokenizer, f"Is {who} {relation} {obj}?", truth, yes_first, chat))
+                out.append(binary_question(tokenizer, f"Is {who} {relation} {obj}?", truth, yes_first, chat, words))
     return out

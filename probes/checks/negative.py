@@ -14,14 +14,20 @@ is not stored here), so the sum's range and weighting follow them (reference.md 
 p/n the candidates' token indices, the instruction prefix bounding the sum"); a candidate of several tokens (a
 byte-level tokenizer's) gets the mean attention over its tokens, so that " Yes" (4 bytes) and " No" (3) weigh alike; ``eps`` = 1e-6 keeps the log finite.
 
-Null: a sign-flip (randomisation) test. Swapping the candidates' roles flips NAS's sign, and every question comes in
-both candidate orders, so a head with no preference for the negative word has per-prompt scores centred on 0; the
-null is z_{1 - alpha/(L*H)} times the sign-flip standard deviation of the mean, sqrt(sum_e NAS_e^2) / n (normal
-approximation, Bonferroni over heads). Alongside, the model's own answers (the reply's first token, "Yes" against
-"No"): accuracy, the share of "No", and the precision and recall of "Yes" whose gap is the paper's negative bias.
+Null, per head, the larger of two thresholds. (1) Consistency, a sign-flip (randomisation) test: swapping the
+candidates' roles flips NAS's sign and every question comes in both candidate orders, so a head with no preference
+has per-prompt scores centred on 0; the threshold is z_{1 - alpha/(L*H)} times the sign-flip standard deviation of
+the mean, sqrt(sum_e NAS_e^2) / n (normal approximation, Bonferroni over heads). (2) Specificity, a random-word
+baseline: the same questions with an unrelated pair of words as the candidates (" Red"/" Blue", " Up"/" Down", ...;
+``yes_no.PLACEBO_WORDS``); the threshold is the head's largest |mean NAS| over those pairs. On SmolLM2-135M the
+consistency test alone passes about 100 of 270 heads for "Yes"/"No" and 20 to 76 for each unrelated pair (heads that
+prefer one token of a pair are common), and the unrelated pairs reach |NAS| of 1.1 to 3.1, as much as "No" gets: a
+negative head must prefer "No" more than it prefers any word of an unrelated pair. Alongside, the model's own
+answers (the first token where the replies differ, "Yes" against "No"): accuracy, the share of "No", and the
+precision and recall of "Yes", whose gap is the paper's negative bias.
 
-Cost: one forward pass per batch of prompts (about 30 tokens each on SmolLM2), all heads read at once through
-:mod:`.attention_capture`.
+Cost: one forward pass per batch of prompts (about 45 tokens each on SmolLM2, the placebo prompts included), all
+heads read at once through :mod:`.attention_capture`.
 """
 from __future__ import annotations
 
@@ -86,8 +92,8 @@ def answer_stats(logits: np.ndarray, truth: np.ndarray) -> dict:
     tp = float((says_yes & (truth == 1)).sum())
     return {"questions": int(len(truth)), "accuracy": float((says_yes == (truth == 1)).mean()),
             "no_rate": float((~says_yes).mean()),
-            "yes_precision": tp / says_yes.sum() if says_yes.any() else float("nan"),
-            "yes_recall": tp / (truth == 1).sum() if (truth == 1).any() else float("nan")}
+            "yes_precision": tp / float(says_yes.sum()) if says_yes.any() else float("nan"),
+            "yes_recall": tp / float((truth == 1).sum()) if (truth == 1).any() else float("nan")}
 
 
 def sign_flip_null(per_prompt: np.ndarray, alpha: float = 0.01) -> np.ndarray:
@@ -98,15 +104,33 @@ def sign_flip_null(per_prompt: np.ndarray, alpha: float = 0.01) -> np.ndarray:
     return norm.ppf(1 - alpha / per_prompt[0].size) * spread
 
 
-def negative_scores(model: nn.Module, questions, batch_size: int = 16, alpha: float = 0.01) -> NegativeResult:
-    """Negative attention scores of every head over binary ``questions`` (see the module's docstring)."""
-    require_causal_lm(model, "negative attention score")
+def _per_prompt(model: nn.Module, questions, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     scores, logits = [], []
     for i in range(0, len(questions), batch_size):
         s, lg = nas_batch(model, questions[i:i + batch_size])
         scores.append(s)
         logits.append(lg)
-    per_prompt = torch.cat(scores).numpy()
+    return torch.cat(scores).numpy(), torch.cat(logits).numpy()
+
+
+def negative_scores(model: nn.Module, questions, placebos: dict[str, list] | None = None, batch_size: int = 16,
+                    alpha: float = 0.01) -> NegativeResult:
+    """Negative attention scores of every head over binary ``questions``, against the null of the module's
+    docstring: the sign-flip threshold and, per head, the largest |mean NAS| over the ``placebos`` ({pair name:
+    the same questions with that pair as candidates}); all prompts go through the model in one series of batches."""
+    require_causal_lm(model, "negative attention score")
+    placebos = placebos or {}
+    every = [q for qs in (questions, *placebos.values()) for q in qs]
+    per_prompt, logits = _per_prompt(model, every, batch_size)
+    n = len(questions)
+    null = sign_flip_null(per_prompt[:n], alpha)
+    placebo, start = {}, n
+    for name, qs in placebos.items():
+        placebo[name] = per_prompt[start:start + len(qs)].mean(0)
+        start += len(qs)
+    if placebo:
+        null = np.maximum(null, np.abs(np.stack(list(placebo.values()))).max(0))
     truth = np.array([q.truth for q in questions])
-    return NegativeResult(per_prompt.mean(0), sign_flip_null(per_prompt, alpha), per_prompt,
-                          answer_stats(torch.cat(logits).numpy(), truth))
+    stats = answer_stats(logits[:n], truth)
+    stats["placebo_max"] = {k: float(np.abs(v).max()) for k, v in placebo.items()}
+    return NegativeResult(per_prompt[:n].mean(0), null, per_prompt[:n], stats)

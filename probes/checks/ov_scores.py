@@ -8,7 +8,10 @@ norms' gains g_1 (before attention) and g_f (before the unembedding) folded in:
 - **copying score**: the token-to-token circuit C = E diag(g_1) W_V W_O diag(g_f) W_U (V x V) has the nonzero
   eigenvalues of the d_head x d_head matrix M = W_O G diag(g_1) W_V with G = diag(g_f) W_U E computed once (d x d);
   score = sum(Re lambda) / sum(|lambda|) over M's eigenvalues, in [-1, 1], 1 for a head whose OV circuit copies
-  (all mass on positive eigenvalues). Norm biases and LayerNorm's centring are left out (the usual folding).
+  (all mass on positive eigenvalues). W_U is centred over the vocabulary (each row minus the mean row: the softmax
+  does not see a shift shared by all logits; TransformerLens's ``center_unembed``). Without it the direction every
+  token's embedding shares dominates on SmolLM2: random token-to-token pairings (W_U's rows permuted) then score a
+  median 0.75, with it 0.00. Norm biases and LayerNorm's centring of the input are left out (the usual folding).
 - **succession score**: each token t of the ordinal sequences (days, months, letters, numbers, number words; the
   items that are one token, with or without a leading space) gets its effective embedding
   e_t = E[t] + MLP_0(norm_2,0(E[t])) (the first block's MLP with its attention skipped, as Gould et al.); the head's
@@ -77,7 +80,7 @@ class OVWeights:
     """Everything the OV scores read, float32 on the CPU."""
 
     E: torch.Tensor  # (V, d)
-    U: torch.Tensor  # (V, d) unembedding rows
+    U: torch.Tensor  # (V, d) unembedding rows, centred over the vocabulary
     W_V: torch.Tensor  # (L, H, d, d_head) per query head
     b_V: torch.Tensor  # (L, H, d_head)
     W_O: torch.Tensor  # (L, H, d_head, d)
@@ -106,8 +109,8 @@ def ov_weights(model: nn.Module) -> OVWeights:
     block0 = blocks[0]
     norm2, mlp = block0.get_submodule(ov.ln2), block0.get_submodule(ov.mlp)
     final = model.base_model.get_submodule(ov.final_norm)
-    return OVWeights(model.get_input_embeddings().weight.detach().float().cpu(),
-                     model.get_output_embeddings().weight.detach().float().cpu(), W_V,
+    U = model.get_output_embeddings().weight.detach().float().cpu()
+    return OVWeights(model.get_input_embeddings().weight.detach().float().cpu(), U - U.mean(0, keepdim=True), W_V,
                      b_V.float().cpu().repeat_interleave(group, 1), W_O.float().cpu(),
                      torch.stack([gain(b.get_submodule(ov.ln1)) for b in blocks]), gain(final),
                      [b.get_submodule(ov.ln1) for b in blocks], final, lambda x: x + mlp(norm2(x)))

@@ -19,9 +19,10 @@ are 3 lengths (256-1024) x 3 depths x 4 needles. The reply starts with the needl
 (8 permutations): a head that looks at the answer without copying the token being emitted scores ~1/|k| there;
 a head counts as a retrieval head above ``max(0.1, that null)`` (0.1 is the paper's threshold).
 
-Cost: per batch of prompts of one length, one prefill and one teacher-forced chunk with a copy of its key-value
-cache, then |k| + 2 one-token decoding steps; every head of every layer is read in those passes (the top-1 key of
-each attention row, kept by :mod:`.attention_capture`), with no loop over heads.
+Cost: per batch of prompts of one length, one prefill of the prompt but its last token (the model's own attention
+implementation, no LM head), then with eager attention one teacher-forced chunk of |k| tokens on a copy of the
+key-value cache and |k| + 2 one-token decoding steps; every head of every layer is read in those passes (the top-1
+key of each attention row, kept by :mod:`.attention_capture`), with no loop over heads.
 """
 from __future__ import annotations
 
@@ -106,33 +107,29 @@ def _cache_of(out):
 
 @torch.no_grad()
 def _decode(model: nn.Module, prompt: torch.Tensor, answers: torch.Tensor):
-    """One prefill, a teacher-forced chunk on a copy of its cache, then greedy decoding.
+    """A prefill of all but the prompt's last token (the model's own attention, no LM head), then with eager
+    attention read by :mod:`.attention_capture`: a teacher-forced chunk (the last prompt token and the answer) on a
+    copy of the cache, and greedy decoding from the last prompt token.
 
     Returns (teacher top keys (B, L, H, T), teacher predictions (B, T), generate top keys (B, L, H, G), generated
     tokens (B, G)), with T the longest answer and G = T + EXTRA_STEPS."""
     device = next(model.parameters()).device
     prompt, answers = prompt.to(device), answers.to(device)
-    T = answers.shape[1]
-    with capture_attention(model, lambda w: w[:, :, -1:].argmax(-1).cpu()) as cap:
-        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-        first_top, first = cap.stacked(), out.logits[:, -1].argmax(-1)
+    cache = _cache_of(model(input_ids=prompt[:, :-1], use_cache=True, logits_to_keep=1))
+    last = prompt[:, -1]
+    with capture_attention(model, lambda w: w.argmax(-1).cpu()) as cap:
+        forced = model(input_ids=torch.cat([last[:, None], answers[:, :-1]], 1),
+                       **_with_cache(model, copy.deepcopy(cache)))
+        teacher_top, teacher_pred = cap.stacked(), forced.logits.argmax(-1).cpu()
         cap.clear()
-        cap.reduce = lambda w: w.argmax(-1).cpu()
-        teacher_top, teacher_pred = [first_top], [first[:, None]]
-        if T > 1:
-            forced = model(input_ids=answers[:, :-1], **_with_cache(model, copy.deepcopy(_cache_of(out))))
-            teacher_top.append(cap.stacked())
-            teacher_pred.append(forced.logits.argmax(-1))
-            cap.clear()
-        gen_top, generated, cache, token = [first_top], [first], _cache_of(out), first
-        for _ in range(T + EXTRA_STEPS - 1):
+        gen_top, generated, token = [], [], last
+        for _ in range(answers.shape[1] + EXTRA_STEPS):
             step = model(input_ids=token[:, None], **_with_cache(model, cache))
             cache, token = _cache_of(step), step.logits[:, -1].argmax(-1)
             gen_top.append(cap.stacked())
             generated.append(token)
             cap.clear()
-    generated = torch.stack(generated, 1).cpu()
-    return (torch.cat(teacher_top, -1), torch.cat(teacher_pred, 1).cpu(), torch.cat(gen_top, -1), generated)
+    return teacher_top, teacher_pred, torch.cat(gen_top, -1), torch.stack(generated, 1).cpu()
 
 
 def _until_eos(tokens: torch.Tensor, eos: int | None) -> torch.Tensor:

@@ -6,7 +6,7 @@ stage the survey's taxonomy gives the head type (Zheng et al. 2024):
 | score | stage | pooled into the stage map | null |
 |---|---|---|---|
 | retrieval | ICI (retrieval heads: overall structure) | yes | max(0.1, the score with shuffled answers) |
-| negative | KR (negative heads: binary decisions) | yes | sign-flip threshold |
+| negative | KR (negative heads: binary decisions) | yes | sign-flip threshold, unrelated word pairs |
 | successor | LR (successor heads: task-specific) | yes | random heads' scores (Bonferroni) |
 | copying | ICI (our choice: movers, whose OV circuits copy) | no | random heads' scores (Bonferroni) |
 | induction, previous_token, duplicate_token | LR, ICI, ICI | no | the type threshold 0.4 |
@@ -42,6 +42,7 @@ METRIC = {
     **{t: f"{t.replace('_', '-')} attention-pattern score ('mul', TransformerLens)" for t in HEAD_TYPES},
 }
 DEFAULT_SCORES = ("retrieval", "negative", "copying", "successor", "induction")
+PLACEBO_QUESTIONS = 32  # binary questions per unrelated word pair (the negative score's null)
 
 
 @dataclass
@@ -124,12 +125,16 @@ def _eos(loaded) -> int | None:
 
 
 def _negative(loaded, cfg: ScoreConfig) -> Evidence:
-    from headprobe.extract.tasks.yes_no import binary_questions
+    from headprobe.extract.tasks.yes_no import PLACEBO_WORDS, binary_questions
     from headprobe.probes.checks.negative import negative_scores
 
     questions = binary_questions(loaded.tokenizer, cfg.questions, cfg.seed)
-    r = negative_scores(loaded.model, questions, max(cfg.batch_size, 16), cfg.alpha)
-    return score_evidence("negative", r.score, r.null, {"answers": r.answers, "questions": len(questions)})
+    n_placebo = min(cfg.questions, PLACEBO_QUESTIONS)
+    placebos = {f"{a.strip()}/{b.strip()}": binary_questions(loaded.tokenizer, n_placebo, cfg.seed, words=(a, b))
+                for a, b in PLACEBO_WORDS}
+    r = negative_scores(loaded.model, questions, placebos, max(cfg.batch_size, 16), cfg.alpha)
+    return score_evidence("negative", r.score, r.null, {"answers": r.answers, "questions": len(questions),
+                                                        "placebo_questions": n_placebo})
 
 
 def _ov(loaded, cfg: ScoreConfig, names: list[str]) -> list[Evidence]:
