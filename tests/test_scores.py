@@ -334,3 +334,22 @@ def test_scores_command_options_refuse_bad_lists():
     for parse, text in ((_ints, "12,x"), (_ints, "0"), (_ints, ""), (_depths, "0.5,2"), (_depths, "a")):
         with pytest.raises(argparse.ArgumentTypeError):
             parse(text)
+
+
+def test_scores_refuse_models_and_prompts_they_cannot_score():
+    gpt2 = tiny_loaded("gpt2")
+    prompts = needle_prompts(gpt2.tokenizer, lengths=(300,), depths=(0.5,), n_needles=1, chat=False)
+    with pytest.raises(InputError, match="positions"):
+        retrieval_scores(gpt2.model, prompts)  # GPT-2's 128 learned positions
+    with pytest.raises(InputError, match="causal language model"):
+        ov_weights(tiny_model("bert"))
+
+
+def test_a_retrieval_score_without_answered_prompts_says_so(tmp_path):
+    from headprobe.probes.checks.scores import score_evidence
+    from headprobe.probes.checks.scores_report import load_scores, scores_section, write_scores
+
+    ev = score_evidence("retrieval", np.full((2, 3), np.nan), 0.1, {})
+    assert "No score: the model answered none" in scores_section([ev], folder=tmp_path)
+    write_scores([ev], tmp_path)
+    assert np.isnan(load_scores(tmp_path)[0].score).all()

@@ -11,7 +11,8 @@ that prefers a position rather than the negative word averages out. With a chat 
 TAIL are its text around the user's message and the reply's first token is the answer ("Yes"/"No"); without one
 HEAD is the tokenizer's BOS (if it adds one) and TAIL is "\\nAnswer:" (answer " Yes"/" No"). Pieces are tokenized one
 by one, so ``yes`` and ``no`` are the exact token spans of the candidates in the instruction and ``query_start``
-the first position after it.
+the first position after it. The same questions with an unrelated pair of words as the candidates
+(``PLACEBO_WORDS``: " Red"/" Blue", ...) are the placebo prompts of the negative score's null.
 """
 from __future__ import annotations
 

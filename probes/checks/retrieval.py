@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from headprobe import InputError
 from headprobe.probes.checks.attention_capture import capture_attention, require_causal_lm, right_padded
 
 THRESHOLD = 0.1  # Wu et al.: heads above it are retrieval heads
@@ -184,6 +185,11 @@ def retrieval_scores(model: nn.Module, prompts, batch_size: int = 4, eos: int | 
     """Retrieval scores (both variants) of every head over needle prompts (see the module's docstring); prompts
     are batched by length, ``batch_size`` at a time."""
     require_causal_lm(model, "retrieval score")
+    limit = getattr(model.config, "n_positions", None)  # learned absolute positions (GPT-2): a hard limit
+    longest = max(len(p.ids) + len(p.answer) + EXTRA_STEPS for p in prompts)
+    if limit is not None and longest > limit:
+        raise InputError(f"needle prompts of {max(len(p.ids) for p in prompts)} tokens and their answers need "
+                         f"{longest} positions; {model.config.model_type} has {limit}: pass shorter --lengths")
     by_length: dict[int, list] = {}
     for p in prompts:
         by_length.setdefault(len(p.ids), []).append(p)

@@ -174,6 +174,10 @@ def scores_section(evidence: list[Evidence], stage_map=None, probes: list[Eviden
             out += [f"![{name} scores]({link}score_{name}.png)", ""]
         out += retrieval_lines(ev.extra.get("details", {})) if name == "retrieval" else []
         out += negative_lines(ev.extra.get("details", {})) if name == "negative" else []
+        if not np.isfinite(ev.score).any():
+            out += ["No score: the model answered none of the needle prompts (the `generate` variant counts "
+                    "answered prompts only; `teacher` scores every prompt).", ""]
+            continue
         out += [f"Top {TOP} heads:", "", "| head | score | null | taxonomy stage | stage in the map |",
                 "|---|---|---|---|---|", *top_rows(ev, stage_map), ""]
     return "\n".join(out + agreement_lines(evidence, list(probes)))
