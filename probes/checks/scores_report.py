@@ -143,11 +143,13 @@ def agreement_lines(scores: list[Evidence], probes: list[Evidence]) -> list[str]
     if not probes or not scores:
         return []
     out = ["Agreement with the probes where both speak (Spearman rho over the heads of the probe's layers; in "
-           f"brackets, shared heads among both top {SHARED}):", "",
+           f"brackets, shared heads among both top {SHARED}; -: a probe that ranks no head, e.g. a sparse probe "
+           "that kept none):", "",
            "| evidence | stage | " + " | ".join(_name(s) for s in scores) + " |", "|---|---|" + "---|" * len(scores)]
     for ev in probes:
-        cells = [f"{rank_agreement(ev.score, s.score[ev.layers]):.2f} "
-                 f"({top_overlap(ev.score, s.score[ev.layers], SHARED)})" for s in scores]
+        rhos = [rank_agreement(ev.score, s.score[ev.layers]) for s in scores]
+        cells = ["-" if np.isnan(rho) else f"{rho:.2f} ({top_overlap(ev.score, s.score[ev.layers], SHARED)})"
+                 for rho, s in zip(rhos, scores)]
         out.append(f"| {ev.task}/{ev.source} | {ev.stage} | " + " | ".join(cells) + " |")
     return out + [""]
 
