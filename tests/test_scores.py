@@ -353,3 +353,16 @@ def test_a_retrieval_score_without_answered_prompts_says_so(tmp_path):
     assert "No score: the model answered none" in scores_section([ev], folder=tmp_path)
     write_scores([ev], tmp_path)
     assert np.isnan(load_scores(tmp_path)[0].score).all()
+
+
+def test_agreement_with_the_probes_ranks_heads_over_the_probes_layers():
+    from headprobe.probes.attribution.evidence import Evidence
+    from headprobe.probes.checks.scores import score_evidence
+    from headprobe.probes.checks.scores_report import agreement_lines
+
+    rng = np.random.default_rng(0)
+    score = score_evidence("retrieval", rng.random((6, 8)), 0.1)
+    same = Evidence("repeat_tokens", "ICI", "linear", score.score[2:], 0.5, [2, 3, 4, 5])
+    flat = Evidence("ioi", "ICI", "sparse", np.zeros((6, 8)), 0.0, list(range(6)))
+    rows = agreement_lines([score], [same, flat])
+    assert "| repeat_tokens/linear | ICI | 1.00 (8) |" in rows and "| ioi/sparse | ICI | - |" in rows
