@@ -27,6 +27,8 @@ COMMANDS = {
               "train probes or sparse autoencoders (LightningCLI; see `headprobe train -h`)"),
     "attribute": ("headprobe.probes.attribution.cli", "map trained probes and SAEs to heads and reasoning stages"),
     "hub": ("headprobe.probes.hub.cli", "list, show and publish checkpoints"),
+    "scores": ("headprobe.probes.checks.scores_cli", "training-free head scores (retrieval, negative, copying, "
+                                                     "successor, induction) of a model, with nulls and stages"),
     "steer": ("headprobe.probes.checks.steer_cli", "steer a model along a task's probe directions, against controls"),
     "run": ("headprobe.train.run_cli", "the whole pipeline on the default model, with a report"),
 }
