@@ -23,7 +23,8 @@ from headprobe.probes.checks.negative import negative_scores
 from headprobe.probes.checks.ov_scores import (copying_scores, ordinal_tokens, ov_nulls, ov_weights,
                                                successor_scores)
 from headprobe.probes.checks.retrieval import _batch_answers, _decode, retrieval_scores
-from headprobe.probes.checks.scores import POOLED, ScoreConfig, compute_scores
+from headprobe.probes.checks.scores import DEFAULT_POOLED as POOLED
+from headprobe.probes.checks.scores import ScoreConfig, compute_scores
 
 D, HEADS, D_HEAD = 64, 2, 32
 

@@ -58,9 +58,11 @@ class SAESettings:
 
 
 def run_attribution() -> AttributionConfig:
-    """The attribution of ``headprobe run``: with the attention-pattern cross-check and the ablation of each task's
-    top 8 heads against 10 random draws from all layers and 10 layer-matched ones."""
-    return AttributionConfig(head_scores=True, ablate=8)
+    """The attribution of ``headprobe run``: the attention-pattern cross-check, the ablation of each task's top 8
+    heads against 10 random draws from all layers and 10 layer-matched ones, and the training-free scores, of which
+    the retrieval score joins the stage map (docs/scores.md says why the others are reported beside it)."""
+    return AttributionConfig(head_scores=True, ablate=8, scores=["retrieval", "negative", "copying", "successor",
+                                                                 "induction"], pool_scores=["retrieval"])
 
 
 @dataclass

@@ -14,7 +14,7 @@ stage the survey's taxonomy gives the head type (Zheng et al. 2024):
 Pooled scores join the probes' evidence in the stage map when an attribution names them
 (``AttributionConfig.scores``); the others are checks reported beside it (copying marks a mechanism shared by
 movers, induction and retrieval heads rather than one stage; the pattern types already have their own check).
-``POOLED`` is the one place that choice is made. :func:`compute_scores` is what ``headprobe scores`` and the
+``ScoreConfig.pooled`` (``AttributionConfig.pool_scores``) makes that choice. :func:`compute_scores` is what ``headprobe scores`` and the
 attribution kinds (:mod:`headprobe.probes.attribution.kinds.scores`) call; the formulas are in each score's module
 (:mod:`.retrieval`, :mod:`.negative`, :mod:`.ov_scores`, :mod:`.head_scores`) and docs/scores.md.
 """
@@ -31,7 +31,7 @@ from headprobe.probes.checks.head_scores import HEAD_TYPES, TYPE_THRESHOLD
 
 STAGE = {"retrieval": "ICI", "negative": "KR", "successor": "LR", "copying": "ICI", "induction": "LR",
          "previous_token": "ICI", "duplicate_token": "ICI"}
-POOLED = ("retrieval", "negative", "successor")
+DEFAULT_POOLED = ("retrieval", "negative", "successor")  # scores that join the stage map unless told otherwise
 SOURCE_POOLED, SOURCE_CHECK = "scores", "score_checks"  # the attribution kinds' names (Evidence.source)
 METRIC = {
     "retrieval": "retrieval score: share of the needle's answer tokens the head copy-pastes (Wu et al. 2024)",
@@ -58,6 +58,7 @@ class ScoreConfig:
         questions: binary questions for the negative score (a multiple of 4: true/false x both candidate orders)
         batch_size: prompts per forward pass
         seed: haystacks, questions, shuffles and random heads
+        pooled: which scores are stage evidence pooled into the stage map (the others are checks beside it)
     """
 
     scores: list[str] = field(default_factory=lambda: list(DEFAULT_SCORES))
@@ -69,6 +70,7 @@ class ScoreConfig:
     questions: int = 128
     batch_size: int = 4
     seed: int = 0
+    pooled: list[str] = field(default_factory=lambda: list(DEFAULT_POOLED))
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.scores if s not in STAGE]
@@ -100,8 +102,8 @@ class ScoreResult:
 
 
 def score_evidence(name: str, score: np.ndarray, null, details: dict | None = None) -> Evidence:
-    """A score (L, H) as Evidence of its stage, pooled or not as ``POOLED`` says."""
-    source = SOURCE_POOLED if name in POOLED else SOURCE_CHECK
+    """A score (L, H) as Evidence of its stage (a check until :func:`compute_scores` says it is pooled)."""
+    source = SOURCE_CHECK
     return Evidence(f"{name}_score", STAGE[name], source, score, null, list(range(score.shape[0])),
                     metric=METRIC[name], extra={"score": name, "details": details or {}})
 
@@ -180,4 +182,5 @@ def compute_scores(loaded, config: ScoreConfig | None = None) -> ScoreResult:
     evidence.sort(key=lambda ev: names.index(ev.extra["score"]))
     for ev in evidence:
         ev.extra["seconds"] = next(s for k, s in seconds.items() if ev.extra["score"] in k.split("+"))
+        ev.source = SOURCE_POOLED if ev.extra["score"] in cfg.pooled else SOURCE_CHECK
     return ScoreResult(cfg, evidence, getattr(loaded, "model_id", ""), seconds)

@@ -14,7 +14,7 @@ import numpy as np
 
 from headprobe.probes.attribution.evidence import Evidence
 from headprobe.probes.checks.head_scores import rank_agreement, top_overlap
-from headprobe.probes.checks.scores import POOLED
+from headprobe.probes.checks.scores import SOURCE_POOLED
 
 TOP = 10
 SHARED = 8
@@ -165,7 +165,7 @@ def scores_section(evidence: list[Evidence], stage_map=None, probes: list[Eviden
            "| score | stage | pooled | what it measures | heads above the null | seconds |", "|---|---|---|---|---|---|"]
     for ev in evidence:
         above = int((ev.score > ev.null).sum())
-        out.append(f"| {_name(ev)} | {ev.stage} | {'yes' if _name(ev) in POOLED else 'no'} | {ev.metric} | "
+        out.append(f"| {_name(ev)} | {ev.stage} | {'yes' if ev.source == SOURCE_POOLED else 'no'} | {ev.metric} | "
                    f"{above} of {ev.score.size} | {ev.extra.get('seconds', '-')} |")
     out.append("")
     for ev in evidence:

@@ -3,8 +3,8 @@ in ``AttributionConfig.scores``; nothing runs otherwise, so the default stage ma
 
 Two kinds, because pooling is a property of a kind: ``scores`` (pooled into the stage map: retrieval -> ICI,
 negative -> KR, successor -> LR, each with its null so that only heads above it count) and ``score_checks``
-(reported beside the map: copying, and the attention-pattern types when named here). ``scores.POOLED`` decides
-which score goes where. Both read the model through ``inputs.model``; one report section and one set of files
+(reported beside the map: copying, and the attention-pattern types when named here). ``AttributionConfig.pool_scores``
+decides which score goes where. Both read the model through ``inputs.model``; one report section and one set of files
 (``scores.csv``, ``scores.json``, ``score_<name>.png``) cover the scores of both kinds, with their agreement with
 the probes' evidence.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from headprobe.probes.attribution.contract import AttributionInputs, EvidenceKind, register_kind
 from headprobe.probes.attribution.evidence import Evidence
-from headprobe.probes.checks.scores import POOLED, SOURCE_CHECK, SOURCE_POOLED, ScoreConfig
+from headprobe.probes.checks.scores import SOURCE_CHECK, SOURCE_POOLED, ScoreConfig
 
 SCORE_SOURCES = (SOURCE_POOLED, SOURCE_CHECK)
 
@@ -22,9 +22,10 @@ SCORE_SOURCES = (SOURCE_POOLED, SOURCE_CHECK)
 def _collect(inputs: AttributionInputs, pooled: bool) -> list[Evidence]:
     from headprobe.probes.checks.scores import compute_scores
 
-    names = [s for s in inputs.config.scores if (s in POOLED) == pooled]
+    names = [s for s in inputs.config.scores if (s in inputs.config.pool_scores) == pooled]
     ScoreConfig(list(inputs.config.scores))  # refuse unknown names, whichever kind runs first
-    return compute_scores(inputs.model, ScoreConfig(names, alpha=inputs.config.alpha)).evidence
+    config = ScoreConfig(names, alpha=inputs.config.alpha, pooled=list(inputs.config.pool_scores))
+    return compute_scores(inputs.model, config).evidence
 
 
 def _all_scores(result) -> list[Evidence]:
@@ -40,12 +41,13 @@ class _ScoreKind(EvidenceKind):
     it has evidence, else by the checks)."""
 
     pooled_scores = True
+    outputs = ("scores.csv", "scores.json", "score_*.png")
 
     def _writes(self, result) -> bool:
         return self.pooled_scores or not result.of_kind(SOURCE_POOLED)
 
     def enabled(self, config) -> bool:
-        return any((s in POOLED) == self.pooled_scores for s in config.scores)
+        return any((s in config.pool_scores) == self.pooled_scores for s in config.scores)
 
     def collect(self, inputs: AttributionInputs) -> list[Evidence]:
         return _collect(inputs, self.pooled_scores)

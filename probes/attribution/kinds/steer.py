@@ -85,6 +85,7 @@ def results_of(evidence: list[Evidence]) -> dict[str, SteerResult]:
 @register_kind
 class SteerEvidence(EvidenceKind):
     name = "steer"
+    outputs = ("steer.json", "steer.csv", "steer.png")
     pooled = False
     reads = "LinearProbes"
 
