@@ -242,7 +242,7 @@ def planted_store(tmp: Path) -> Path:
 
 
 def fit_probes(store: Path, out: Path, *extra: str):
-    from headprobe.train.fit import expand_short_form, run
+    from headprobe.train.train_cli import expand_short_form, run
 
     return run(expand_short_form(["linear", "--data.path", str(store), "--out", str(out), "--logger", "none",
                                   "--test", "false", "--model.controls", "[]", "--trainer.accelerator", ACCEL,

@@ -1,7 +1,7 @@
 """Extraction across processes and nodes: every rank extracts a contiguous share of a task's examples into its own
 shard store, and rank 0 joins the shards into one master store made of HDF5 virtual datasets.
 
-    torchrun --nproc_per_node 2 -m headprobe.extract.distributed --task capitals --out capitals.h5
+    torchrun --nproc_per_node 2 -m headprobe.extract.distributed_cli --task capitals --out capitals.h5
 
 Shares are runs of whole ``block_examples`` blocks (so batches, and hence activations, are the ones a one-process
 run computes), balanced over the ranks. Each rank writes ``<out stem>.shard-RRRRR-of-WWWWW<suffix>`` through
@@ -17,7 +17,6 @@ with ``--join-only`` in one process.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from dataclasses import replace
@@ -27,10 +26,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from headprobe import HeadprobeError
-from headprobe.extract.extractor import ExtractConfig, ExtractError, check_output, extract
+from headprobe.extract.extractor import ExtractConfig, ExtractError, extract
 from headprobe.extract.store import StoreError, StoreMeta
 from headprobe.extract.tasks import Task, assign_splits, dataset_hash
+from headprobe.extract.tasks.user import require_every_split
 
 PER_EXAMPLE = ("example_id", "group", "split")  # columns that depend on every example: stored in the master
 
@@ -55,9 +54,13 @@ def shard_path(out: str | Path, rank: int, world: int) -> Path:
 
 
 def _task_examples(task: Task, cfg: ExtractConfig) -> list:
+    """The examples of the whole extraction; user data too small for every split is refused here, as the shares
+    are split again in the join (a share's own splits say nothing)."""
     examples = task.examples(cfg.seed)[: cfg.max_examples]
     if not examples:
         raise ExtractError(f"task {task.name!r} has no examples: check the data file")
+    keys = [ex.group or str(i) for i, ex in enumerate(examples)]
+    require_every_split(task, keys, assign_splits(keys, task.split_fractions, cfg.seed))
     return examples
 
 
@@ -75,7 +78,7 @@ def extract_share(load, task: Task, out: str | Path, cfg: ExtractConfig, rank: i
     if resume and path.exists() and not overwrite:
         return path
     share = examples[lo:hi]
-    sub = replace(task, make=lambda seed: share)
+    sub = replace(task, make=lambda seed: share, extra={**task.extra, "share": (lo, hi)})
     loaded = load() if callable(load) else load
     return extract(loaded, sub, path, replace(cfg, max_examples=None), resume=resume, overwrite=overwrite,
                    progress=progress)
@@ -107,9 +110,10 @@ def join_shards(out: str | Path, task: Task, cfg: ExtractConfig, world: int, ove
     if out.exists() and not overwrite:
         raise ExtractError(f"{out} exists: pass --overwrite to replace it, or choose another --out")
 
-    groups = {g: i for i, g in enumerate(sorted({ex.group for ex in examples}))}
-    splits = assign_splits([ex.group or str(i) for i, ex in enumerate(examples)], task.split_fractions, cfg.seed)
-    group_of = np.array([groups[ex.group] for ex in examples], dtype=np.int64)
+    keys = [ex.group or str(i) for i, ex in enumerate(examples)]  # as a one-process extraction: no group, own group
+    groups = {g: i for i, g in enumerate(sorted(set(keys)))}
+    splits = assign_splits(keys, task.split_fractions, cfg.seed)
+    group_of = np.array([groups[k] for k in keys], dtype=np.int64)
     files = [h5py.File(p, "r") for p, _ in paths]
     try:
         metas = [StoreMeta.from_attrs(f.attrs) for f in files]
@@ -165,55 +169,3 @@ def _barrier(world: int) -> None:
     if world > 1:
         import torch.distributed as dist
         dist.barrier()
-
-
-def main(argv: list[str] | None = None) -> None:
-    from headprobe.extract.cli import add_arguments
-    from headprobe.extract.models import load_model
-    from headprobe.extract.tasks import resolve_task
-
-    p = argparse.ArgumentParser(prog="torchrun ... -m headprobe.extract.distributed",
-                                description="extract a task over all torchrun ranks and join the shards "
-                                            "(shares are whole --block-examples blocks)")
-    add_arguments(p)
-    p.add_argument("--join-only", action="store_true",
-                   help="only join existing shards (one process; pass --world-size of the extraction)")
-    p.add_argument("--world-size", type=int, default=None, help="ranks of the extraction, for --join-only")
-    p.add_argument("--backend", default="gloo", choices=["gloo", "nccl"], help="process group backend")
-    p.add_argument("--timeout-hours", type=float, default=24.0, help="how long ranks wait for each other")
-    args = p.parse_args(argv)
-    rank, world, local_rank = (0, args.world_size or 1, 0) if args.join_only else _rendezvous(args.backend,
-                                                                                              args.timeout_hours)
-    device = args.device
-    if device == "cuda" and int(os.environ.get("LOCAL_WORLD_SIZE", 1)) > 1:
-        device = f"cuda:{local_rank}"  # one GPU per process
-    try:
-        task = resolve_task(args.task)
-        cfg = ExtractConfig(layers=args.layers, positions=args.positions, store_dtype=args.store_dtype,
-                            writes=args.writes, padding_side=args.padding_side, batch_tokens=args.batch_tokens,
-                            seed=args.seed, max_examples=args.max_examples, block_examples=args.block_examples)
-        check_output(args.out, args.resume, args.overwrite)
-        if not args.join_only and not (args.resume and args.out.exists() and not args.overwrite):
-            load = lambda: load_model(args.model, dtype=args.dtype, device=device, device_map=args.device_map)
-            extract_share(load, task, args.out, cfg, rank, world, resume=args.resume, overwrite=args.overwrite,
-                          progress=not args.no_progress and rank == 0)
-            _barrier(world)
-            if rank == 0:
-                join_shards(args.out, task, cfg, world, overwrite=True)
-        elif args.join_only:
-            join_shards(args.out, task, cfg, world, overwrite=args.overwrite)
-        if rank == 0:
-            from headprobe.extract.store import Store
-            with Store(args.out) as store:
-                print(f"wrote {args.out}: {store.shape[0]} rows x {store.shape[1]} layers x {store.shape[2]} heads x "
-                      f"{store.shape[3]} d_head from {world} shard(s)")
-    except HeadprobeError as err:
-        raise SystemExit(f"extract.distributed: error (rank {rank}): {err}") from None
-    finally:
-        if world > 1 and not args.join_only:
-            import torch.distributed as dist
-            dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()

@@ -195,54 +195,124 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
+
+
+@dataclass
+class ModelSource:
+    """A model resolved and read up to its weights (config and tokenizer): enough to plan an extraction, check its
+    inputs and estimate its store before the weights load (:meth:`load`)."""
+
+    name: str  # what the user asked for
+    model_id: str  # resolved: alias name, hub id or absolute path
+    folder: Path | None  # the local folder holding it (None: a hub id)
+    offline: bool  # a hub id read from the local cache only
+    config: object  # a transformers PretrainedConfig
+    tokenizer: object
+
+    def load(self, dtype: str = "fp32", device: str = "cpu", attn_implementation: str | None = None,
+             device_map: str | dict | None = None) -> LoadedModel:
+        """The model's weights on ``device`` (or spread by ``device_map``), from safetensors only (never a pickle)."""
+        kwargs = {"dtype": DTYPES[dtype], "use_safetensors": True}
+        if device_map is not None:
+            kwargs["device_map"] = device_map
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        from transformers.utils import logging as hf_logging
+
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a per-shard bar in the middle of headprobe's own output
+        try:
+            model = _auto_class(self.config).from_pretrained(str(self.folder or self.name),
+                                                             local_files_only=self.offline, **kwargs)
+        except (OSError, ValueError) as err:
+            raise _load_error(self.name, self.folder, self.offline, err) from None
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+        model.eval()
+        if device_map is None:
+            model.to(device)
+        meta = self.folder / "headprobe.json" if self.folder else None
+        whash = json.loads(meta.read_text())["weights_hash"] if meta and meta.exists() else weights_fingerprint(model)
+        return LoadedModel(model=model, tokenizer=self.tokenizer, model_id=self.model_id, weights_hash=whash)
+
+
+def _resolve(name: str) -> tuple[Path | None, str]:
+    """(local folder or None for a hub id, model id) of an alias, a .gguf file (converted once), a folder or a hub
+    id."""
+    path = Path(name).expanduser()
+    if name in ALIASES:
+        return _converted_gguf(_alias_gguf(name)), name
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {path} does not exist: check the path")
+        return _converted_gguf(path), str(path.resolve())
+    if path.is_dir():
+        return path, str(path.resolve())
+    if path.exists() or name.startswith(("/", "./", "../")) or name.count("/") > 1:
+        raise ModelLoadError(f"{name!r} is not a model folder, a .gguf file, a hub id or an alias "
+                             f"({', '.join(ALIASES)}): check the path")
+    return None, name
+
+
+def refuse_pickled_weights(folder: Path) -> None:
+    """Refuse a folder whose weights are only pickles (.bin, .pt, ...): unpickling can run any code, so headprobe
+    reads safetensors only."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(f.name for pattern in PICKLED_WEIGHTS for f in folder.glob(pattern) if f.is_file())
+    if pickles:
+        raise ModelLoadError(f"{folder / pickles[0]}: pickled weights, which headprobe never loads (a pickle can run "
+                             f"code): pass a folder with the weights as .safetensors (convert them where you trust "
+                             f"the file)")
+
+
+def _load_error(name: str, folder: Path | None, offline: bool, err: Exception) -> ModelLoadError:
+    first = str(err).splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    if folder is not None:
+        return ModelLoadError(f"could not load a model from {folder}: {first}")
+    if offline:
+        why = "the Hugging Face Hub is unreachable and the local cache does not hold it"
+    elif "safetensors" in first:
+        why = "it has no .safetensors weights, and headprobe never loads pickled ones"
+    else:
+        why = f"unknown id: {first[:160]}"
+    return ModelLoadError(f"could not load {name!r} ({why}); pass a local folder or a .gguf file, or the alias "
+                          f"{DEFAULT_MODEL!r}")
+
+
+def open_model(name: str = DEFAULT_MODEL) -> ModelSource:
+    """Resolve ``name`` (see :func:`load_model`) and read its config and tokenizer, not its weights."""
+    folder, model_id = _resolve(name)
+    if folder is not None:
+        refuse_pickled_weights(folder)
+    offline = folder is None and not hub_reachable()
+    from transformers import AutoConfig, AutoTokenizer
+
+    source = str(folder or name)
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=offline)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline)
+    except (OSError, ValueError) as err:
+        raise _load_error(name, folder, offline, err) from None
+    return ModelSource(name, model_id, folder, offline, config, tokenizer)
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+
+
 def load_model(name: str = DEFAULT_MODEL, dtype: str = "fp32", device: str = "cpu",
                attn_implementation: str | None = None, device_map: str | dict | None = None) -> LoadedModel:
     """Load ``name``: an alias (``smollm2-135m``), a local folder, a ``.gguf`` file or a hub id.
 
     ``device_map`` ("auto", "balanced", ... or a module -> device dict) spreads a model that does not fit one GPU
-    over all visible GPUs (and the CPU) with accelerate; ``device`` is then ignored.
+    over all visible GPUs (and the CPU) with accelerate; ``device`` is then ignored. Weights load from safetensors
+    only: a folder holding only pickled weights (pytorch_model.bin, ...) is refused, and nothing is unpickled.
     """
-    if dtype not in DTYPES:
-        raise ModelLoadError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    check_dtype(dtype)
     if device_map is None:
         check_device(device)
-    kwargs = {"dtype": DTYPES[dtype]}
-    if device_map is not None:
-        kwargs["device_map"] = device_map
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    path = Path(name).expanduser()
-    if name in ALIASES:
-        folder, model_id = _converted_gguf(_alias_gguf(name)), name
-    elif path.suffix == ".gguf":
-        if not path.is_file():
-            raise ModelLoadError(f"GGUF file {path} does not exist: check the path")
-        folder, model_id = _converted_gguf(path), str(path.resolve())
-    elif path.is_dir():
-        folder, model_id = path, str(path.resolve())
-    elif path.exists() or name.startswith(("/", "./", "../")) or name.count("/") > 1:
-        raise ModelLoadError(f"{name!r} is not a model folder, a .gguf file, a hub id or an alias "
-                             f"({', '.join(ALIASES)}): check the path")
-    else:
-        folder, model_id = None, name
-    source = str(folder) if folder else name
-    offline = folder is None and not hub_reachable()
-    from transformers import AutoConfig, AutoTokenizer
-
-    try:
-        config = AutoConfig.from_pretrained(source, local_files_only=offline)
-        model = _auto_class(config).from_pretrained(source, local_files_only=offline, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline)
-    except (OSError, ValueError) as err:
-        if folder is None:
-            why = ("the Hugging Face Hub is unreachable and the local cache does not hold it" if offline else
-                   f"unknown id: {str(err).splitlines()[0][:160]}")
-            raise ModelLoadError(f"could not load {name!r} ({why}); pass a local folder or a .gguf file, or the "
-                                 f"alias {DEFAULT_MODEL!r}") from None
-        raise ModelLoadError(f"could not load a model from {folder}: {str(err).splitlines()[0][:200]}") from None
-    model.eval()
-    if device_map is None:
-        model.to(device)
-    meta = folder / "headprobe.json" if folder else None
-    whash = json.loads(meta.read_text())["weights_hash"] if meta and meta.exists() else weights_fingerprint(model)
-    return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id, weights_hash=whash)
+    return open_model(name).load(dtype, device, attn_implementation, device_map)

@@ -15,12 +15,18 @@ Schema version 1 (docs/store.md has the full description)::
 
 A file is written as ``<out>.partial`` with every dataset allocated up front, so later writes touch only raw
 data; progress lives in an atomically replaced sidecar ``<out>.partial.json``. Only a finished extraction is
-renamed to ``<out>``, with ``complete = True``.
+renamed to ``<out>``, with ``complete = True``. The writer keeps no chunk cache, so a full disk fails the write
+that hit it (HDF5 would otherwise report it only when the cache is flushed, or never); it then raises
+:class:`DiskFullError`, and the partial keeps every committed block for ``--resume``.
 """
 from __future__ import annotations
 
+import errno
+import gc
 import json
 import os
+import shutil
+import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Iterator
@@ -38,6 +44,53 @@ ROW_FIELDS = {"token_id": np.int32, "example_id": np.int64, "position": np.int32
 
 class StoreError(HeadprobeError, RuntimeError):
     """A store that cannot be read or written as asked; the message says what to do."""
+
+
+class DiskFullError(StoreError):
+    """The store does not fit (or no longer fits) on its disk; the message names the folder."""
+
+
+def disk_full(err: BaseException) -> bool:
+    """Whether an OS or HDF5 error says the disk (or the user's quota) is full; HDF5 reports some of them only in
+    the message."""
+    codes = (errno.ENOSPC, errno.EDQUOT)
+    return getattr(err, "errno", None) in codes or any(f"errno = {code}," in str(err) for code in codes)
+
+
+def store_bytes(n_rows: int, n_layers: int, n_heads: int, d_head: int, itemsize: int, d_model: int = 0) -> int:
+    """The raw size of a store's datasets (a lower bound on the file): z, head writes when ``d_model`` is given,
+    and the per-row columns."""
+    row_columns = sum(np.dtype(dt).itemsize for dt in ROW_FIELDS.values()) + 8  # + the label
+    return n_rows * (n_layers * n_heads * (d_head + d_model) * itemsize + row_columns)
+
+
+def existing_folder(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists (where a file under ``path`` would take its space)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
+        n /= 1000
+    return f"{n:,.1f} TB"
+
+
+def check_free_space(out: str | Path, need: int, resume: bool = False) -> None:
+    """Refuse a store of about ``need`` bytes that does not fit in the free space of ``out``'s folder (less what an
+    interrupted ``<out>.partial`` already holds, with ``resume``)."""
+    folder = existing_folder(Path(out).parent)
+    partial = partial_path(out)
+    held = partial.stat().st_blocks * 512 if resume and partial.is_file() else 0
+    free = shutil.disk_usage(folder).free
+    if need - held > free:
+        raise DiskFullError(f"{folder}: the store needs about {_size(need - held)} and {_size(free)} is free there: "
+                            f"free some space, or choose an --out on another disk, or store less (--layers, "
+                            f"--max_examples)")
 
 
 ROW_IDENTITY = ("weights_hash", "architecture", "task", "dataset_hash", "dtype", "position_rule", "config")
@@ -115,23 +168,53 @@ class StoreWriter:
             return
         self.partial.unlink(missing_ok=True)
         self.partial.parent.mkdir(parents=True, exist_ok=True)
-        self.file = h5py.File(self.partial, "w", track_order=True)
+        self.rows_done = self.examples_done = 0
+        self.file = None
+        try:
+            self.file = h5py.File(self.partial, "w", track_order=True, rdcc_nbytes=0)
+            self._create(label_dtype, constants or {})
+        except (OSError, RuntimeError) as err:
+            if not disk_full(err):
+                raise
+            self._abandon()
+            raise DiskFullError(f"{self.partial.parent}: no space left on the device for {self.partial.name}: free "
+                                f"some space, then run the command again") from None
+
+    def _create(self, label_dtype: type, constants: dict[str, np.ndarray]) -> None:
+        meta = self.meta
         n, L, H = meta.n_rows, len(meta.layers), meta.n_heads
         self._allocate("z", (n, L, H, meta.d_head), np.dtype(meta.dtype))
         if meta.has_writes:
             self._allocate("write", (n, L, H, meta.d_model), np.dtype(meta.dtype))
         for name, dt in {**ROW_FIELDS, "label": label_dtype}.items():
             self._allocate(name, (n,), np.dtype(dt))
-        for name, value in (constants or {}).items():  # written before the first commit: no later metadata change
+        for name, value in constants.items():  # written before the first commit: no later metadata change
             self.file.create_dataset(name, data=value, track_times=False)
         self.file.attrs.update(meta.to_attrs())
         self.file.attrs["complete"] = False
-        self.rows_done = self.examples_done = 0
         self._commit()
+
+    def _abandon(self) -> None:
+        """Drop a partial whose creation ran out of space. HDF5 cannot flush it, so closing fails; its complaints
+        while the handles are freed are silenced (they would print tracebacks)."""
+        hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
+        try:
+            self.close()
+            self.file = None
+            gc.collect()
+        finally:
+            sys.unraisablehook = hook
+        self.partial.unlink(missing_ok=True)
+        self.progress_path.unlink(missing_ok=True)
+
+    def _full(self) -> DiskFullError:
+        return DiskFullError(f"{self.partial.parent}: no space left on the device while writing {self.partial.name} "
+                             f"({self.rows_done} of {self.meta.n_rows} rows kept): free some space, then run the same "
+                             f"command with --resume to finish it")
 
     def _reopen(self) -> None:
         try:
-            self.file = h5py.File(self.partial, "r+")
+            self.file = h5py.File(self.partial, "r+", rdcc_nbytes=0)
             old = StoreMeta.from_attrs(self.file.attrs)
         except (OSError, StoreError) as err:
             raise StoreError(f"{self.partial} cannot be resumed ({err}): rerun with --overwrite") from None
@@ -156,32 +239,55 @@ class StoreWriter:
         h5py.h5d.create(self.file.id, name.encode(), h5py.h5t.py_create(dtype), space, dcpl=dcpl)
 
     def write_block(self, n_examples: int, arrays: dict[str, np.ndarray]) -> None:
-        """Append the rows of the next ``n_examples`` examples and commit them."""
+        """Append the rows of the next ``n_examples`` examples and commit them. On a full disk the rows since the
+        last commit are lost (a resume writes them again) and :class:`DiskFullError` says what to do."""
         n = len(arrays["z"])
-        for name, value in arrays.items():
-            self.file[name][self.rows_done:self.rows_done + n] = value
+        try:
+            for name, value in arrays.items():
+                self.file[name][self.rows_done:self.rows_done + n] = value
+            self._commit(self.rows_done + n, self.examples_done + n_examples)
+        except (OSError, RuntimeError) as err:
+            if not disk_full(err):
+                raise
+            raise self._full() from None
         self.rows_done += n
         self.examples_done += n_examples
-        self._commit()
 
-    def _commit(self) -> None:
+    def _commit(self, rows_done: int | None = None, examples_done: int | None = None) -> None:
+        """Flush the file, then record the progress atomically (the old record stays if that fails)."""
         self.file.flush()
         tmp = self.progress_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"rows_done": self.rows_done, "examples_done": self.examples_done}))
-        os.replace(tmp, self.progress_path)
+        progress = {"rows_done": self.rows_done if rows_done is None else rows_done,
+                    "examples_done": self.examples_done if examples_done is None else examples_done}
+        try:
+            tmp.write_text(json.dumps(progress))
+            os.replace(tmp, self.progress_path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def finish(self) -> Path:
         if self.rows_done != self.meta.n_rows:
             raise StoreError(f"internal error: wrote {self.rows_done} of {self.meta.n_rows} rows")
-        self.file.attrs["complete"] = True
-        self.file.close()
+        try:
+            self.file.attrs["complete"] = True
+            self.file.close()
+        except (OSError, RuntimeError) as err:
+            if not disk_full(err):
+                raise
+            raise self._full() from None
         os.replace(self.partial, self.out)
         self.progress_path.unlink(missing_ok=True)
         return self.out
 
     def close(self) -> None:
-        if self.file.id.valid:
-            self.file.close()
+        """Close the file; after a full disk a close that cannot flush is given up (the partial keeps what was
+        committed)."""
+        if self.file is not None and self.file.id.valid:
+            try:
+                self.file.close()
+            except (OSError, RuntimeError) as err:
+                if not disk_full(err):
+                    raise
 
     def discard(self) -> None:
         """Close and delete the unfinished file (after an error that a resume would only repeat)."""
@@ -304,7 +410,15 @@ class Store:
         ``layers`` are indices into ``meta.layers`` (storage slots). Scattered rows are read as a few contiguous
         slabs and picked in memory (see :meth:`_gather`), ~20x faster than HDF5 point selection.
         """
+        if name not in self.file:
+            raise StoreError(f"{self.path} holds no /{name} dataset" + (": extract with --writes to store the heads' "
+                             "residual-stream writes" if name == "write" else ""))
         ds = self.file[name]
+        for what, picked, n in (("layer slot", layers, ds.shape[1]), ("head", heads, ds.shape[2])):
+            bad = [i for i in picked or [] if not -n <= i < n]
+            if bad:
+                raise StoreError(f"{what}s {bad} are outside 0..{n - 1} of {self.path} (layer slots index "
+                                 f"meta.layers {list(self.meta.layers)})")
         if rows is None or isinstance(rows, slice):
             out = ds[rows if rows is not None else slice(None)]
         else:

@@ -31,7 +31,7 @@ FORMAT_VERSION = 1
 FILES = ("model.safetensors", "config.json", "metrics.json", "README.md")
 CLASSES: dict[str, type] = {}
 # imported when a class name is not yet known
-BUILTIN_MODULES = ("headprobe.probes.linear", "headprobe.probes.sparse", "headprobe.probes.sae")
+BUILTIN_MODULES = ("headprobe.probes.linear", "headprobe.probes.sparse", "headprobe.probes.sae", "headprobe.probes.steering")
 
 
 class CheckpointError(HeadprobeError, RuntimeError):
@@ -39,12 +39,10 @@ class CheckpointError(HeadprobeError, RuntimeError):
 
 
 def register(cls: type) -> type:
-    """Class decorator: make ``cls`` loadable by name. It must define ``from_checkpoint(config, tensors)``; it
-    gets :meth:`PretrainedMixin.from_pretrained` unless it has its own."""
+    """Class decorator: make ``cls`` loadable by name. It must define ``from_checkpoint(config, tensors)``
+    (:class:`headprobe.probes.hub.FromPretrained` adds ``Cls.from_pretrained(ref)``)."""
     if not callable(getattr(cls, "from_checkpoint", None)):
         raise TypeError(f"{cls.__name__} needs a from_checkpoint(config, tensors) classmethod to be registered")
-    if not hasattr(cls, "from_pretrained"):
-        cls.from_pretrained = classmethod(PretrainedMixin.from_pretrained.__func__)
     CLASSES[cls.__name__] = cls
     return cls
 
@@ -142,6 +140,20 @@ def save_checkpoint(folder: str | Path, tensors: dict[str, torch.Tensor], config
     return folder
 
 
+def export(module, folder: str | Path, meta=None, metrics: dict | None = None, command: str = "",
+           data: dict | None = None) -> Path:
+    """Write a trained module as a checkpoint folder through its export protocol: ``checkpoint_tensors()`` (tensors
+    on raw activations, normalisation folded in), ``checkpoint_config(meta)`` (``meta``: the training store's
+    StoreMeta) and, unless ``metrics`` is given, ``checkpoint_metrics()``. ``data`` adds to the config's record of
+    the training data (e.g. rows per split)."""
+    config = module.checkpoint_config(meta)
+    config.command = command or config.command
+    config.data.update(data or {})
+    if metrics is None:
+        metrics = module.checkpoint_metrics() if hasattr(module, "checkpoint_metrics") else {}
+    return save_checkpoint(folder, module.checkpoint_tensors(), config, metrics)
+
+
 def scalar_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
     """The scalar entries of a metrics dict, nested dicts flattened as ``outer/inner`` (tables are left out)."""
     out = {}
@@ -171,7 +183,7 @@ def default_card(config: CheckpointConfig, metrics: dict) -> str:
         lines += ["Reproduce with:", "", "```", config.command, "```", ""]
     if scalar:
         lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {v:.4g} |" for k, v in scalar.items()] + [""]
-    lines += ["Load with `probes.load(path_or_id)`; the format is described in docs/checkpoints.md.", ""]
+    lines += ["Load with `headprobe.load(path_or_id)`; the format is described in docs/checkpoints.md.", ""]
     return "\n".join(lines)
 
 
@@ -206,7 +218,7 @@ def read_checkpoint(folder: str | Path, expected_sha256: dict[str, str] | None =
         raise CheckpointError(f"{folder} uses checkpoint format {config.format_version}; upgrade headprobe")
     if not config.tensors_sha256:
         raise CheckpointError(f"{folder / 'config.json'} records no tensors_sha256, so model.safetensors cannot be "
-                              f"verified: save the checkpoint with probes.save_checkpoint")
+                              f"verified: save the checkpoint with headprobe.probes.checkpoint.export")
     _verify(folder / "model.safetensors", config.tensors_sha256)
     try:
         tensors = load_file(folder / "model.safetensors")
@@ -271,23 +283,13 @@ def load_local(folder: str | Path, expected_sha256: dict[str, str] | None = None
 
 class PretrainedMixin:
     """Checkpoint methods for a torch module whose constructor takes ``config.hparams`` and whose state_dict is
-    exactly what it saves. Subclasses may override :meth:`from_checkpoint`; use with ``@register``."""
+    exactly what it saves. Subclasses may override :meth:`from_checkpoint`; use with ``@register`` (and
+    :class:`headprobe.probes.hub.FromPretrained` for ``from_pretrained``)."""
 
     @classmethod
     def from_checkpoint(cls, config: CheckpointConfig, tensors: dict[str, torch.Tensor]):
         module = cls(**config.hparams)
         module.load_state_dict(tensors, strict=True)
-        return module
-
-    @classmethod
-    def from_pretrained(cls, ref: str | Path, **kwargs):
-        """Load from a folder, registry id, Hugging Face repo or static hub URL (see :func:`headprobe.probes.hub.load`)."""
-        from headprobe.probes.hub import load
-
-        module = load(ref, **kwargs)
-        if not isinstance(module, cls):
-            raise CheckpointError(f"{ref} holds a {type(module).__name__}, not a {cls.__name__}: "
-                                  f"load it with probes.load or {type(module).__name__}.from_pretrained")
         return module
 
     def save_pretrained(self, folder: str | Path, config: CheckpointConfig, metrics: dict | None = None,

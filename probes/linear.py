@@ -28,6 +28,7 @@ from torch import Tensor
 
 from headprobe import InputError
 from headprobe.probes.checkpoint import CheckpointConfig, init_hparams, register
+from headprobe.probes.hub import FromPretrained
 from headprobe.probes.metrics import bootstrap_ci, predictions, probe_metrics
 from headprobe.probes.newton import LOSSES, NewtonState, newton_stats, probe_logits
 from headprobe.probes.probe_eval import SplitEval
@@ -77,7 +78,7 @@ def fittable_controls(columns: dict[str, np.ndarray], train: np.ndarray, control
 
 
 @register
-class LinearProbes(SplitEval, L.LightningModule):
+class LinearProbes(SplitEval, FromPretrained, L.LightningModule):
     """Linear probes on every (layer, head) of a store, trained at once.
 
     Args:

@@ -11,12 +11,10 @@ Metrics (over all evaluated tokens, x raw activations (N, d_in)):
 CE loss recovered = (CE_ablated - CE_spliced) / (CE_ablated - CE_clean), with zero- and mean-ablation of the same
 heads: 1 means the reconstruction is as good as the real activations, 0 as bad as ablating them.
 
-``python -m headprobe.probes.sae_eval CHECKPOINT --store STORE.h5`` prints the metrics as JSON.
+``python -m headprobe.probes.sae_eval_cli CHECKPOINT --store STORE.h5`` prints the metrics as JSON.
 """
 from __future__ import annotations
 
-import argparse
-import json
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -262,22 +260,3 @@ def evaluate_checkpoint(checkpoint: str | Path, store: str | Path, split: str = 
         batches = token_batches(store_sequences(store, split, ce_tokens))
         metrics.update(ce_loss_recovered(loaded.model, sae, batches, store_mean(store, slots, cfg.heads)))
     return metrics
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m headprobe.probes.sae_eval", description=__doc__.splitlines()[0])
-    p.add_argument("checkpoint", help="SAE checkpoint folder")
-    p.add_argument("--store", required=True, help="all-token store of the same model, layer(s) and heads")
-    p.add_argument("--split", default="test")
-    p.add_argument("--max-rows", type=int, default=None)
-    p.add_argument("--ce-tokens", type=int, default=0, help="held-out tokens for CE loss recovered (0: skip)")
-    p.add_argument("--model", default=None, help="model for CE (default: the checkpoint's model_id)")
-    p.add_argument("--histogram", type=Path, default=None, help="write the feature-density histogram PNG here")
-    args = p.parse_args(argv)
-    metrics = evaluate_checkpoint(args.checkpoint, args.store, args.split, args.max_rows, args.ce_tokens,
-                                  args.histogram, args.model)
-    print(json.dumps(metrics, indent=2))
-
-
-if __name__ == "__main__":
-    main()

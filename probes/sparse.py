@@ -26,11 +26,18 @@ from torch import Tensor
 
 from headprobe import InputError
 from headprobe.probes.checkpoint import CheckpointConfig, init_hparams, register
+from headprobe.probes.hub import FromPretrained
 from headprobe.probes.metrics import probe_metrics
 from headprobe.probes.newton import fit_newton, loss_terms
 from headprobe.probes.probe_eval import SplitEval
 
 PENALTIES = ("l1", "elastic_net", "group_lasso")
+
+
+def group_norms(weights: Tensor | np.ndarray) -> Tensor:
+    """L2 norm of each head's weight group: (L, H, D[, C]) -> (L, H), in the weights' dtype (float64 for arrays)."""
+    w = torch.as_tensor(weights) if isinstance(weights, Tensor) else torch.as_tensor(weights, dtype=torch.float64)
+    return w.flatten(2).norm(dim=2)
 
 
 def prox(W: Tensor, penalty: str, thresh: float, l1_ratio: float = 0.5) -> Tensor:
@@ -45,7 +52,7 @@ def prox(W: Tensor, penalty: str, thresh: float, l1_ratio: float = 0.5) -> Tenso
 
 
 @register
-class SparseProbe(SplitEval, L.LightningModule):
+class SparseProbe(SplitEval, FromPretrained, L.LightningModule):
     """One sparse linear probe over every stored head.
 
     Args:
@@ -173,7 +180,7 @@ class SparseProbe(SplitEval, L.LightningModule):
         """(L, H) norm of each head's weights on the standardised scale (0: the head was dropped)."""
         if self._saved_norm is not None:  # loaded: W is on the raw scale
             return self._saved_norm
-        return self.W.pow(2).sum((2, 3)).sqrt()
+        return group_norms(self.W)
 
     # --- evaluation ---------------------------------------------------------------------------------------------
     def _collect(self, batch: dict) -> tuple[Tensor, Tensor]:

@@ -21,6 +21,7 @@ from transformers.models.llama import modeling_llama  # noqa: F401
 from headprobe.extract.store import StoreMeta, write_array_store
 from headprobe.extract.tasks import Example, Task
 from headprobe.probes.checkpoint import CheckpointConfig, PretrainedMixin, register
+from headprobe.probes.hub import FromPretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +42,9 @@ class ByteTokenizer:
 
 
 def tiny_model(family: str, seed: int = 0, attn: str = "eager"):
-    """A tiny random model of ``family``: gpt2, gpt_neox, llama (GQA), qwen2 (GQA, o_proj without bias) or bert."""
+    """A tiny random model of ``family``: gpt2, gpt_neox, llama (GQA), qwen2 (GQA, o_proj without bias) or bert.
+    The rotary families have a 512-token context (the longest built-in input, a corpus document, fits); gpt2 and
+    bert, with learned positions, 128."""
     from transformers import (BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM,
                               LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
@@ -51,14 +54,14 @@ def tiny_model(family: str, seed: int = 0, attn: str = "eager"):
         m = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=128, **common))
     elif family == "gpt_neox":
         m = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                                             intermediate_size=64, max_position_embeddings=128, **common))
+                                             intermediate_size=64, max_position_embeddings=512, **common))
     elif family == "llama":
         m = LlamaForCausalLM(LlamaConfig(hidden_size=48, num_hidden_layers=3, num_attention_heads=6,
-                                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
+                                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=512,
                                          **common))
     elif family == "qwen2":
         m = Qwen2ForCausalLM(Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
+                                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=512,
                                          **common))
     elif family == "bert":
         m = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -184,7 +187,9 @@ def cli_process(argv: list[str], log, env: dict[str, str] | None = None, err_log
     global _SERVER
     if _SERVER is None:
         _SERVER = multiprocessing.get_context("forkserver")
-        _SERVER.set_forkserver_preload(["headprobe.extract.cli", "headprobe.train.cli", "helpers"])
+        _SERVER.set_forkserver_preload(["headprobe.extract.cli", "headprobe.train.cli", "headprobe.train.train_cli",
+                                        "headprobe.train.run_cli", "headprobe.probes.attribution.cli",
+                                        "headprobe.probes.hub.cli", "headprobe.probes.linear", "helpers"])
     proc = _SERVER.Process(target=_cli_child, args=(list(argv), str(log), env or {}, err_log and str(err_log)))
     proc.start()
     return proc
@@ -215,7 +220,7 @@ def run_cli_split(argv: list[str], log, env: dict[str, str] | None = None,
 
 
 @register
-class HeadScorer(PretrainedMixin, torch.nn.Module):
+class HeadScorer(PretrainedMixin, FromPretrained, torch.nn.Module):
     """A per-head linear read-out, (B, L, H, D) -> (B, L, H): a small stand-in for a probe."""
 
     def __init__(self, n_layers: int, n_heads: int, d_head: int):
@@ -449,3 +454,16 @@ def run_snapshot(folder: Path) -> dict:
         out["images"][img.name] = hashlib.sha256(img.read_bytes()).hexdigest()
     json.dumps(out)  # JSON-able
     return out
+
+
+def assert_same_store(path, reference) -> None:
+    """Every dataset byte for byte, and every attribute but the creation time."""
+    import h5py
+
+    with h5py.File(path, "r") as a, h5py.File(reference, "r") as b:
+        assert sorted(a) == sorted(b)
+        for name in b:
+            assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
+            assert a[name][()].tobytes() == b[name][()].tobytes(), name
+        assert {k: str(v) for k, v in a.attrs.items() if k != "created"} == \
+               {k: str(v) for k, v in b.attrs.items() if k != "created"}

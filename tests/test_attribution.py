@@ -13,7 +13,8 @@ from headprobe.probes.attribution.evidence import Evidence
 from headprobe.probes.attribution.kinds.linear import linear_evidence
 from headprobe.probes.attribution.kinds.sae import (decoder_head_shares, direct_feature_attribution, feature_task_auroc,
                                                     feature_ties, sae_evidence)
-from headprobe.probes.attribution.kinds.sparse import group_norms, sparse_evidence
+from headprobe.probes.attribution.kinds.sparse import sparse_evidence
+from headprobe.probes.sparse import group_norms
 from headprobe.probes.attribution.stage_map import STAGE_AXIS as STAGES
 from headprobe.probes.attribution.stage_map import build_stage_map, write_stage_map
 from helpers import PLANTED, H, L, group_lasso, lda_accuracy, make_tasks, planted_map, topk_activations, topk_sae
@@ -125,7 +126,7 @@ def sparse_evidences(tasks):
         z = (t.z - t.z[t.train].mean(0)) / t.z[t.train].std(0)
         w = group_lasso(z[t.train], t.labels[t.train])
         control = group_lasso(z[t.train], rng.permutation(t.labels[t.train]))
-        out.append(sparse_evidence(t.name, t.stage, w, control, LAYERS))
+        out.append(sparse_evidence(t.name, t.stage, group_norms(w), LAYERS, group_norms(control)))
     return out
 
 

@@ -14,7 +14,7 @@ from headprobe.extract.store import Store
 from headprobe.extract.store import write_array_store as write_store
 from headprobe.probes.attribution import evidence_from_checkpoints
 from headprobe.probes.attribution.stage_map import build_stage_map
-from headprobe.probes.checkpoint import save_checkpoint
+from headprobe.probes.checkpoint import export, save_checkpoint
 from headprobe.probes.linear import LinearProbes
 from headprobe.probes.sae import SparseAutoencoder
 from headprobe.probes.sparse import SparseProbe
@@ -52,7 +52,7 @@ def run_dir(tmp_path_factory):
         sae = SparseAutoencoder(architecture="topk", d_sae=32, k=4, lr=1e-2, warmup_steps=2, seed=layer)
         trainer(max_steps=200, limit_val_batches=0).fit(
             sae, datamodule=StoreDataModule(corpus, layers=[layer], batch_size=256))
-        sae.save(root / "ckpt" / f"sae-l{layer}")
+        export(sae, root / "ckpt" / f"sae-l{layer}")
     torch.set_num_threads(before)
     return root
 

@@ -8,6 +8,7 @@ import torch
 
 from headprobe.probes.checkpoint import (CLASSES, CheckpointError, file_hashes, load_local, read_checkpoint, register,
                                          save_checkpoint, sha256)
+from headprobe.probes.hub import FromPretrained
 from helpers import HeadScorer, make_checkpoint, store_meta
 
 
@@ -96,13 +97,13 @@ def test_unknown_class_and_bad_config_are_clear(tmp_path):
         load_local(tmp_path)
 
 
-def test_register_needs_from_checkpoint_and_adds_from_pretrained(tmp_path):
+def test_register_needs_from_checkpoint_and_from_pretrained_checks_the_class(tmp_path):
     with pytest.raises(TypeError, match="from_checkpoint"):
         register(type("NoLoader", (), {}))
     assert CLASSES["HeadScorer"] is HeadScorer
 
     @register
-    class Plain:
+    class Plain(FromPretrained):
         @classmethod
         def from_checkpoint(cls, config, tensors):
             return cls()

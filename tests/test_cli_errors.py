@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 
 import pytest
 
@@ -59,3 +60,10 @@ def test_full_disk_names_the_path_and_what_to_do(capsys, monkeypatch):
     err = capsys.readouterr().err.strip()
     assert done.value.code == 2 and err.startswith("headprobe: error: /data/out.h5: no space left")
     assert "\n" not in err
+
+
+def test_debug_flag_does_not_outlive_its_command(monkeypatch, tmp_path):
+    monkeypatch.delenv("HEADPROBE_DEBUG", raising=False)
+    with pytest.raises(HeadprobeError):
+        main(["hub", "show", str(tmp_path / "missing"), "--debug"])
+    assert "HEADPROBE_DEBUG" not in os.environ

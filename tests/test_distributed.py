@@ -111,7 +111,7 @@ def test_torchrun_two_gloo_processes_equal_one_process(tmp_path, tiny_folder):
     cfg = ExtractConfig(block_examples=40)
     ref = extract(loaded, task, tmp_path / "ref.h5", cfg, progress=False)
     out = tmp_path / "dist.h5"
-    rc, stdout, stderr = torchrun(2, "-m", "headprobe.extract.distributed", "--model", str(tiny_folder),
+    rc, stdout, stderr = torchrun(2, "-m", "headprobe.extract.distributed_cli", "--model", str(tiny_folder),
                                   "--task", "capitals", "--out", str(out), "--block-examples", "40", "--no-progress")
     assert rc == 0, stderr[-3000:]
     assert "from 2 shard(s)" in stdout

@@ -44,7 +44,7 @@ def synthetic_store(path: Path, n: int = 4801, layers: int = 2, heads: int = 4, 
 
 def probe_run(store: Path, out: Path, *trainer_args: str):
     """``headprobe train linear`` (per-head Newton probes) on ``store``; returns the CLI (model, trainer)."""
-    from headprobe.train.fit import expand_short_form, run
+    from headprobe.train.train_cli import expand_short_form, run
 
     return run(expand_short_form(["linear", "--data.path", str(store), "--out", str(out), "--logger", "none",
                                   "--test", "false", "--model.controls", "[]", *trainer_args]))

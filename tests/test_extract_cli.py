@@ -19,9 +19,10 @@ import pytest
 import torch
 
 from headprobe.extract import ExtractConfig, ExtractError, Store, StoreError, extract
-from headprobe.extract.models import LoadedModel, ModelLoadError, load_model, weights_fingerprint
+from headprobe.extract.models import LoadedModel, ModelLoadError, ModelSource, load_model, weights_fingerprint
 from headprobe.extract.tasks import Example, Task, get_task
-from helpers import ByteTokenizer, cli_process, interrupted, run_cli, save_model_folder, tiny_loaded, tiny_model
+from helpers import (ByteTokenizer, assert_same_store, cli_process, interrupted, run_cli, save_model_folder, tiny_loaded,
+                     tiny_model)
 
 SLOW_ARGS = ["--positions", "all", "--writes", "--block-examples", "2", "--batch-tokens", "32", "--no-progress"]
 
@@ -60,17 +61,6 @@ def _watch(proc, progress, until) -> tuple[list[int], list[float]]:
                 break
         time.sleep(0.001)
     return seen, changes
-
-
-def assert_same_store(path, reference) -> None:
-    """Every dataset byte for byte, and every attribute but the creation time."""
-    with h5py.File(path, "r") as a, h5py.File(reference, "r") as b:
-        assert sorted(a) == sorted(b)
-        for name in b:
-            assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
-            assert a[name][()].tobytes() == b[name][()].tobytes(), name
-        assert {k: str(v) for k, v in a.attrs.items() if k != "created"} == \
-               {k: str(v) for k, v in b.attrs.items() if k != "created"}
 
 
 def test_kill_9_at_random_moments_then_resume_gives_the_uninterrupted_file(tmp_path, model_folder):
@@ -168,11 +158,12 @@ def test_cli_bad_input_gives_one_line_errors_and_no_complete_looking_file(tmp_pa
         one_line_error(*run_cli([*base, "--model", str(empty), "--device", "cuda"], log), "sees no CUDA GPU",
                        "pass cpu")
     for flag in ("--block-examples", "--max-examples", "--batch-tokens"):  # refused before the model loads
-        one_line_error(*run_cli([*base, "--model", str(empty), flag, "0"], log), f"{flag} 0", "positive")
+        snake = "--" + flag[2:].replace("-", "_")  # the message names the option's one spelling
+        one_line_error(*run_cli([*base, "--model", str(empty), flag, "0"], log), f"{snake} 0", "positive")
     assert not out.exists() and not (tmp_path / "x.h5.partial").exists()
 
     huge = save_model_folder(tmp_path / "huge", v_scale=1e6)  # z overflows float16
-    one_line_error(*run_cli([*base, "--model", huge], log), "non-finite activations", "--store-dtype fp32")
+    one_line_error(*run_cli([*base, "--model", huge], log), "non-finite activations", "--store_dtype fp32")
     assert not out.exists() and not (tmp_path / "x.h5.partial").exists()
     code, text = run_cli([*base, "--model", huge, "--store-dtype", "fp32", "--max-examples", "4"], log)
     assert code == 0, text
@@ -200,11 +191,12 @@ def test_cli_bad_input_gives_one_line_errors_and_no_complete_looking_file(tmp_pa
 
 def test_ctrl_c_ends_in_one_line_pointing_at_resume(tmp_path, model_folder, monkeypatch, capsys):
     """Ctrl-C (a KeyboardInterrupt at the model's second forward) exits 130 with one line; --resume then finishes."""
-    import headprobe.extract.cli as extract_cli
     from headprobe.train.cli import main
 
-    def load_and_interrupt(*args, **kwargs):
-        loaded, calls = load_model(*args, **kwargs), []
+    real_load = ModelSource.load
+
+    def load_and_interrupt(self, *args, **kwargs):
+        loaded, calls = real_load(self, *args, **kwargs), []
 
         def hook(module, inputs):
             calls.append(1)
@@ -213,7 +205,7 @@ def test_ctrl_c_ends_in_one_line_pointing_at_resume(tmp_path, model_folder, monk
         loaded.model.base_model.register_forward_pre_hook(hook)
         return loaded
 
-    monkeypatch.setattr(extract_cli, "load_model", load_and_interrupt)
+    monkeypatch.setattr(ModelSource, "load", load_and_interrupt)
     argv = ["extract", "--task", "capitals", "--out", str(tmp_path / "z.h5"), "--model", model_folder, *SLOW_ARGS]
     with pytest.raises(SystemExit) as exit_:
         main(argv)
@@ -221,7 +213,7 @@ def test_ctrl_c_ends_in_one_line_pointing_at_resume(tmp_path, model_folder, monk
     assert exit_.value.code == 130 and "Traceback" not in "\n".join(err), err
     assert err[-1].startswith("headprobe: interrupted; finished work is kept") and "--resume" in err[-1]
     assert not (tmp_path / "z.h5").exists() and (tmp_path / "z.h5.partial").exists()
-    monkeypatch.setattr(extract_cli, "load_model", load_model)
+    monkeypatch.setattr(ModelSource, "load", real_load)
     main([*argv, "--resume"])
     with Store(tmp_path / "z.h5") as s:
         assert s.shape[0] > 0

@@ -127,7 +127,7 @@ def _load_in_fresh_process(ref: str, hf_cache: Path) -> subprocess.CompletedProc
 def test_hugging_face_cache_offline(tmp_path):
     original = make_checkpoint(tmp_path / "ck")
     hf_cache = tmp_path / "hf" / "hub"
-    root = _hf_cache_layout(hf_cache, "someorg/head-scorer", tmp_path / "ck", "a" * 40)
+    _hf_cache_layout(hf_cache, "someorg/head-scorer", tmp_path / "ck", "a" * 40)
     torch.manual_seed(1)
     expected = float(original(torch.randn(4, 3, 6, 8)).sum().detach())
 

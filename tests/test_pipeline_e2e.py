@@ -1,5 +1,7 @@
 """``headprobe run`` end to end on a tiny random Llama: every step, every report artefact, a cached second run, and
 the page rendered in headless Chromium with every image loaded."""
+import csv
+import io
 import json
 import os
 import re
@@ -15,6 +17,7 @@ import pytest
 from headprobe.extract.tasks import TASKS
 from headprobe.probes.checkpoint import load_local
 from headprobe.train.loggers import read_offline_run
+from headprobe.probes.attribution import AttributionConfig
 from headprobe.train.pipeline import Pipeline, RunConfig, SAESettings, Steps
 from headprobe.train.report import images_in
 from helpers import run_snapshot, save_tiny_llama
@@ -23,8 +26,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def tiny_config(model: Path, out: Path) -> RunConfig:
-    return RunConfig(model=str(model), out=str(out), max_examples=40, logger="wandb", ablation_draws=2,
-                     ablation_examples=16, progress=False,
+    return RunConfig(model=str(model), out=str(out), max_examples=40, logger="wandb", progress=False,
+                     attribution=AttributionConfig(head_scores=True, ablate=8, draws=2, examples=16),
                      sae=SAESettings(layer=1, d_sae=96, k=4, batch_size=256, tokens=8192, corpus_examples=40,
                                      ce_tokens=256))
 
@@ -35,7 +38,7 @@ def finished_run(tmp_path_factory) -> tuple[Pipeline, Path, float]:
     model = save_tiny_llama(root / "tiny-llama")
     pipeline = Pipeline(tiny_config(model, root / "run"))
     t0 = time.perf_counter()
-    page = pipeline.run()
+    page = pipeline.run().report
     return pipeline, page, time.perf_counter() - t0
 
 
@@ -46,7 +49,7 @@ def test_the_run_prints_its_steps_without_per_training_noise(tmp_path):
     model = save_tiny_llama(tmp_path / "tiny-llama")
     cfg = tiny_config(model, tmp_path / "run")
     args = ["run", "--model", cfg.model, "--out", cfg.out, "--tasks", "[ioi]", "--max_examples", "40",
-            "--ablation_draws", "2", "--ablation_examples", "16", "--progress", "false", "--sae.layer", "1",
+            "--attribution.draws", "2", "--attribution.examples", "16", "--progress", "false", "--sae.layer", "1",
             "--sae.d_sae", "96", "--sae.k", "4", "--sae.batch_size", "256", "--sae.tokens", "8192",
             "--sae.corpus_examples", "40", "--sae.ce_tokens", "256", "--sae.architecture", "relu"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
@@ -68,7 +71,7 @@ def test_the_run_prints_its_steps_without_per_training_noise(tmp_path):
 def test_every_step_ran_and_every_artefact_is_written(finished_run):
     p, page, _ = finished_run
     names = [t.name for t in p.tasks]
-    assert len(names) == 9 and all(status == "ran" for _, status, _ in p.steps.summary)
+    assert len(names) == 9 and all(s.status == "ran" for s in p.steps.summary)
     assert {f"{kind}/{t}" for kind in ("extract", "linear", "sparse") for t in names} <= set(p.steps.done())
     assert {"extract/corpus", "sae", "sae/eval", "attribute", "report"} <= set(p.steps.done())
 
@@ -123,10 +126,10 @@ def test_second_run_is_cached_and_does_not_load_the_model(finished_run):
     p, page, *_ = finished_run
     before = page.stat().st_mtime_ns
     again = Pipeline(p.cfg)
-    assert again.run() == page
-    assert all(status == "cached" for _, status, _ in again.steps.summary)
+    assert again.run().report == page
+    assert all(s.status == "cached" for s in again.steps.summary)
     # the summary keeps the seconds each step took when it ran
-    assert [round(t, 6) for *_, t in again.steps.summary] == [round(t, 6) for *_, t in p.steps.summary]
+    assert [round(s.seconds, 6) for s in again.steps.summary] == [round(s.seconds, 6) for s in p.steps.summary]
     assert again._loaded is None and page.stat().st_mtime_ns == before
 
 
@@ -162,6 +165,12 @@ def test_chromium_loads_every_image_of_the_page(finished_run, tmp_path):
     assert total and loaded, f"the page's load handler did not run: {dom[:300]}"
     assert int(total.group(1)) == len(images_in((page.parent / "report.md").read_text()))
     assert int(loaded.group(1)) == int(total.group(1))
+    links = re.findall(r'href="([^"]+\.(?:csv|json))"', dom)  # every per-head table the page links resolves and parses
+    assert {"data/stage_map.csv", "data/stage_map.json", "data/heads_ioi.csv", "data/heads_ioi.json"} <= set(links)
+    for link in links:
+        text = (page.parent / link).read_text()
+        rows = json.loads(text) if link.endswith(".json") else list(csv.DictReader(io.StringIO(text)))
+        assert len(rows) == 3 * 6 and {"layer", "head", "stage"} <= set(rows[0]), link  # every head of the model
 
 
 def test_steps_run_once_per_settings_and_know_stale_outputs(tmp_path):
@@ -172,7 +181,7 @@ def test_steps_run_once_per_settings_and_know_stale_outputs(tmp_path):
     again = Steps(tmp_path)  # a new run reads the markers
     assert again("a", {"n": 1}, lambda: calls.append(2)) == {"x": 1} and calls == [1]
     again("a", {"n": 2}, lambda: calls.append(3))
-    assert calls == [1, 3] and [s for _, s, _ in again.summary] == ["cached", "ran"]
+    assert calls == [1, 3] and [s.status for s in again.summary] == ["cached", "ran"]
 
 
 def test_interrupted_extractions_resume_under_their_own_settings_and_restart_under_others(tmp_path, monkeypatch):
@@ -215,7 +224,7 @@ def test_interrupted_extractions_resume_under_their_own_settings_and_restart_und
 @pytest.mark.parametrize("option, message", [
     (["--tasks", "[nope]"], "unknown task 'nope': run `headprobe tasks` to list them, or pass a .jsonl/.csv file or "
                             "hf:NAME"),
-    (["--ablation_draws", "1"], "ablation_draws 1: the ablation check needs at least 2 random draws"),
+    (["--attribution.draws", "1"], "--draws 1: the ablation check needs at least 2 random draws"),
     (["--tasks", "[ioi,corpus]"], "--tasks ['ioi', 'corpus']: corpus: pick tasks with a stage ("
                                   + ", ".join(n for n, t in TASKS.items() if t.stage)
                                   + "); the SAE's corpus is extracted anyway"),
@@ -254,3 +263,59 @@ def test_the_run_finds_what_it_found_before_the_redesign(finished_run):
             np.testing.assert_allclose(flat(now[part][key]), flat(values), rtol=1e-6, atol=1e-7,
                                        err_msg=f"{part}: {key}")
     assert now["images"] == before["images"]
+
+
+def test_editing_a_packaged_yaml_default_retrains_that_step_only(tmp_path, monkeypatch):
+    """Step keys hash the merged training configuration, packaged YAML included: a changed default in
+    train/configs/linear.yaml retrains the linear probes (and what reads them), and nothing else."""
+    import headprobe.train.fit as fit
+
+    configs = tmp_path / "configs"
+    shutil.copytree(fit.CONFIGS, configs)
+    monkeypatch.setattr(fit, "CONFIGS", configs)
+    model = save_tiny_llama(tmp_path / "model")
+    cfg = RunConfig(model=str(model), out=str(tmp_path / "run"), tasks=["ioi"], max_examples=40, logger="none",
+                    progress=False, attribution=AttributionConfig(),
+                    sae=SAESettings(layer=1, d_sae=48, k=4, batch_size=256, tokens=2048, corpus_examples=20,
+                                    ce_tokens=64))
+    Pipeline(cfg).run()
+    again = Pipeline(cfg)
+    again.run()
+    assert all(s.status == "cached" for s in again.steps.summary)
+    yaml_file = configs / "linear.yaml"
+    yaml_file.write_text(yaml_file.read_text().replace("l2: 1.0 ", "l2: 0.5 "))
+    edited = Pipeline(cfg)
+    edited.run()
+    ran = {s.name for s in edited.steps.summary if s.status == "ran"}
+    assert ran == {"linear/ioi", "attribute", "report"}, ran
+    assert load_local(edited.run_dir("linear", "ioi") / "checkpoint").checkpoint_config_loaded.hparams["l2"] == 0.5
+
+
+def test_a_user_jsonl_task_with_group_and_stage_columns_goes_into_the_stage_map(tmp_path, capsys):
+    """A user's file joins the run beside a built-in task: its stage from its `stage` column, its twins (one
+    `group`) in one split, and its name kept apart from the built-in task it shares (facts.jsonl -> facts-file)."""
+    from headprobe.extract.store import Store
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(60):  # true/false twins: one group each
+        a, b = rng.integers(1, 9, size=2)
+        for label, c in ((1, a + b), (0, a + b + 1)):
+            rows.append({"text": f"{a} plus {b} is {c}", "label": label, "group": f"pair{i}", "stage": "LR"})
+    data = tmp_path / "facts.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    model = save_tiny_llama(tmp_path / "model")
+    cfg = RunConfig(model=str(model), out=str(tmp_path / "run"), tasks=[str(data), "ioi"], max_examples=40,
+                    logger="none", progress=False, attribution=AttributionConfig(),
+                    sae=SAESettings(layer=1, d_sae=48, k=4, batch_size=256, tokens=2048, corpus_examples=20,
+                                    ce_tokens=64))
+    result = Pipeline(cfg).run()
+    assert "facts.jsonl is named 'facts-file' in this run ('facts' is taken)" in capsys.readouterr().out
+    pooled = {(ev.task, ev.stage, ev.source) for ev in result.attribution.pooled_evidence}
+    assert {("facts-file", "LR", "linear"), ("facts-file", "LR", "sparse"), ("ioi", "ICI", "linear")} <= pooled
+    with Store(tmp_path / "run" / "stores" / "facts-file.h5") as store:
+        groups, splits = store.column("group"), store.column("split")
+        assert all(len(set(splits[groups == g])) == 1 for g in set(groups))  # twins never straddle splits
+        assert len(store) == 40  # --max_examples applies to every task
+    report = (tmp_path / "run" / "report" / "report.md").read_text()
+    assert "| facts-file | LR |" in report and "data/heads_facts-file.csv" in report

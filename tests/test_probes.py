@@ -196,7 +196,8 @@ def test_ksparse_finds_the_signal_dimension():
     N, Ln, H, D = z.shape
     x = torch.from_numpy(z.reshape(N, Ln * H, D))
     out = ksparse_sweep(x, torch.from_numpy(y), torch.from_numpy(split == 0), torch.from_numpy(split == 1), [1, 4])
-    assert out[1]["index"][1, 0] == 0  # planted head (0, 1) is probe 1, its signal in dimension 0 and out[1]["val_acc"][1] > 0.85
+    assert out[1]["index"][1, 0] == 0  # planted head (0, 1) is probe 1, its signal in dimension 0
+    assert out[1]["val_acc"][1] > 0.85
     assert out[4]["val_acc"].shape == (Ln * H,)
 
 

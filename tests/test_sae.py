@@ -2,17 +2,24 @@
 through Lightning and the checkpoint format, and splicing into a model."""
 from __future__ import annotations
 
+import json
+import re
+import warnings
+
 import lightning as L
 import numpy as np
 import pytest
 import torch
+import yaml
 
+from headprobe import InputError
 from headprobe.extract.store import Store
-from headprobe.probes.checkpoint import load_local
-from headprobe.probes.sae import ARCHITECTURES, SparseAutoencoder, fve, topk_sae
+from headprobe.probes.checkpoint import export, load_local
+from headprobe.probes.sae import ARCHITECTURES, SAEWarning, SparseAutoencoder, fve, topk_sae
 from headprobe.probes.sae_eval import ce_loss_recovered, evaluate, splice, token_batches
 from headprobe.train.data import EpochBatches, InMemoryRows, StoreDataModule
-from helpers import make_store, tiny_model
+from headprobe.train.fit import CONFIGS
+from helpers import make_store, run_cli_split, tiny_model
 
 
 def sparse_data(n: int, d: int, n_atoms: int, k: int, seed: int = 0, scale: float = 1.0, offset: float = 0.0):
@@ -83,11 +90,45 @@ def test_normalisation_folded_on_save(tmp_path, arch):
         opt.step()
     sae.eval()
     meta = Store(make_store(tmp_path / "s.h5", x.view(-1, 1, 4, 6).numpy())).meta
-    loaded = load_local(sae.save(tmp_path / "ckpt", meta))
+    loaded = load_local(export(sae, tmp_path / "ckpt", meta))
     assert float(loaded.input_scale) == 1.0 and loaded.hparams.architecture == arch
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), sae(x), rtol=1e-5, atol=1e-5 * x.abs().max().item())
         torch.testing.assert_close(loaded.encode(x), sae.encode(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_new_architecture_is_one_registered_object(tmp_path, monkeypatch):
+    """An architecture with a parameter of its own trains, saves and loads without a change to the module."""
+    from headprobe.probes.sae_arch import ReLU
+
+    class Shrink(ReLU):  # ReLU above a learned per-latent offset, with ReLU's weighted L1
+        name = "shrink"
+
+        def extra_parameters(self, n, hp):
+            return {"offset": torch.full((n,), 0.1)}
+
+        def train_activate(self, sae, pre):
+            return super().train_activate(sae, pre - sae.offset)
+
+        def latents(self, sae, pre):
+            return (pre - sae.offset).relu()
+
+    monkeypatch.setitem(ARCHITECTURES, "shrink", Shrink)
+    x, _ = sparse_data(256, 24, 48, 3, scale=4.0)
+    sae = SparseAutoencoder(architecture="shrink", d_in=24, d_sae=64, seed=1)
+    sae.initialise(x)
+    opt = torch.optim.Adam(sae.parameters(), 1e-2)
+    for _ in range(5):
+        loss, logs = sae.loss(x * sae.input_scale)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert "train/sparsity" in logs and not torch.allclose(sae.offset, torch.full((64,), 0.1))
+    meta = Store(make_store(tmp_path / "s.h5", x.view(-1, 1, 4, 6).numpy())).meta
+    loaded = load_local(export(sae.eval(), tmp_path / "ckpt", meta))
+    torch.testing.assert_close(loaded.offset, sae.offset.detach())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), sae(x), rtol=1e-5, atol=1e-4)
 
 
 def test_auxk_revives_dead_latents():
@@ -147,7 +188,7 @@ def test_every_architecture_trains_and_round_trips(tmp_path, arch):
     batches = lambda: (b["z"] for b in dm.test_dataloader())
     metrics = evaluate(sae, batches())
     assert metrics["fve"] > 0.3 and 0 < metrics["l0"] < 32, metrics
-    loaded = load_local(sae.save(tmp_path / "ckpt"))
+    loaded = load_local(export(sae, tmp_path / "ckpt"))
     assert loaded.layers == [1] and loaded.heads == [0, 2]
     again = evaluate(loaded, batches())
     for key in ("fve", "l0", "mse", "dead_frac"):
@@ -163,7 +204,121 @@ def test_token_budget_stops_training(tmp_path):
     budget = SparseAutoencoder(expansion=2, k=2, token_budget=2500)  # no epoch limit: the budget's 3 epochs
     trainer = quiet_trainer(max_epochs=-1, limit_val_batches=0)
     trainer.fit(budget, datamodule=dm)
-    assert int(budget.tokens_seen) == 2500 and trainer.max_epochs == 3 and trainer.current_epoch == 3
+    assert int(budget.tokens_seen) == 2500 and trainer.current_epoch == 3 and budget.global_step == 25
+    assert trainer.max_epochs == -1  # the module stopped itself; nothing rewrote the Trainer's limits
+
+
+def shipped_settings(arch: str) -> dict:
+    """The model settings `headprobe train sae` uses for ``arch``: sae.yaml, then sae_ARCH.yaml if there is one."""
+    settings = yaml.safe_load((CONFIGS / "sae.yaml").read_text())["model"]["init_args"]
+    overlay = CONFIGS / f"sae_{arch}.yaml"
+    if overlay.exists():
+        settings.update(yaml.safe_load(overlay.read_text())["model"]["init_args"])
+    return settings
+
+
+class Schedule(L.Callback):
+    """Records the learning rate and the sparsity coefficient that each training step uses."""
+
+    def __init__(self):
+        self.lr, self.coeff = [], []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.lr.append(trainer.optimizers[0].param_groups[0]["lr"])
+        self.coeff.append(module.sparsity_coeff())
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_a_ten_step_run_finishes_its_warmups_and_batchtopk_keeps_its_l0(tmp_path, arch):
+    """On a 10-step run with the shipped settings (LR warm-up 10 steps, sparsity warm-up 50 for relu/jumprelu) the LR
+    warm-up ends at once, the sparsity coefficient reaches full strength, and BatchTopK's inference threshold gives
+    an L0 near its training k. Before: the LR peaked at the last step, the coefficient ended at 0.2 of full strength
+    and BatchTopK's threshold (an EMA of momentum 0.99 from step 1) gave an inference L0 of 1.7 for k 16."""
+    x, _ = sparse_data(2400, 64, 200, 12, seed=5, scale=3.0, offset=0.5)
+    dm = StoreDataModule(make_store(tmp_path / "a.h5", x.view(-1, 2, 4, 8).numpy()), batch_size=256)  # 1,920 train
+    settings = {**shipped_settings(arch), "expansion": 4, "k": 16, "token_budget": 1920 + 2 * 256}
+    sae = SparseAutoencoder(**settings)
+    schedule = Schedule()
+    quiet_trainer(max_epochs=-1, limit_val_batches=0, callbacks=[schedule]).fit(sae, datamodule=dm)
+    assert sae.global_step == 10 and sae.plan.steps == 10  # one epoch of 8 batches, then 2 more
+    peak = 4e-3 / (sae.d_sae / 4096) ** 0.5  # lr 0 in sae.yaml
+    assert settings["warmup_steps"] == 10 and sae.plan.warmup == 1
+    assert schedule.lr[:8] == [pytest.approx(peak)] * 8  # then the decay over the last 20% of the budget
+    if sae.arch.coeff_option:
+        full = settings[sae.arch.coeff_option]
+        assert settings["sparsity_warmup_steps"] == 50 and schedule.coeff[-1] == pytest.approx(full)
+        assert schedule.coeff.index(schedule.coeff[-1]) <= 2  # 25% of the run
+        assert any("warming up over 2 instead" in note for note in sae.notes)
+    l0 = evaluate(sae, (b["z"] for b in dm.test_dataloader()))["l0"]
+    if arch == "batchtopk":
+        assert 16 / 1.5 <= l0 <= 16 * 1.5, l0
+
+
+def test_a_threshold_average_starts_at_the_first_batch_and_spans_a_tenth_of_the_run():
+    from headprobe.probes.sae_plan import plan_run, threshold_rate
+
+    assert threshold_rate(0, 0.99) == 1.0 and threshold_rate(1, 0.99) == pytest.approx(0.01 / (1 - 0.99 ** 2))
+    values, avg = [3.0, 1.0, 2.0], 0.0
+    for t, v in enumerate(values):  # with a momentum this large against the run, the average is the plain mean
+        avg += threshold_rate(t, 0.999999) * (v - avg)
+    assert avg == pytest.approx(2.0, rel=1e-5)
+    hp = SparseAutoencoder(batchtopk_momentum=0.99).hparams
+    assert plan_run(hp, 1000).threshold_momentum == 0.99 and plan_run(hp, 200).threshold_momentum == pytest.approx(0.95)
+    assert plan_run(hp, float("inf")).threshold_momentum == 0.99 and plan_run(hp, 9).threshold_momentum == 0.0
+
+
+@pytest.mark.parametrize("kw, says", [
+    ({"k": 40, "d_sae": 32}, r"--model.k 40 is more than the SAE's --model.d_sae 32: pass a smaller k or a larger"),
+    ({"k": 40, "d_in": 8, "expansion": 4}, r"--model.k 40 is more than the SAE's 32 latents \(--model.expansion 4"),
+    ({"k": 0}, r"--model.k 0: pass a positive number"),
+    ({"architecture": "batchtopk", "k": -3}, r"--model.k -3: pass a positive number"),
+    ({"d_sae": 0, "expansion": 0}, r"--model.d_sae 0 with --model.expansion 0 gives the SAE no latents"),
+    ({"architecture": "relu", "l1_coeff": -0.1}, r"--model.l1_coeff -0.1: pass a coefficient >= 0"),
+    ({"auxk_alpha": -1.0}, r"--model.auxk_alpha -1.0: pass a coefficient >= 0"),
+    ({"architecture": "jumprelu", "jumprelu_theta": 0.0}, r"--model.jumprelu_theta 0.0: pass a threshold > 0"),
+    ({"batchtopk_momentum": 1.0}, r"--model.batchtopk_momentum 1.0: pass a momentum in \[0, 1\)"),
+    ({"architecture": "gated"}, r"unknown SAE architecture 'gated': choose one of relu, topk, batchtopk, jumprelu"),
+])
+def test_settings_that_cannot_train_are_refused_in_one_line(kw, says):
+    with pytest.raises(InputError, match=says) as err:
+        SparseAutoencoder(**kw)
+    assert "\n" not in str(err.value)
+
+
+def test_k_is_only_checked_where_the_architecture_reads_it():
+    sae = SparseAutoencoder(architecture="relu", d_in=8, d_sae=16, k=40)  # relu has no k
+    assert sae.d_sae == 16
+
+
+def test_more_active_latents_than_inputs_are_refused_for_training_not_for_loading(tmp_path):
+    x, _ = sparse_data(64, 8, 16, 2)
+    sae = SparseAutoencoder(d_in=8, expansion=4, k=12)  # 32 latents hold k 12, but 12 of 8 dimensions is no code
+    with pytest.raises(InputError, match=r"--model.k 12 is more than the SAE's 8 inputs \(d_in\).*smaller k"):
+        sae.initialise(x)
+    sae.initialised = True  # as a checkpoint trained before k was checked against d_in
+    meta = Store(make_store(tmp_path / "s.h5", x.view(-1, 1, 2, 4).numpy())).meta
+    assert load_local(export(sae, tmp_path / "ckpt", meta)).hparams.k == 12
+
+
+def test_a_width_far_above_the_training_rows_is_warned_about_and_recorded(tmp_path):
+    x, _ = sparse_data(500, 16, 32, 3, seed=6)  # 400 training rows
+    store = make_store(tmp_path / "a.h5", x.view(-1, 1, 2, 8).numpy())
+    code, _, err = run_cli_split(["train", "sae", "--data.path", store, "--out", str(tmp_path / "run"), "--logger",
+                                  "none", "--trainer.enable_progress_bar", "false", "--model.init_args.d_sae", "512",
+                                  "--model.init_args.k", "4", "--model.init_args.token_budget", "800"],
+                                 tmp_path / "out.log")
+    line = "the SAE's 512 latents are too many for 400 training rows (fewer than 4 rows per latent): it will memorise"
+    assert code == 0, err[-3000:]
+    assert re.search(re.escape(line) + r".*pass --model.d_sae 25 or fewer", err), err[-3000:]
+    metrics = json.loads((tmp_path / "run" / "checkpoint" / "metrics.json").read_text())
+    assert len(metrics["warnings"]) == 1 and metrics["warnings"][0].startswith(line)
+    dm = StoreDataModule(store, batch_size=100)
+    narrow = SparseAutoencoder(d_sae=64, k=4, token_budget=400)  # 6 rows per latent: no warning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer(max_epochs=-1, limit_val_batches=0).fit(narrow, datamodule=dm)
+    assert not [w for w in caught if issubclass(w.category, SAEWarning)]
+    assert narrow.warnings == [] and "warnings" not in narrow.checkpoint_metrics()
 
 
 def test_splice_replaces_only_the_chosen_heads_and_identity_recovers_everything():

@@ -123,3 +123,32 @@ def test_missing_file_and_hf_without_datasets(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", types.ModuleType("datasets"))  # a data folder found by that name
     with pytest.raises(UserDataError, match="pip install datasets"):
         resolve_task("hf:stanfordnlp/imdb?text=text&label=label")
+
+
+@pytest.mark.parametrize("name, data, line, column, byte", [
+    ("latin1.jsonl", b'{"text": "ok", "label": 1}\n{"text": "caf\xe9", "label": 0}\n', 2, 14, "0xe9"),
+    ("latin1.csv", b"text,label\nfine,1\nna\xefve,0\n", 3, 3, "0xef"),
+    ("first.jsonl", b'\xff{"text": "ok", "label": 1}\n', 1, 1, "0xff"),
+])
+def test_a_file_that_is_not_utf8_names_file_line_and_byte(tmp_path, name, data, line, column, byte):
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(UserDataError) as err:
+        resolve_task(str(path))
+    assert str(err.value) == f"{path}:{line}: byte {byte} (column {column}) is not UTF-8 text: save the file as UTF-8"
+
+
+def test_a_utf8_byte_order_mark_is_not_part_of_the_header(tmp_path):
+    path = tmp_path / "bom.csv"
+    path.write_bytes("\ufefftext,label\ncafé,1\nthé,0\n".encode("utf-8"))
+    task = resolve_task(str(path))
+    assert [e.text for e in task.examples(0)] == ["café", "thé"]
+
+
+def test_user_tasks_remember_where_each_text_is(tmp_path):
+    from headprobe.extract.tasks.user import where_is
+
+    path = _jsonl(tmp_path / "d.jsonl", [{"text": "a", "label": 0}, "", {"text": "b", "label": 1},
+                                         {"text": "a", "label": 1}])
+    task = resolve_task(str(path))
+    assert [where_is(task, e) for e in task.examples(0)] == [f"{path}:1", f"{path}:3", f"{path}:1"]

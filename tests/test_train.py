@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from headprobe.extract.store import write_array_store as write_store
 from headprobe.probes.checkpoint import load_local
 from headprobe.train.data import StoreDataModule
-from headprobe.train.fit import MODELS, TrainError, expand_short_form, run
+from headprobe.train.fit import MODELS, TrainError
+from headprobe.train.train_cli import expand_short_form, run
 from headprobe.train.loggers import read_offline_run
 from helpers import planted
 
@@ -173,6 +174,70 @@ def test_resume_on_a_rebuilt_store_is_refused(store, tmp_path):
         run(expand_short_form([*common, "--resume", "true"]))
 
 
+def test_resume_never_unpickles_a_hostile_last_ckpt(store, tmp_path):
+    """A last.ckpt whose unpickling would run code (here: make a folder) is refused in one line, in torch's zip
+    format or as a bare pickle, and the code never runs."""
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Hostile:
+        def __reduce__(self):
+            return os.mkdir, (str(marker),)
+
+    state = {"state_dict": Hostile(), "pytorch-lightning_version": "2.6.6"}
+    pickle.loads(pickle.dumps(state))  # the file is really hostile: plain unpickling runs its code
+    assert marker.is_dir()
+    marker.rmdir()
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    argv = ["linear", "--data.path", str(store), "--out", str(tmp_path / "run"), "--logger", "none", "--resume", "true"]
+    for write in (lambda: torch.save(state, ckpt), lambda: ckpt.write_bytes(pickle.dumps(state, protocol=4))):
+        write()
+        with pytest.raises(TrainError, match=r"last.ckpt holds objects other than tensors.*--overwrite true") as err:
+            run(expand_short_form(argv))
+        assert "weights_only" not in str(err.value) and "\n" not in str(err.value) and not marker.exists()
+    assert not (tmp_path / "run" / "checkpoint").exists()
+
+
+def test_lightning_console_lines_wait_for_training_and_vanish_when_a_setting_is_refused(store, tmp_path):
+    """Lightning's lines (the seed, the devices) print once training starts; a setting refused before then leaves
+    only its one-line error."""
+    import logging
+
+    import lightning as L
+
+    from headprobe.train.callbacks import LIGHTNING_CONSOLE, HoldConsole
+
+    class Lines(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    seen, lines, loggers = [], Lines(), [logging.getLogger(name) for name in LIGHTNING_CONSOLE]
+    for logger in loggers:
+        logger.addHandler(lines)
+    try:
+        before = [list(logger.handlers) for logger in loggers]
+        with HoldConsole() as hold:
+            L.seed_everything(3)
+            assert seen == []
+            hold.on_fit_start(None, None)
+            assert seen == ["Seed set to 3"]
+        with pytest.raises(RuntimeError), HoldConsole():
+            L.seed_everything(4)
+            raise RuntimeError("refused")
+        assert seen == ["Seed set to 3"] and [list(logger.handlers) for logger in loggers] == before
+        common = ["linear", "--data.path", str(store), "--out", str(tmp_path / "run"), "--logger", "none"]
+        with pytest.raises(TrainError, match="--trainer.max_steps 0 trains nothing"):
+            run(expand_short_form([*common, "--trainer.max_steps", "0"]))
+        assert seen == ["Seed set to 3"]
+        run(expand_short_form(common))
+        assert seen[1:3] == ["Seed set to 0", "GPU available: False, used: False"], seen
+    finally:
+        for logger in loggers:
+            logger.removeHandler(lines)
+
+
 def test_wandb_mode_disabled_writes_no_wandb_files(store, tmp_path):
     out, home = tmp_path / "run", tmp_path / "home"
     home.mkdir()
@@ -191,12 +256,13 @@ def test_pipeline_restarts_an_interrupted_training_whose_settings_changed(store,
 
     folder = tmp_path / "linear"
     pipeline = SimpleNamespace(cfg=SimpleNamespace(logger="none", seed=0))
-    Pipeline._train(pipeline, "linear", store, folder, ["--model.l2", "1.0"], digest="A")
+    l2 = lambda value: {"model": {"init_args": {"l2": value}}}  # noqa: E731
+    Pipeline._train(pipeline, "linear", store, folder, l2(1.0), None, digest="A")
     shutil.rmtree(folder / "checkpoint")  # as if killed after the last epoch's checkpoint, before the export
-    Pipeline._train(pipeline, "linear", store, folder, ["--model.l2", "1.0"], digest="A")  # resumes
+    Pipeline._train(pipeline, "linear", store, folder, l2(1.0), None, digest="A")  # resumes
     assert (folder / "checkpoint" / "model.safetensors").is_file() and (folder / "step_key").read_text() == "A"
     shutil.rmtree(folder / "checkpoint")
-    metrics = Pipeline._train(pipeline, "linear", store, folder, ["--model.l2", "50.0"], digest="B")
+    metrics = Pipeline._train(pipeline, "linear", store, folder, l2(50.0), None, digest="B")
     assert (folder / "step_key").read_text() == "B" and "val/acc_max" in metrics
     assert json.loads((folder / "checkpoint" / "config.json").read_text())["hparams"]["l2"] == 50.0
 

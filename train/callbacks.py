@@ -1,10 +1,12 @@
 """What a training run leaves behind, as Lightning callbacks shared by probes and SAEs.
 
+:class:`HoldConsole` holds Lightning's console lines back until training starts (a refused setting prints one line).
+
 :class:`SaveLast` keeps ``checkpoints/last.ckpt`` (for exact resume) up to date at every epoch end.
 
 :class:`ExportRun` writes, into ``out``::
 
-    checkpoint/        the project checkpoint format (probes.checkpoint.save_checkpoint)
+    checkpoint/        the project checkpoint format (headprobe.probes.checkpoint.export)
     heads.csv          one row per (layer, head): every per-head score the module reports
     heads.json         the same table, plus the module's metrics
     heatmap.png        layer x head map of the main score (test accuracy, else val accuracy, else the first score)
@@ -13,8 +15,7 @@ and, with a W&B logger, logs the heatmap as an image and the checkpoint folder a
 
 The protocol a LightningModule implements to be exported (only the first two are required)::
 
-    checkpoint_tensors() -> dict[str, Tensor]      tensors that act on raw activations (normalisation folded in);
-                                                   ``folded_tensors()`` is accepted under that name too
+    checkpoint_tensors() -> dict[str, Tensor]      tensors that act on raw activations (normalisation folded in)
     checkpoint_config(meta) -> CheckpointConfig    provenance and hyperparameters; ``meta`` is the store's StoreMeta
     checkpoint_metrics() -> dict                   JSON-able metrics for metrics.json (default: the logged scalars)
     head_scores() -> dict[str, ndarray (L, G)]     per-head maps for heads.csv / heatmap.png (G = heads, or 1)
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -31,7 +33,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 
-from headprobe.probes.checkpoint import save_checkpoint
+from headprobe.probes.checkpoint import export, read_checkpoint
 
 HEATMAP_KEYS = ("test/acc", "val/acc", "test/r2", "val/r2")
 
@@ -71,6 +73,60 @@ def write_head_table(scores: dict[str, np.ndarray], folder: Path, layers: list[i
         writer.writeheader()
         writer.writerows(rows)
     (folder / "heads.json").write_text(json.dumps({"heads": rows, "metrics": metrics}, indent=1, default=float))
+
+
+LIGHTNING_CONSOLE = ("lightning.pytorch", "lightning.fabric")  # the loggers Lightning's console lines go through
+
+
+class _Keep(logging.Handler):
+    """Appends each record, with the logger it is to be replayed through, to a list."""
+
+    def __init__(self, logger: logging.Logger, held: list):
+        super().__init__()
+        self.logger, self.held = logger, held
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.held.append((self.logger, record))
+
+
+class HoldConsole(L.Callback):
+    """Hold Lightning's console lines (the seed, the devices, tips) from ``with HoldConsole():`` until training
+    starts (``on_fit_start``, after the data and model ``setup`` hooks), then print them in order. An error before
+    that drops them, so a refused setting prints only its one-line error."""
+
+    def __init__(self, names: tuple[str, ...] = LIGHTNING_CONSOLE):
+        self.names, self.held, self.saved = names, [], []
+
+    def __enter__(self) -> "HoldConsole":
+        for name in self.names:
+            logger = logging.getLogger(name)
+            self.saved.append((logger, list(logger.handlers), logger.propagate))
+            for handler in self.saved[-1][1]:
+                logger.removeHandler(handler)
+            logger.addHandler(_Keep(logger, self.held))
+            logger.propagate = False
+        return self
+
+    def release(self) -> None:
+        """Give the loggers back their handlers and print what was held."""
+        saved, self.saved = self.saved, []
+        for logger, handlers, propagate in saved:
+            for handler in list(logger.handlers):
+                logger.removeHandler(handler)
+            for handler in handlers:
+                logger.addHandler(handler)
+            logger.propagate = propagate
+        held, self.held[:] = list(self.held), []
+        for logger, record in held:
+            logger.handle(record)
+
+    def __exit__(self, kind, error, trace) -> None:
+        if kind is not None:
+            self.held.clear()
+        self.release()
+
+    def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.release()
 
 
 class SaveLast(L.Callback):
@@ -118,13 +174,13 @@ class ExportRun(L.Callback):
         if not trainer.is_global_zero:
             return self.out / "checkpoint"
         self.out.mkdir(parents=True, exist_ok=True)
-        tensors_fn = getattr(module, "checkpoint_tensors", None) or getattr(module, "folded_tensors")
-        meta = getattr(trainer.datamodule, "meta", None)
-        config = module.checkpoint_config(meta)
-        config.command = self.command
+        datamodule = trainer.datamodule
         metrics = (module.checkpoint_metrics() if hasattr(module, "checkpoint_metrics")
                    else {k: float(v) for k, v in trainer.callback_metrics.items()})
-        folder = save_checkpoint(self.out / "checkpoint", tensors_fn(), config, metrics)
+        rows = {k: int(len(v)) for k, v in getattr(datamodule, "split_rows", {}).items()}  # for attribution's nulls
+        folder = export(module, self.out / "checkpoint", getattr(datamodule, "meta", None), metrics, self.command,
+                        {"split_rows": rows} if rows else None)
+        config = read_checkpoint(folder)[0]
         scores = module.head_scores() if hasattr(module, "head_scores") else {}
         layers = list(getattr(module, "layers", None) or config.layers)
         write_head_table(scores, self.out, layers, {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))})

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -22,7 +23,8 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, get_worker_info
 
 from headprobe import InputError
-from headprobe.extract.store import CHUNK_ROWS, Store
+from headprobe.extract.store import CHUNK_ROWS, Store, StoreError
+from headprobe.train.lightning_api import epoch_to_run
 
 
 def _dist() -> tuple[int, int]:
@@ -224,6 +226,35 @@ class EpochLoader(DataLoader):
         return super().__iter__()
 
 
+# setting -> (smallest value, what it means): the data module refuses a smaller one in one line
+LOWER_BOUNDS = {"batch_size": (0, "rows per batch, or 0 for the whole split in one batch"),
+                "num_workers": (0, "DataLoader worker processes (0: load in the main process)"),
+                "shuffle_buffer": (1, "rows mixed at once when streaming"),
+                "block_chunks": (1, "HDF5 chunks per streamed block"),
+                "memory_limit_gb": (0, "GB of activations held in memory"),
+                "seed": (0, "the data order's seed")}
+
+
+def check_settings(hparams: dict) -> None:
+    """Refuse a data setting below its smallest sensible value, naming the option and what would work."""
+    for key, (least, meaning) in LOWER_BOUNDS.items():
+        value = hparams[key]
+        if value < least:
+            raise InputError(f"--data.{key} {value}: pass {least} or more ({meaning})")
+
+
+def open_store(path: str) -> Store:
+    """The store at ``--data.path``; a missing or unreadable file is refused in one line naming the option."""
+    if Path(path).is_dir():
+        raise InputError(f"--data.path {path} is a folder: pass the .h5 store file that `headprobe extract` wrote")
+    if not Path(path).exists() and not Path(f"{path}.partial").exists():
+        raise InputError(f"--data.path {path} does not exist: pass a store written by `headprobe extract`")
+    try:
+        return Store(path)
+    except StoreError as err:
+        raise type(err)(f"--data.path: {err}") from None
+
+
 class StoreDataModule(L.LightningDataModule):
     """Train/val/test splits of one activation store (splits come from the task's leakage groups).
 
@@ -244,9 +275,10 @@ class StoreDataModule(L.LightningDataModule):
                  num_workers: int = 0, shuffle_buffer: int = 32768, block_chunks: int = 8, seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
+        check_settings(self.hparams)
         self.path, self.layers, self.heads, self.batch_size = path, layers, heads, batch_size
         self.num_workers, self.seed, self.shuffle_buffer = num_workers, seed, shuffle_buffer
-        with Store(path) as store:
+        with open_store(path) as store:
             self.meta = store.meta
             self.split_rows = {s: store.rows(s) for s in ("train", "val", "test")}
             if not len(self.split_rows["train"]):
@@ -303,8 +335,7 @@ class StoreDataModule(L.LightningDataModule):
 
     def _epoch(self) -> int:
         """The epoch about to run (the trainer's count of processed epochs; 0 outside a trainer)."""
-        trainer = self.trainer
-        return trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0
+        return epoch_to_run(self.trainer)
 
     def split(self, name: str) -> InMemoryRows:
         """One split held in memory (read once, chunk-aligned)."""

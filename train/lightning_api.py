@@ -20,3 +20,13 @@ def keep_module_unwrapped(strategy: object) -> bool:
 
 
 # --- LightningCLI ---------------------------------------------------------------------------------------------------
+def epoch_to_run(trainer: object | None) -> int:
+    """The training epoch whose data a DataLoader iterator created now will serve (0 outside a trainer).
+
+    Lightning creates the train iterator before it calls ``set_epoch`` on samplers, and its public
+    ``trainer.current_epoch`` counts *completed* epochs, which is one behind when a run resumed from an epoch-end
+    checkpoint makes its first iterator. The fit loop's count of *processed* epochs is the value Lightning then
+    passes to ``set_epoch``: this adapter reads it (``trainer.fit_loop.epoch_progress.current.processed``)."""
+    if trainer is None:
+        return 0
+    return int(trainer.fit_loop.epoch_progress.current.processed)

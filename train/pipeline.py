@@ -1,22 +1,24 @@
 """``headprobe run``: the whole pipeline, from text to a stage map of the model's heads, with a report.
 
-    extract every task (+ the SAE corpus) -> linear and sparse probes per task -> an SAE on a middle layer
-    -> attention-pattern scores -> attribution to heads and stages -> causal ablation check -> report
+    extract every task (+ the SAE corpus) -> linear and sparse probes per task -> an SAE on one layer
+    -> attribution to heads and stages, with attention-pattern and ablation checks -> report
 
-Every step caches its result under ``--out`` keyed by the settings it depends on: a second run with nothing
-changed skips finished work, and an interrupted run picks up where it stopped (extractions resume mid-file);
-a step whose settings changed starts again.
+Each step is a call of a stage's Python function (``extract``, ``fit``, ``attribute``), cached under ``--out`` by
+a key that hashes everything it depends on: its inputs' keys, its fully merged configuration (the packaged YAML of
+a training included) and the step's version (:data:`STEP_VERSION`, raised when a step's code changes what it
+computes). A second run with nothing changed skips finished work, an interrupted run picks up where it stopped
+(extractions resume mid-file, trainings from their last epoch), and a step whose key changed starts again.
+
+    from headprobe.train.pipeline import RunConfig, run
+    result = run(RunConfig(tasks=["ioi", "capitals"], max_examples=200))
+    result.report, result.attribution.stage_map.top_heads("ICI")
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
-import platform
-import re
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +26,10 @@ from typing import Callable, Literal
 
 from headprobe import InputError
 from headprobe.extract.models import DEFAULT_MODEL
+from headprobe.probes.attribution.result import Attribution, AttributionConfig
+
+# Raise a step's number when its code changes what it computes: its cached results are then recomputed.
+STEP_VERSION = {"extract": 2, "linear": 1, "sparse": 1, "sae": 1, "sae/eval": 1, "attribute": 3, "report": 2}
 
 
 @dataclass
@@ -51,6 +57,14 @@ class SAESettings:
     ce_tokens: int = 2048
 
 
+def run_attribution() -> AttributionConfig:
+    """The attribution of ``headprobe run``: the attention-pattern cross-check, the ablation of each task's top 8
+    heads against 10 random draws from all layers and 10 layer-matched ones, and the training-free scores, of which
+    the retrieval score joins the stage map (docs/scores.md says why the others are reported beside it)."""
+    return AttributionConfig(head_scores=True, ablate=8, scores=["retrieval", "negative", "copying", "successor",
+                                                                 "induction"], pool_scores=["retrieval"])
+
+
 @dataclass
 class RunConfig:
     """Settings of ``headprobe run`` (print them with ``--print_config``; override any with ``--key value``).
@@ -58,16 +72,15 @@ class RunConfig:
     Args:
         model: alias, Hugging Face id or folder, or .gguf file
         out: run folder; finished steps are cached there
-        tasks: built-in tasks to probe (null: every task with a stage)
+        tasks: tasks to probe: built-in names, user files (FILE.jsonl or .csv, with a stage column or FILE.jsonl:STAGE)
+            or hf:NAME?text=..&label=..&stage=.. (null: every built-in task with a stage)
         max_examples: examples per task, for quick runs (null: all)
         seed: seed of the probes, the SAE and the splits
         logger: wandb (offline without credentials), csv or none
         sparse_alpha: group-lasso strength of the sparse probes (null: train/configs/sparse.yaml)
-        top_k: heads per task for the causal ablation check
-        ablation_draws: random-head draws to compare the top heads with (at least 2)
-        ablation_examples: task examples per ablation metric
-        ablation_random_from: random heads from all layers, layer-matched to the top heads, or both
-        stage_scale: stage map: each evidence scaled by its total (share) or by its best head (max)
+        attribution: the attribution and its checks, as the options of `headprobe attribute` (ablate: heads per
+            task for the ablation check; draws: random draws per pool; random_from: all, layers or both; scale:
+            share or max; ...)
         progress: progress bars
     """
 
@@ -78,22 +91,35 @@ class RunConfig:
     seed: int = 0
     logger: Literal["wandb", "csv", "none"] = "wandb"
     sparse_alpha: float | None = None
-    top_k: int = 8
-    ablation_draws: int = 10
-    ablation_examples: int = 64
-    ablation_random_from: Literal["all", "layers", "both"] = "both"
-    stage_scale: Literal["share", "max"] = "share"
+    attribution: AttributionConfig = field(default_factory=run_attribution)
     sae: SAESettings = field(default_factory=SAESettings)
     progress: bool = True
 
 
+@dataclass
+class StepRecord:
+    name: str
+    status: Literal["ran", "cached"]
+    seconds: float  # the time it took when it ran (for a cached step: in an earlier run)
+
+
+@dataclass
+class RunResult:
+    """What ``headprobe run`` produced: the report page, the attribution, and each step's record."""
+
+    out: Path
+    report: Path
+    attribution: Attribution
+    steps: list[StepRecord]
+
+
 class Steps:
-    """Runs named steps once per settings key; records each step's status and time for the summary table."""
+    """Runs named steps once per key; records each step's status and time for the summary table."""
 
     def __init__(self, out: Path):
         self.folder = out / ".steps"
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.summary: list[tuple[str, str, float]] = []  # (step, "ran" | "cached", seconds it took when it ran)
+        self.summary: list[StepRecord] = []
 
     def __call__(self, name: str, key: dict, fn: Callable[[], dict | None]) -> dict:
         digest = self.digest(key)
@@ -101,17 +127,17 @@ class Steps:
         if marker.exists():
             saved = json.loads(marker.read_text())
             if saved.get("key") == digest:
-                self.summary.append((name, "cached", float(saved.get("seconds", 0.0))))
+                self.summary.append(StepRecord(name, "cached", float(saved.get("seconds", 0.0))))
                 return saved.get("result") or {}
         t0 = time.perf_counter()
         result = fn() or {}
         seconds = time.perf_counter() - t0
         marker.write_text(json.dumps({"key": digest, "result": result, "seconds": seconds}, default=str))
-        self.summary.append((name, "ran", seconds))
+        self.summary.append(StepRecord(name, "ran", seconds))
         return result
 
     def stale(self, name: str, key: dict) -> bool:
-        """Whether ``name`` finished before with other settings (its outputs must be redone, not resumed)."""
+        """Whether ``name`` finished before with another key (its outputs must be redone, not resumed)."""
         return self.key_of(name) not in ("", self.digest(key))
 
     @staticmethod
@@ -119,59 +145,63 @@ class Steps:
         return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def key_of(self, name: str) -> str:
-        """The settings digest a finished step ran with ("" if it has not run)."""
+        """The key digest a finished step ran with ("" if it has not run)."""
         marker = self.folder / f"{name.replace('/', '_')}.json"
         return json.loads(marker.read_text())["key"] if marker.exists() else ""
 
     def done(self) -> list[str]:
-        return [n for n, _, _ in self.summary]
+        return [s.name for s in self.summary]
 
     def table(self) -> str:
         """Each step's status in this run and the seconds it took when it ran (for a cached step: in an earlier run)."""
-        width = max(len(n) for n, _, _ in self.summary) + 2
+        width = max(len(s.name) for s in self.summary) + 2
         lines = [f"{'step':<{width}}{'status':<8}{'seconds':>9}"]
-        lines += [f"{n:<{width}}{s:<8}{t:>9.1f}" for n, s, t in self.summary]
-        ran = sum(t for _, s, t in self.summary if s == "ran")
-        return "\n".join(lines + [f"{'total':<{width}}{'':<8}{sum(t for _, _, t in self.summary):>9.1f}",
+        lines += [f"{s.name:<{width}}{s.status:<8}{s.seconds:>9.1f}" for s in self.summary]
+        ran = sum(s.seconds for s in self.summary if s.status == "ran")
+        return "\n".join(lines + [f"{'total':<{width}}{'':<8}{sum(s.seconds for s in self.summary):>9.1f}",
                                   f"{'this run':<{width}}{'':<8}{ran:>9.1f}"])
 
 
-def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
+def run_tasks(names: list[str] | None) -> list:
+    """The tasks of a run: ``names`` (built-in names, user files ``path.jsonl[:STAGE]`` / ``.csv``, ``hf:`` refs),
+    or every built-in task with a stage; each must have a stage. A user task whose name is taken (by a built-in
+    task, the corpus or another task of the run) is renamed ``NAME-file``, ``NAME-file2``, ... and says so."""
+    from dataclasses import replace
 
-    out = {"python": platform.python_version(), "platform": platform.platform()}
-    for pkg in ("headprobe", "torch", "lightning", "transformers", "h5py", "scikit-learn", "wandb"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "-"
-    return out
+    from headprobe.extract.tasks import TASKS, resolve_task
+
+    names = names if names is not None else [n for n, t in TASKS.items() if t.stage]
+    tasks, taken = [], set(TASKS)
+    for ref in names:
+        task = resolve_task(ref)
+        if task.extra.get("source") is not None and task.name in taken | {t.name for t in tasks}:
+            new = next(f"{task.name}-file{i if i > 1 else ''}" for i in range(1, 1000)
+                       if f"{task.name}-file{i if i > 1 else ''}" not in taken | {t.name for t in tasks})
+            print(f"headprobe run: {ref} is named {new!r} in this run ({task.name!r} is taken)")
+            task = replace(task, name=new)
+        tasks.append(task)
+    unstaged = [t.name for t in tasks if not t.stage]
+    if unstaged or not tasks:
+        raise InputError(f"--tasks {names}: {', '.join(unstaged) or 'none given'}: pick tasks with a stage "
+                         f"({', '.join(n for n, t in TASKS.items() if t.stage)}), or give a user file its stage "
+                         f"(a stage column, or FILE.jsonl:STAGE); the SAE's corpus is extracted anyway")
+    return tasks
 
 
 class Pipeline:
     """The steps of ``headprobe run``; each writes under ``cfg.out`` and is skipped when already done."""
 
     def __init__(self, cfg: RunConfig):
-        from headprobe.extract.tasks import TASKS, get_task
-
-        if cfg.top_k > 0 and cfg.ablation_draws < 2:
-            raise InputError(f"ablation_draws {cfg.ablation_draws}: the ablation check needs at least 2 random draws")
-        names = cfg.tasks if cfg.tasks is not None else [n for n, t in TASKS.items() if t.stage]
-        self.tasks = [get_task(n) for n in names]
-        unstaged = [t.name for t in self.tasks if not t.stage]
-        if unstaged or not self.tasks:
-            raise InputError(f"--tasks {names}: {', '.join(unstaged) or 'none given'}: pick tasks with a stage "
-                             f"({', '.join(n for n, t in TASKS.items() if t.stage)}); the SAE's corpus is extracted "
-                             f"anyway")
         if cfg.max_examples is not None and cfg.max_examples < 1:
             raise InputError(f"--max_examples {cfg.max_examples}: pass a positive number, or null for every example")
+        self.tasks = run_tasks(cfg.tasks)
         self.cfg = cfg
         self.out = Path(cfg.out).resolve()
         self.steps = Steps(self.out)
         self._loaded = None
         self._model_key: dict | None = None
-        self.attribution = None  # the Attribution, once the attribute step has run in this process
-        self.sae_eval: dict = {}  # the SAE's held-out metrics, once its step has run (or was cached)
+        self.attribution: Attribution | None = None  # once the attribute step ran in this process
+        self.sae_eval: dict = {}  # the SAE's held-out metrics, once its step ran (or was cached)
         os.environ.setdefault("WANDB_RUN_GROUP", f"headprobe-run-{self.out.name}")
         if cfg.logger == "wandb":  # offline without credentials; wandb's cache and config stay under --out
             from headprobe.train.loggers import wandb_environment
@@ -204,10 +234,24 @@ class Pipeline:
     def run_dir(self, kind: str, name: str) -> Path:
         return self.out / "runs" / kind / name
 
+    @property
+    def sae_dir(self) -> Path:
+        return self.run_dir("sae", f"layer{self.cfg.sae.layer}")
+
     def _bar(self, items: list, desc: str):
         from tqdm.auto import tqdm
 
         return tqdm(items, desc=desc, unit="task", disable=not self.cfg.progress, dynamic_ncols=True)
+
+    def check_layer(self, layer: int, option: str) -> None:
+        """Refuse a layer the model does not have, from its config (no weights loaded)."""
+        from headprobe.extract.extractor import config_layout
+        from headprobe.extract.hooks import head_layout
+        from headprobe.extract.models import open_model
+
+        layout = config_layout(open_model(self.cfg.model).config) or head_layout(self.loaded.model)
+        if not 0 <= layer < layout.n_layers:
+            raise InputError(f"{option} {layer}: {self.cfg.model} has layers 0..{layout.n_layers - 1}")
 
     # --- 1. extraction --------------------------------------------------------------------------------------------
     def extract_all(self) -> None:
@@ -215,24 +259,25 @@ class Pipeline:
         from headprobe.extract.tasks import get_task
 
         cfg = self.cfg
-        corpus_key = {**self.model_key, "layer": cfg.sae.layer, "n": cfg.sae.corpus_examples, "seed": cfg.seed}
-        if self.steps.key_of("extract/corpus") != self.steps.digest(corpus_key):  # check before the other tasks run
-            from headprobe.extract.hooks import head_layout
-
-            n_layers = head_layout(self.loaded.model).n_layers
-            if not 0 <= cfg.sae.layer < n_layers:
-                raise InputError(f"--sae.layer {cfg.sae.layer}: {cfg.model} has layers 0..{n_layers - 1}")
+        corpus = ExtractConfig(layers=[cfg.sae.layer], seed=cfg.seed, max_examples=cfg.sae.corpus_examples)
+        corpus_key = self._extract_key(get_task("corpus"), corpus)
+        if self.steps.key_of("extract/corpus") != self.steps.digest(corpus_key):  # check before any weights load
+            self.check_layer(cfg.sae.layer, "--sae.layer")
         for task in self._bar(self.tasks, "extract"):
-            key = {**self.model_key, "task": task.name, "seed": cfg.seed, "max": cfg.max_examples}
             config = ExtractConfig(seed=cfg.seed, max_examples=cfg.max_examples)
-            self._extract(f"extract/{task.name}", key, task, config)
-        self._extract("extract/corpus", corpus_key, get_task("corpus"),
-                      ExtractConfig(layers=[cfg.sae.layer], seed=cfg.seed, max_examples=cfg.sae.corpus_examples))
+            self._extract(f"extract/{task.name}", self._extract_key(task, config), task, config)
+        self._extract("extract/corpus", corpus_key, get_task("corpus"), corpus)
+
+    def _extract_key(self, task, config) -> dict:
+        """What an extraction depends on: the model's files, the task's name and examples, the settings."""
+        from headprobe.extract.tasks import dataset_hash
+
+        return {"version": STEP_VERSION["extract"], **self.model_key, "task": task.name,
+                "examples": dataset_hash(task.examples(config.seed)), "config": asdict(config)}
 
     def _extract(self, step: str, key: dict, task, config) -> None:
-        """Extract ``task`` as step ``step``. An interrupted extraction resumes only under the settings it started
-        with (recorded beside the step's marker); other settings, or a finished store made with other settings,
-        start again."""
+        """Extract ``task`` as step ``step``. An interrupted extraction resumes only under the key it started with
+        (recorded beside the step's marker); another key, or a finished store made under another, starts again."""
         from headprobe.extract.extractor import extract
         from headprobe.extract.store import partial_path
 
@@ -250,100 +295,95 @@ class Pipeline:
         self.steps(step, key, run)
 
     # --- 2. probes and the SAE --------------------------------------------------------------------------------------
-    def _fit(self, step: str, key: dict, kind: str, store: Path, folder: Path, extra: list[str]) -> None:
-        """Train ``kind`` on ``store`` into ``folder`` as step ``step``, resuming an interrupted run."""
-        digest = self.steps.digest(key)
-        self.steps(step, key, lambda: self._train(kind, store, folder, extra, digest))
+    def _fit(self, step: str, kind: str, store_step: str, folder: Path, overrides: dict,
+             configs: list[str] | None = None) -> None:
+        """Train ``kind`` on the store of ``store_step`` into ``folder`` as step ``step``; an interrupted training
+        resumes only under the same key (another key, or a folder without one, starts over)."""
+        from headprobe.train.fit import merged_config
 
-    def _train(self, kind: str, store: Path, folder: Path, extra: list[str], digest: str) -> dict:
-        """One training into ``folder``; ``digest`` names its settings, so that an interrupted training resumes only
-        under the same ones (a finished step with other settings, or a folder without a digest, starts over)."""
-        from headprobe.train.fit import expand_short_form, run
+        config = merged_config(kind, overrides, configs)
+        key = {"version": STEP_VERSION[kind], "store": self.steps.key_of(store_step), "config": config,
+               "seed": self.cfg.seed}
+        digest, store = self.steps.digest(key), self.store(store_step.split("/", 1)[1])
+        self.steps(step, key, lambda: self._train(kind, store, folder, overrides, configs, digest))
 
-        started = folder / "step_key"  # the settings of a training that may not have finished
-        if not started.exists() or started.read_text() != digest:  # other or unknown settings: start over
+    def _train(self, kind: str, store: Path, folder: Path, overrides: dict, configs: list[str] | None,
+               digest: str) -> dict:
+        """One training into ``folder``; ``digest`` names its key, so that an interrupted training resumes only under
+        the same one (a folder with another key, or none, starts over). Returns the scalar metrics."""
+        from headprobe.train.fit import fit
+
+        started = folder / "step_key"  # the key of a training that may not have finished
+        if not started.exists() or started.read_text() != digest:
             shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True, exist_ok=True)
         started.write_text(digest)
         resume = (folder / "checkpoints" / "last.ckpt").exists()
-        argv = [kind, "--data.path", str(store), "--out", str(folder), "--logger", self.cfg.logger,
-                "--seed_everything", str(self.cfg.seed), "--resume", str(resume).lower(),
-                "--overwrite", str(not resume).lower(), *extra]
-        logs = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
-        levels = [log.level for log in logs]
-        for log in logs:  # one training of many: no per-run hardware, seed and tip lines
-            log.setLevel(max(log.level, logging.WARNING))
-        try:
-            run(expand_short_form(argv))
-        finally:
-            for log, level in zip(logs, levels):
-                log.setLevel(level)
-        metrics = json.loads((folder / "checkpoint" / "metrics.json").read_text())
-        return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        return fit(kind, store, folder, overrides, configs=configs, logger=self.cfg.logger, seed=self.cfg.seed,
+                   resume=resume, overwrite=not resume, quiet=True).scalars()
 
     def train_all(self) -> None:
         cfg = self.cfg
-        alpha = [] if cfg.sparse_alpha is None else ["--model.init_args.alpha", str(cfg.sparse_alpha)]
-        for kind, extra in (("linear", []), ("sparse", alpha)):
+        sparse = {} if cfg.sparse_alpha is None else {"model": {"init_args": {"alpha": cfg.sparse_alpha}}}
+        for kind, overrides in (("linear", {}), ("sparse", sparse)):
             for task in self._bar(self.tasks, f"{kind} probes"):
-                key = {"store": self.steps.key_of(f"extract/{task.name}"), "extra": extra, "seed": cfg.seed}
-                self._fit(f"{kind}/{task.name}", key, kind, self.store(task.name), self.run_dir(kind, task.name),
-                          extra)
+                self._fit(f"{kind}/{task.name}", kind, f"extract/{task.name}", self.run_dir(kind, task.name),
+                          overrides)
         s = cfg.sae
-        extra = ["--model.init_args.architecture", s.architecture, "--model.init_args.d_sae", str(s.d_sae),
-                 "--model.init_args.k", str(s.k), "--model.init_args.token_budget", str(s.tokens),
-                 "--data.batch_size", str(s.batch_size)]
-        key = {"store": self.steps.key_of("extract/corpus"), "extra": extra, "seed": cfg.seed}
+        overrides = {"model": {"init_args": {"architecture": s.architecture, "d_sae": s.d_sae, "k": s.k,
+                                             "token_budget": s.tokens}},
+                     "data": {"batch_size": s.batch_size}}
         from headprobe.train.fit import CONFIGS
 
         overlay = CONFIGS / f"sae_{s.architecture}.yaml"  # the architecture's own defaults, as in headprobe train
-        if overlay.exists():
-            key["overlay"] = hashlib.sha256(overlay.read_bytes()).hexdigest()[:16]
-            extra = ["--config", str(overlay), *extra]
-        self._fit("sae", key, "sae", self.store("corpus"), self.run_dir("sae", f"layer{s.layer}"), extra)
-        self.sae_eval = self.steps("sae/eval", {"sae": self.steps.key_of("sae"), "ce_tokens": s.ce_tokens},
-                                   self.evaluate_sae)
+        self._fit("sae", "sae", "extract/corpus", self.sae_dir, overrides,
+                  [overlay.name] if overlay.exists() else None)
+        self.sae_eval = self.steps("sae/eval", {"version": STEP_VERSION["sae/eval"], "sae": self.steps.key_of("sae"),
+                                                "ce_tokens": s.ce_tokens}, self.evaluate_sae)
 
     def evaluate_sae(self) -> dict:
         from headprobe.probes.sae_eval import evaluate_checkpoint
 
-        folder = self.run_dir("sae", f"layer{self.cfg.sae.layer}")
-        return evaluate_checkpoint(folder / "checkpoint", self.store("corpus"), split="test",
-                                   histogram=folder / "density.png", ce_tokens=self.cfg.sae.ce_tokens,
+        return evaluate_checkpoint(self.sae_dir / "checkpoint", self.store("corpus"), split="test",
+                                   histogram=self.sae_dir / "density.png", ce_tokens=self.cfg.sae.ce_tokens,
                                    loaded=self.loaded)
 
-    # --- 3. attribution and cross-checks ----------------------------------------------------------------------------
+    # --- 3. attribution and its checks --------------------------------------------------------------------------
     def attribute(self) -> dict:
-        """Attribution of every checkpoint under ``runs/``, with the head-type and ablation checks."""
-        from headprobe.probes.attribution import AttributionConfig, attribute, write_attribution
+        """Attribution of every checkpoint under ``runs/``, with the checks the configuration asks for."""
+        from headprobe.probes.attribution import attribute, write_attribution
 
-        cfg = self.cfg
-        config = AttributionConfig(head_scores=True, ablate=cfg.top_k, draws=cfg.ablation_draws,
-                                   examples=cfg.ablation_examples, random_from=cfg.ablation_random_from,
-                                   scale=cfg.stage_scale)
-        self.attribution = attribute([self.out / "runs"], [self.store(t.name) for t in self.tasks], cfg.model,
-                                     config, loaded=self.loaded)
+        self.attribution = attribute([self.out / "runs"], [self.store(t.name) for t in self.tasks], self.cfg.model,
+                                     self.cfg.attribution, loaded=self.loaded)
         write_attribution(self.attribution, self.out / "attribution", overwrite=True)
         return {}
 
-    def run(self) -> Path:
+    def run(self) -> RunResult:
+        from headprobe.train.report import run_report
+
         t0 = time.perf_counter()
         self.extract_all()
         self.train_all()
         keys = {name: self.steps.key_of(name) for name in self.steps.done()}
-        settings = {"top_k": self.cfg.top_k, "draws": self.cfg.ablation_draws, "examples": self.cfg.ablation_examples,
-                    "random_from": self.cfg.ablation_random_from, "stage_scale": self.cfg.stage_scale,
-                    "controls": "layer-matched v2, readout"}  # v1 drew from the union of the top heads' layers
-        self.steps("attribute", {**keys, **settings}, self.attribute)
-        report = self.steps("report", {"inputs": keys, "attribute": self.steps.key_of("attribute")},
-                            lambda: {"path": str(build_report(self))})
+        self.steps("attribute", {"version": STEP_VERSION["attribute"], "inputs": keys,
+                                 "config": asdict(self.cfg.attribution)}, self.attribute)
+        if self.attribution is None:
+            self.attribution = Attribution.load(self.out / "attribution")
+        report = self.steps("report", {"version": STEP_VERSION["report"], "inputs": keys,
+                                       "attribute": self.steps.key_of("attribute")},
+                            lambda: {"path": str(run_report(self))})
         print(self.steps.table())
         offline = sorted((self.out / "runs").glob("*/*/wandb/offline-run-*"))
         if offline:
             print(f"W&B: {len(offline)} offline runs under {self.out / 'runs'}/*/*/wandb; upload one with "
                   f"`wandb sync {offline[0]}`")
         print(f"headprobe run: {time.perf_counter() - t0:.0f} s; report: {report['path']}")
-        return Path(report["path"])
+        return RunResult(self.out, Path(report["path"]), self.attribution, list(self.steps.summary))
+
+
+def run(config: RunConfig | None = None) -> RunResult:
+    """The whole pipeline (see the module docstring); ``headprobe run`` is a thin wrapper over this."""
+    return Pipeline(config or RunConfig()).run()
 
 
 def _rows(path: Path) -> int:
@@ -351,143 +391,3 @@ def _rows(path: Path) -> int:
 
     with Store(path) as store:
         return len(store)
-
-
-# --- the report -------------------------------------------------------------------------------------------------------
-def _copy(src: Path, folder: Path, name: str) -> str:
-    (folder / "img").mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, folder / "img" / name)
-    return f"img/{name}"
-
-
-def _probe_table(p: Pipeline) -> str:
-    rows = ["| task | stage | rows | best head (val acc) | mean val acc | max selectivity (control task / shuffled "
-            "labels) | heads kept by group lasso |", "|---|---|---|---|---|---|---|"]
-    for t in p.tasks:
-        heads = json.loads((p.run_dir("linear", t.name) / "heads.json").read_text())["heads"]
-        best = max(heads, key=lambda h: h.get("val/acc", 0))
-        sel = [max(h.get(f"val/selectivity_{c}", float("nan")) for h in heads) for c in ("control", "shuffled")]
-        # read at one token type (e.g. always the prompt's last word), the control task has one label: no baseline
-        # (training skips it and says so in metrics.json; runs from before that fitted it to accuracy 1)
-        linear = json.loads((p.run_dir("linear", t.name) / "checkpoint" / "metrics.json").read_text())
-        one_label = "control" in linear.get("controls_skipped", {}) or min(h.get("val/acc_control", 0)
-                                                                             for h in heads) > 0.999
-        control = "n/a" if one_label else f"{sel[0]:.3f}"
-        sparse = json.loads((p.run_dir("sparse", t.name) / "checkpoint" / "metrics.json").read_text())
-        kept = sparse.get("heads_selected", sparse.get("val/heads_selected", float("nan")))
-        mean = sum(h["val/acc"] for h in heads) / len(heads)
-        rows.append(f"| {t.name} | {t.stage} | {_rows(p.store(t.name))} | L{best['layer']}.H{best['head']} "
-                    f"({best['val/acc']:.3f}) | {mean:.3f} | {control} / {sel[1]:.3f} | {kept:.0f} |")
-    note = ("\n\nn/a: every row of the task is read at one token type, so its control task has one label and gives "
-            "no baseline (training skips it; shuffled labels remain).")
-    return "\n".join(rows) + (note if any(" | n/a / " in r for r in rows) else "")
-
-
-def _top_tokens(p: Pipeline, n_features: int = 8, n_tokens: int = 5, context: int = 6) -> str:
-    """The SAE latents with the largest decoder share on the stage map's top heads, with their top tokens."""
-    import numpy as np
-    import torch
-
-    from headprobe.extract.store import Store
-    from headprobe.probes.attribution.kinds.sae import decoder_head_shares
-    from headprobe.probes.checkpoint import load_local
-
-    sae = load_local(p.run_dir("sae", f"layer{p.cfg.sae.layer}") / "checkpoint")
-    tok = p.loaded.tokenizer
-    with Store(p.store("corpus")) as store:
-        rows = store.rows("test")[:20000]
-        z = torch.from_numpy(store.activations(rows)).flatten(1)  # (N, H * D)
-        ids, ex = store.column("token_id"), store.column("example_id")
-        with torch.no_grad():
-            acts = torch.cat([sae.encode(z[i:i + 4096]) for i in range(0, len(z), 4096)])  # (N, F)
-    shares = decoder_head_shares(sae.W_dec.detach().float().numpy(), store.meta.n_heads)  # (F, H)
-    fired = (acts > 0).sum(0).numpy()
-    out = ["| latent | head with largest decoder share (share) | fires on | top-activating tokens (in context) |",
-           "|---|---|---|---|"]
-    order = [f for f in np.argsort(-shares.max(1)) if fired[f] >= n_tokens][:n_features]
-    for f in order:
-        top = torch.topk(acts[:, f], n_tokens).indices.numpy()
-        shown = []
-        for r in rows[top]:
-            lo = max(r - context, 0)
-            keep = [i for i in range(lo, r + 1) if ex[i] == ex[r]]
-            text = tok.decode(ids[keep[:-1]]) + "[[" + tok.decode(ids[r:r + 1]) + "]]"
-            shown.append("`" + text.replace("|", "/").replace("`", "'").replace("\n", " ") + "`")
-        h = int(shares[f].argmax())
-        out.append(f"| {f} | L{p.cfg.sae.layer}.H{h} ({shares[f, h]:.2f}) | {fired[f] / len(rows):.2%} of tokens | "
-                   f"{'<br>'.join(shown)} |")
-    return "\n".join(out)
-
-
-SAE_NAMES = {"topk": "TopK", "batchtopk": "BatchTopK", "relu": "ReLU (L1)", "jumprelu": "JumpReLU"}
-
-
-def build_report(p: Pipeline) -> Path:
-    from headprobe.probes.attribution import Attribution, report_sections
-    from headprobe.train.report import write_report
-
-    folder = p.out / "report"
-    attr = p.out / "attribution"
-    result = p.attribution if p.attribution is not None else Attribution.load(attr)
-    stage_png = _copy(attr / "stage_map.png", folder, "stage_map.png")
-    (folder / "img").mkdir(parents=True, exist_ok=True)
-    attribution_md = "\n".join(report_sections(result, folder / "img", "img/", stage_image=None,
-                                                title="Top heads per stage and their evidence"))
-    sections = [
-        f"Model `{p.cfg.model}`; {len(p.tasks)} tasks over the four reasoning stages of Zheng et al. (2024). Each "
-        f"head's output z was probed per task (linear probes for every head at once, a group-lasso probe choosing "
-        f"heads), a {SAE_NAMES.get(p.cfg.sae.architecture, p.cfg.sae.architecture)} sparse autoencoder was trained on "
-        f"layer {p.cfg.sae.layer}, and the evidence was pooled into a stage per head, then checked against "
-        f"attention-pattern scores and by ablating each task's top heads.",
-        f"## Stage map\n\n![stage map]({stage_png})",
-        demote(attribution_md),
-        "## Probes per task\n\n" + _probe_table(p),
-        "## Per-task probe accuracy (each head's linear probe on held-out rows: test accuracy, or val where a "
-        "store has no test split; the title names it)\n\n" + "\n\n".join(
-            f"![{t.name}]({_copy(p.run_dir('linear', t.name) / 'heatmap.png', folder, f'heatmap_{t.name}.png')})"
-            for t in p.tasks),
-    ]
-    sae_dir = p.run_dir("sae", f"layer{p.cfg.sae.layer}")
-    ev = p.sae_eval
-    keys = ("fve", "l0", "mse", "cosine", "dead_frac", "dense_frac", "ce_clean", "ce_spliced", "ce_recovered_zero",
-            "ce_recovered_mean")
-    sae_rows = "\n".join(f"| {k} | {ev[k]:.4g} |" for k in keys if k in ev)
-    density = _copy(sae_dir / "density.png", folder, "density.png")
-    sections.append(f"## Sparse autoencoder (layer {p.cfg.sae.layer}, held-out corpus tokens)\n\n| metric | value |\n"
-                    f"|---|---|\n{sae_rows}\n\n![feature density]({density})"
-                    f"\n\n### Latents and the heads that write them\n\n{_top_tokens(p)}")
-    sections.append("## Run\n\n```yaml\n" + _yaml(asdict(p.cfg)) + "```\n\n| package | version |\n|---|---|\n" +
-                    "\n".join(f"| {k} | {v} |" for k, v in versions().items()) +
-                    "\n\n```\n" + p.steps.table() + "\n```\n\nCommand: `"
-                    + " ".join(["headprobe", *sys.argv[1:]]) + "`")
-    return write_report(folder, "headprobe report", sections)
-
-
-def demote(markdown: str) -> str:
-    """Every heading one level down (``## x`` -> ``### x``), for a section nested in the run's report."""
-    return re.sub(r"^(#+) ", r"#\1 ", markdown, flags=re.M)
-
-
-def _yaml(d: dict) -> str:
-    import yaml
-
-    return yaml.safe_dump(d, sort_keys=False)
-
-
-def main(argv: list[str] | None = None) -> None:
-    from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
-
-    from headprobe.train.cli import guarded, parse_error
-
-    parser = ArgumentParser(prog="headprobe run", description=__doc__.splitlines()[0], exit_on_error=False)
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below "
-                        "(--print_config prints the current configuration)")
-    parser.add_class_arguments(RunConfig, nested_key=None, fail_untyped=False)
-    try:
-        args = parser.parse_args(sys.argv[1:] if argv is None else argv).as_dict()
-    except ArgumentError as err:
-        print(f"headprobe run: error: {parse_error(err)} (`headprobe run --help` lists the options)", file=sys.stderr)
-        sys.exit(2)
-    args.pop("config", None)
-    args = {k: v for k, v in args.items() if not k.startswith("__")}
-    guarded("headprobe run", lambda: Pipeline(RunConfig(**{**args, "sae": SAESettings(**args["sae"])})).run())

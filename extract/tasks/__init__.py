@@ -30,14 +30,16 @@ def get_task(name: str) -> Task:
 
 
 def resolve_task(ref: str) -> Task:
-    """A built-in task by name, a user dataset file (.jsonl / .csv), or ``hf:NAME?text=..&label=..`` (a Hugging Face
-    dataset with a column mapping; see ``extract/tasks/user.py``)."""
+    """A built-in task by name, a user dataset file (.jsonl / .csv, with ``:STAGE`` appended to give its stage,
+    e.g. ``mine.jsonl:KR``, or a ``stage`` column), or ``hf:NAME?text=..&label=..&stage=..`` (a Hugging Face dataset
+    with a column mapping; see ``extract/tasks/user.py``)."""
     from headprobe.extract.tasks import user
 
     if ref.startswith("hf:"):
         return user.load_hf_task(ref)
-    if ref.endswith((".jsonl", ".csv")):
-        return user.load_user_task(ref)
+    path, _, stage = ref.rpartition(":") if ref.rpartition(":")[2] in STAGES else (ref, "", "")
+    if path.endswith((".jsonl", ".csv")):
+        return user.load_user_task(path, stage=stage)
     return get_task(ref)
 
 

@@ -4,52 +4,69 @@ Columns: ``text`` and ``label`` (required), ``position`` (token index to read; n
 ``group`` (examples of one group never land in two splits; default: every row its own group). Labels that are all
 integers >= 0, and labels that are strings, become classes named by their sorted distinct values (labels 1 and 2:
 two classes, "1" and "2"); other numbers make a regression task. Every bad row raises ``UserDataError`` naming the
-file and line; no row is dropped.
+file and line; no row is dropped. The task's ``extra`` keeps the source (``source``) and each text's line
+(``lines``), so that later checks (an input longer than the model's context, too few groups for the splits) can
+name them too.
 """
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
 from urllib.parse import parse_qsl
 
+import numpy as np
+
 from headprobe import HeadprobeError
-from headprobe.extract.tasks.base import STAGES, Example, Task
+from headprobe.extract.tasks.base import STAGES, Example, Task, assign_splits
+
+SPLIT_NAMES = ("train", "val", "test")
 
 
 class UserDataError(HeadprobeError, ValueError):
     """A user dataset is malformed; the message names the file and line and says what to fix."""
 
 
+def _read_text(path: Path) -> str:
+    """The file as text; a byte sequence that is not UTF-8 is refused with its line and column."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark is not part of the header
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise UserDataError(f"{path}:{line}: byte 0x{data[err.start]:02x} (column {column}) is not UTF-8 text: save "
+                            f"the file as UTF-8") from None
+
+
 def _rows_jsonl(path: Path):
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserDataError(f"{path}:{n}: not valid JSON ({err.msg}): fix the line or remove it") from None
-            if not isinstance(row, dict):
-                raise UserDataError(f"{path}:{n}: expected a JSON object like {{\"text\": ..., \"label\": ...}}")
-            yield n, row
+    for n, line in enumerate(_read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserDataError(f"{path}:{n}: not valid JSON ({err.msg}): fix the line or remove it") from None
+        if not isinstance(row, dict):
+            raise UserDataError(f"{path}:{n}: expected a JSON object like {{\"text\": ..., \"label\": ...}}")
+        yield n, row
 
 
 def _rows_csv(path: Path, needed: tuple[str, str] = ("text", "label")):
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None:
-            return
-        missing = [c for c in needed if c not in reader.fieldnames]
-        if missing:
-            raise UserDataError(f"{path}:1: the header ({', '.join(reader.fieldnames)}) has no {' or '.join(missing)} "
-                                f"column: name the columns {' and '.join(needed)}")
-        for row in reader:
-            if None in row or None in row.values():
-                raise UserDataError(f"{path}:{reader.line_num}: {len(reader.fieldnames)} columns expected "
-                                    f"({', '.join(reader.fieldnames)}): fix the number of fields")
-            yield reader.line_num, {k: (v if v != "" else None) for k, v in row.items()}
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    if reader.fieldnames is None:
+        return
+    missing = [c for c in needed if c not in reader.fieldnames]
+    if missing:
+        raise UserDataError(f"{path}:1: the header ({', '.join(reader.fieldnames)}) has no {' or '.join(missing)} "
+                            f"column: name the columns {' and '.join(needed)}")
+    for row in reader:
+        if None in row or None in row.values():
+            raise UserDataError(f"{path}:{reader.line_num}: {len(reader.fieldnames)} columns expected "
+                                f"({', '.join(reader.fieldnames)}): fix the number of fields")
+        yield reader.line_num, {k: (v if v != "" else None) for k, v in row.items()}
 
 
 def _as_number(value):
@@ -65,9 +82,9 @@ def _as_number(value):
 
 def examples_from_rows(rows, where: str, text: str = "text", label: str = "label", position: str = "position",
                        group: str = "group", class_names: list[str] | None = None
-                       ) -> tuple[list[Example], list[str], str, bool]:
-    """Examples from (line, row dict) pairs; returns (examples, label names, label kind, has positions).
-    ``class_names``: the labels are ids into these (a Hugging Face ClassLabel column)."""
+                       ) -> tuple[list[Example], list[str], str, bool, list[int]]:
+    """Examples from (line, row dict) pairs; returns (examples, label names, label kind, has positions, each
+    example's line). ``class_names``: the labels are ids into these (a Hugging Face ClassLabel column)."""
     parsed = []
     for n, row in rows:
         for col in (text, label):
@@ -115,15 +132,45 @@ def examples_from_rows(rows, where: str, text: str = "text", label: str = "label
         n = parsed[with_pos.index(not with_pos[0])][0]
         raise UserDataError(f"{where}:{n}: some rows give {position!r} and some do not: give it on every row or none")
     examples = [Example(text=t, label=y, position=pos, group=g) for (_, t, _, pos, g), y in zip(parsed, labels)]
-    return examples, names, kind, all(with_pos)
+    return examples, names, kind, all(with_pos), [p[0] for p in parsed]
 
 
-def _task(name: str, examples: list[Example], names: list[str], kind: str, has_pos: bool, stage: str,
-          description: str) -> Task:
+def _task(name: str, parsed: tuple, stage: str, description: str, source: str, at: str = "{source}:{line}") -> Task:
+    """A task from :func:`examples_from_rows`' result; ``source`` names the data in messages, ``at`` one line."""
+    examples, names, kind, has_pos, lines = parsed
     if stage not in (*STAGES, ""):
         raise UserDataError(f"unknown stage {stage!r}: choose one of {', '.join(STAGES)} or leave it empty")
+    where = {}
+    for ex, n in zip(examples, lines):
+        where.setdefault(ex.text, n)  # a repeated text is named by its first line
     return Task(name, stage, description, names, lambda seed: list(examples), position_rule="task" if has_pos
-                else "last", label_kind=kind, metric="none")
+                else "last", label_kind=kind, metric="none", extra={"source": source, "lines": where, "at": at})
+
+
+def where_is(task: Task, example: Example) -> str | None:
+    """``file:line`` of a user dataset's example, or None for a task that is not read from a file."""
+    source, lines = task.extra.get("source"), task.extra.get("lines") or {}
+    if source is None or example.text not in lines:
+        return None
+    return task.extra["at"].format(source=source, line=lines[example.text])
+
+
+def require_every_split(task: Task, keys: list[str], splits: np.ndarray, note: str = "") -> None:
+    """Refuse a user dataset whose examples (grouped by ``keys``, split into ``splits``) leave a split empty."""
+    names = [name for s, name in enumerate(SPLIT_NAMES) if task.split_fractions[s] > 0 and not (splits == s).any()]
+    if not names or task.extra.get("source") is None:
+        return
+    fractions = np.asarray(task.split_fractions, dtype=float) / sum(task.split_fractions)
+    need = next((n for n in range(1, 10_000) if _fills_every_split(n, task.split_fractions)), "more")
+    raise UserDataError(f"{task.extra['source']}: {len(keys)} examples in {len(set(keys))} groups leave the "
+                        f"{' and '.join(names)} split{'s' if len(names) > 1 else ''} empty{note}: a "
+                        f"{'/'.join(f'{100 * f:.0f}' for f in fractions)} train/val/test split needs at least {need} "
+                        f"groups (a row without a group is a group of its own): add rows")
+
+
+def _fills_every_split(n_groups: int, fractions: tuple[float, float, float]) -> bool:
+    splits = assign_splits([str(i) for i in range(n_groups)], fractions)
+    return all((splits == s).any() for s in range(3) if fractions[s] > 0)
 
 
 def load_user_task(path: str | Path, stage: str = "", text: str = "text", label: str = "label",
@@ -134,9 +181,20 @@ def load_user_task(path: str | Path, stage: str = "", text: str = "text", label:
         raise UserDataError(f"dataset file {path} does not exist: check the path")
     if path.suffix not in (".jsonl", ".csv"):
         raise UserDataError(f"{path}: user datasets are .jsonl or .csv files")
-    rows = _rows_jsonl(path) if path.suffix == ".jsonl" else _rows_csv(path, (text, label))
-    examples, names, kind, has_pos = examples_from_rows(rows, str(path), text, label, position, group)
-    return _task(path.stem, examples, names, kind, has_pos, stage, f"user dataset {path}")
+    rows = list(_rows_jsonl(path) if path.suffix == ".jsonl" else _rows_csv(path, (text, label)))
+    parsed = examples_from_rows(rows, str(path), text, label, position, group)
+    return _task(path.stem, parsed, stage or _stage_column(rows, str(path)), f"user dataset {path}", str(path))
+
+
+def _stage_column(rows: list[tuple[int, dict]], where: str) -> str:
+    """The task's stage from a ``stage`` column (one value for every row), or "" without one."""
+    values = {(n, str(row["stage"]).strip()) for n, row in rows if row.get("stage") not in (None, "")}
+    stages = {v for _, v in values}
+    if len(stages) > 1:
+        line = min(n for n, v in values if v != min(stages))
+        raise UserDataError(f"{where}:{line}: the stage column holds {', '.join(sorted(stages))}: a task has one "
+                            f"stage (one of {', '.join(STAGES)}); split the file by stage")
+    return stages.pop() if stages else ""
 
 
 def load_hf_task(ref: str) -> Task:
@@ -169,7 +227,6 @@ def load_hf_task(ref: str) -> Task:
                                 f"?{k}=COLUMN")
     rows = ((i + 1, {k: row.get(c) for k, c in cols.items()}) for i, row in enumerate(data))
     feature = data.features.get(cols["label"])
-    examples, names, kind, has_pos = examples_from_rows(rows, f"{name}[{split}] row",
-                                                        class_names=getattr(feature, "names", None))
-    return _task(name.replace("/", "_"), examples, names, kind, has_pos, opts.get("stage", ""),
-                 f"Hugging Face dataset {name} ({split})")
+    parsed = examples_from_rows(rows, f"{name}[{split}] row", class_names=getattr(feature, "names", None))
+    return _task(name.replace("/", "_"), parsed, opts.get("stage", ""), f"Hugging Face dataset {name} ({split})",
+                 f"{name}[{split}]", at="{source} row {line}")

@@ -92,6 +92,20 @@ def probe_importance(val_acc: np.ndarray, control_acc: np.ndarray, alpha: float 
     return np.asarray(val_acc, dtype=np.float64), null_threshold(control_acc, alpha, min_std=min_std)
 
 
+def scaled_excess(ev: Evidence, scale: str, cells: int | None = None) -> np.ndarray:
+    """``ev``'s excess over its null (L, H), scaled so that evidences of different units pool: ``max`` divides by
+    the largest excess (the task's best head scores 1); ``share`` by the total excess, times the fraction of the
+    ``cells`` (heads of the map) the evidence covers (its heads with a score), so each head holds its share of what
+    the task found. An evidence with no excess stays 0."""
+    ex = ev.excess()
+    if scale == "max":
+        norm = ex.max()
+    else:
+        covered = max(1, int(np.isfinite(ev.score).sum()))  # heads the evidence measured (NaN: not measured)
+        norm = ex.sum() * (cells or ex.size) / covered
+    return ex / norm if norm > 0 else ex
+
+
 def over_all_heads(a: np.ndarray, heads: list[int] | None, n_heads: int) -> np.ndarray:
     """(L, H') over a checkpoint's heads -> (L, H) over all heads, NaN for heads it did not read."""
     a = np.asarray(a, dtype=np.float64)
@@ -104,17 +118,17 @@ def over_all_heads(a: np.ndarray, heads: list[int] | None, n_heads: int) -> np.n
 
 # --- ranking heads for one task ---------------------------------------------------------------------------------
 def task_ranking(evidence: list[Evidence], task: str) -> tuple[list[int], np.ndarray]:
-    """(layers, (L, H) ranking score) of one task: mean over its evidence of excess / max excess, with the raw
-    score (scaled to [0, 1e-3]) breaking ties among heads below the null."""
+    """(layers, (L, H) ranking score) of one task: mean over its evidence of the excess scaled by its best head
+    (:func:`scaled_excess` with ``max``), with the raw score (scaled to [0, 1e-3]) breaking ties among heads below
+    the null."""
     mine = [ev for ev in evidence if ev.task == task]
     layers = sorted({layer for ev in mine for layer in ev.layers})
     total = np.zeros((len(layers), mine[0].score.shape[1]))
     for ev in mine:
         rows = [layers.index(layer) for layer in ev.layers]
-        ex = ev.excess()
         s = np.nan_to_num(ev.score, nan=np.nanmin(ev.score))
         span = s.max() - s.min()
-        total[rows] += (ex / ex.max() if ex.max() > 0 else ex) + 1e-3 * ((s - s.min()) / span if span > 0 else 0)
+        total[rows] += scaled_excess(ev, "max") + 1e-3 * ((s - s.min()) / span if span > 0 else 0)
     return layers, total / len(mine)
 
 

@@ -1,7 +1,7 @@
 """The stage map: every head's importance for each of the four reasoning stages, from all tasks and artifacts.
 
-Each :class:`headprobe.probes.attribution.evidence.Evidence` (one task, one artifact) gives a head score and a null. Its excess over
-the null is scaled so that accuracies, group norms and SAE shares can be pooled, by one of
+Each :class:`~headprobe.probes.attribution.evidence.Evidence` (one task, one artifact) gives a head score and a null.
+Its excess over the null is scaled so that accuracies, group norms and SAE shares can be pooled, by one of
 
 - ``share`` (default): the excess divided by the evidence's total excess, i.e. each head's share of what the task
   found, times the fraction of the map's heads the evidence covers (an SAE on one of 30 layers carries 1/30 of the
@@ -29,7 +29,7 @@ import numpy as np
 
 from headprobe import InputError
 from headprobe.extract.tasks.base import STAGES
-from headprobe.probes.attribution.evidence import Evidence
+from headprobe.probes.attribution.evidence import Evidence, scaled_excess
 
 STAGE_AXIS = tuple(STAGES)  # the stage map's last axis: ("KR", "ICI", "LR", "EP")
 COLOURS = {"KR": "#1f77b4", "ICI": "#ff7f0e", "LR": "#2ca02c", "EP": "#d62728"}
@@ -61,7 +61,8 @@ class StageMap:
         """Up to ``k`` heads with the highest (non-zero) score for ``stage``: (layer, head, score)."""
         s = self.scores[..., STAGE_AXIS.index(stage)]
         order = np.argsort(-s, axis=None, kind="stable")[:k]
-        return [(self.layers[i], int(h), float(s[i, h])) for i, h in zip(*np.unravel_index(order, s.shape)) if s[i, h] > 0]
+        return [(self.layers[i], int(h), float(s[i, h])) for i, h in zip(*np.unravel_index(order, s.shape))
+                if s[i, h] > 0]
 
     def evidence_for(self, layer: int, head: int, stage: str) -> list[str]:
         """One line per evidence of ``stage`` on this head: 'task/source: score (null)'."""
@@ -97,10 +98,7 @@ def build_stage_map(evidence: list[Evidence], reduce: str = "mean", scale: str =
     per_stage: dict[str, list[np.ndarray]] = {s: [] for s in STAGE_AXIS}
     for ev in evidence:
         full = np.zeros((len(layers), n_heads))
-        ex = ev.excess()
-        covered = max(1, int(np.isfinite(ev.score).sum()))  # heads the evidence measured (NaN: not measured)
-        norm = ex.sum() * full.size / covered if scale == "share" else ex.max()
-        full[[layers.index(layer) for layer in ev.layers]] = ex / norm if norm > 0 else ex
+        full[[layers.index(layer) for layer in ev.layers]] = scaled_excess(ev, scale, full.size)
         per_stage[ev.stage].append(full)
     pool = {"mean": np.mean, "max": np.max}[reduce]
     scores = np.stack([pool(per_stage[s], axis=0) if per_stage[s] else np.zeros((len(layers), n_heads))

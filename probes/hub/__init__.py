@@ -5,7 +5,8 @@ folder, a registry id ``release/name``, a static hub URL or a Hugging Face repo)
     download.py   bounded HTTP downloads from static hubs (size, time and redirect limits)
     cli.py        `headprobe hub list | show | push`
 """
-from headprobe.probes.hub.registry import (Registry, RegistryEntry, bundled_registry, load, push_to_folder, push_to_hf,
-                                           resolve)
+from headprobe.probes.hub.registry import (FromPretrained, Registry, RegistryEntry, bundled_registry, load,
+                                           push_to_folder, push_to_hf, resolve)
 
-__all__ = ["Registry", "RegistryEntry", "bundled_registry", "load", "push_to_folder", "push_to_hf", "resolve"]
+__all__ = ["FromPretrained", "Registry", "RegistryEntry", "bundled_registry", "load", "push_to_folder", "push_to_hf",
+           "resolve"]

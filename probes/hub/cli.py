@@ -16,6 +16,7 @@ from pathlib import Path
 
 from headprobe.probes.checkpoint import read_checkpoint, scalar_metrics
 from headprobe.probes.hub.registry import CONTROL_RE, Registry, push_to_folder, push_to_hf, resolve
+from headprobe.train.options import add_flag
 
 HUB_HELP = "a hub folder with registry.json, or an http(s) base URL (default: the checkpoints shipped with headprobe)"
 
@@ -32,10 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     push.add_argument("--to", required=True, help="hf:ORG/NAME[/SUBFOLDER] (Hugging Face Hub) or a hub folder")
     push.add_argument("--id", default=None, help="RELEASE/NAME in a hub folder (default: local/<folder name>, or "
                       "local/<run folder name> for a run's checkpoint/ folder)")
-    push.add_argument("--overwrite", action="store_true", help="replace an id the hub folder already holds")
+    add_flag(push, "--overwrite", "replace an id the hub folder already holds")
     push.add_argument("--revision", default="", help="release label recorded in the registry")
     push.add_argument("--command", default="", help="the command that reproduces the checkpoint")
-    push.add_argument("--private", action="store_true", help="create the Hugging Face repo as private")
+    add_flag(push, "--private", "create the Hugging Face repo as private")
 
 
 def _printable(text: str) -> str:

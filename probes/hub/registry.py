@@ -309,6 +309,8 @@ def _hf_snapshot(ref: str, context: str = "") -> Path:
 
 def resolve(ref: str | Path, hub: str | Path | None = None) -> tuple[Path, dict[str, str] | None]:
     """(local folder, sha256 of its files or None) for a reference; see the module docstring."""
+    if isinstance(ref, str) and ref.startswith("~"):
+        ref = str(Path(ref).expanduser())
     if hub is None and (isinstance(ref, Path) or Path(ref).is_dir()):
         return Path(ref), None
     ref = str(ref)
@@ -338,6 +340,19 @@ def load(ref: str | Path, hub: str | Path | None = None, meta=None):
     if meta is not None:
         module.checkpoint_config_loaded.check_compatible(meta)
     return module
+
+
+class FromPretrained:
+    """Mixin of the checkpoint classes: ``Cls.from_pretrained(ref, hub=None, meta=None)`` loads ``ref`` (a folder,
+    registry id, Hugging Face repo or static hub URL, see :func:`load`) and refuses a checkpoint of another class."""
+
+    @classmethod
+    def from_pretrained(cls, ref: str | Path, hub: str | Path | None = None, meta=None):
+        module = load(ref, hub, meta)
+        if not isinstance(module, cls):
+            raise CheckpointError(f"{ref} holds a {type(module).__name__}, not a {cls.__name__}: "
+                                  f"load it with headprobe.load or {type(module).__name__}.from_pretrained")
+        return module
 
 
 def registry_entry(folder: Path, location: str, revision: str = "", command: str = "") -> RegistryEntry:

@@ -16,29 +16,16 @@ from scipy.stats import norm, rankdata
 
 from headprobe import InputError
 from headprobe.extract.tasks.base import STAGES
+from headprobe.probes.sae import decoder_head_shares
 from headprobe.probes.attribution.contract import AttributionInputs, EvidenceKind, register_kind
 from headprobe.probes.attribution.evidence import Evidence
-
-
-def decoder_head_shares(W_dec: np.ndarray | torch.Tensor, n_heads: int) -> np.ndarray:
-    """Decoder-norm share of every head in every feature: W_dec (F, H*D) -> (F, H), rows summing to 1.
-
-    ``w[f, h] = ||W_dec[f, h-block]|| / sum_h' ||W_dec[f, h'-block]||``; a feature with an all-zero decoder row
-    gets uniform shares.
-    """
-    W = torch.as_tensor(W_dec, dtype=torch.float64)
-    if W.shape[1] % n_heads:
-        raise InputError(f"decoder width {W.shape[1]} is not a multiple of {n_heads} heads: pass W_dec as (F, H*D)")
-    norms = W.view(W.shape[0], n_heads, -1).norm(dim=2)  # (F, H)
-    total = norms.sum(dim=1, keepdim=True)
-    return torch.where(total > 0, norms / total.clamp_min(1e-300), torch.full_like(norms, 1.0 / n_heads)).numpy()
 
 
 def direct_feature_attribution(z: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
                                b_dec: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Split each feature's pre-activation over heads.
 
-    z (N, H, D); W_enc (F, H*D), b_enc (F,) and b_dec (H*D,) as a SparseAutoencoder (:mod:`headprobe.probes.sae`) and its
+    z (N, H, D); W_enc (F, H*D), b_enc (F,) and b_dec (H*D,) as a SparseAutoencoder (headprobe.probes.sae) and its
     checkpoint hold them; b_dec None for an SAE that does not subtract it before encoding. The pre-activation
     ``(z - b_dec) @ W_enc.T + b_enc`` equals ``per_head.sum(1) + bias``, with per_head (N, H, F) = z_h .
     W_enc[f, h-block] and bias (F,) = b_enc - W_enc @ b_dec.

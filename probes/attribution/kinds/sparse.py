@@ -8,22 +8,17 @@ import torch
 
 from headprobe.probes.attribution.contract import AttributionInputs, EvidenceKind, register_kind
 from headprobe.probes.attribution.evidence import Evidence, null_threshold, over_all_heads
+from headprobe.probes.sparse import group_norms
 
 
-def group_norms(weights: np.ndarray | torch.Tensor) -> np.ndarray:
-    """L2 norm of each head's weight group: (L, H, D[, C]) -> (L, H)."""
-    w = torch.as_tensor(weights, dtype=torch.float64)
-    return w.flatten(2).norm(dim=2).numpy()
-
-
-def sparse_evidence(task: str, stage: str, weights: np.ndarray | torch.Tensor,
-                    control_weights: np.ndarray | torch.Tensor | None, layers: list[int],
-                    alpha: float = 0.01) -> Evidence:
-    """Evidence from a sparse (group lasso) probe: group norms of the weights (L, H, D[, C]); the null comes from
-    the group norms of the same probe fitted to control labels (0 when none is given: any selected head)."""
-    score = group_norms(weights)
-    null = null_threshold(group_norms(control_weights), alpha) if control_weights is not None else 0.0
-    return Evidence(task, stage, "sparse", score, null, layers, metric="group norm")
+def sparse_evidence(task: str, stage: str, norms: np.ndarray | torch.Tensor, layers: list[int],
+                    control_norms: np.ndarray | torch.Tensor | None = None, alpha: float = 0.01,
+                    metric: str = "group norm") -> Evidence:
+    """Evidence from a sparse (group lasso) probe: each head's group norm (L, H) (:func:`group_norms`); the null
+    comes from the group norms of the same probe fitted to control labels, or is 0 without them (any head the group
+    lasso kept)."""
+    null = null_threshold(np.asarray(control_norms, dtype=np.float64), alpha) if control_norms is not None else 0.0
+    return Evidence(task, stage, "sparse", np.asarray(norms, dtype=np.float64), null, layers, metric=metric)
 
 
 @register_kind
@@ -35,9 +30,9 @@ class SparseProbeEvidence(EvidenceKind):
         out = []
         for ckpt in inputs.checkpoints_of(self.reads):
             config, tensors = ckpt.config, ckpt.tensors
-            norms = (tensors["group_norm"].double().numpy() if "group_norm" in tensors
-                     else group_norms(tensors["weight"]))
-            out.append(Evidence(config.task, config.stage, self.name,
-                                over_all_heads(norms, config.heads, config.n_heads), 0.0, list(config.layers),
-                                metric="group norm (standardised inputs; null: any kept head)"))
+            norms = tensors["group_norm"] if "group_norm" in tensors else group_norms(tensors["weight"])
+            out.append(sparse_evidence(config.task, config.stage,
+                                       over_all_heads(norms.double().numpy(), config.heads, config.n_heads),
+                                       list(config.layers),
+                                       metric="group norm (standardised inputs; null: any kept head)"))
         return out
