@@ -21,7 +21,8 @@ from pathlib import Path
 from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
 
-from headprobe.train.cli import guarded, parse_error
+from headprobe.train.cli import guarded
+from headprobe.train.options import parse_error
 from headprobe.train.toy.data import ToyData
 from headprobe.train.toy.fit import ToyTrainError, config_path, train_toy
 from headprobe.train.toy.model import ToyTransformer

@@ -63,8 +63,8 @@ def symbol_tokenizer():
                                    pad_token=SPECIALS[UNK], unk_token=SPECIALS[UNK])
 
 
-def head_group_penalty(net, qk_share: float) -> torch.Tensor:
-    """sum over heads of |[W_V^h; W_O^h]| + qk_share * |[W_Q^h; W_K^h]| (Frobenius norms)."""
+def head_group_penalty(net, qk_share: float, power: float = 1.0) -> torch.Tensor:
+    """sum over heads of |[W_V^h; W_O^h]|^power + qk_share * |[W_Q^h; W_K^h]|^power (Frobenius norms)."""
     H, d = net.config.num_attention_heads, net.config.hidden_size
     rows = lambda p: p.weight.view(H, -1, d).pow(2).sum((1, 2))  # noqa: E731  (H,) per head
     terms = []
@@ -72,7 +72,7 @@ def head_group_penalty(net, qk_share: float) -> torch.Tensor:
         att = layer.self_attn
         ov = rows(att.v_proj) + att.o_proj.weight.view(d, H, -1).pow(2).sum((0, 2))
         qk = rows(att.q_proj) + rows(att.k_proj)
-        terms.append(ov.clamp_min(1e-12).sqrt().sum() + qk_share * qk.clamp_min(1e-12).sqrt().sum())
+        terms.append(ov.clamp_min(1e-8).pow(power / 2).sum() + qk_share * qk.clamp_min(1e-8).pow(power / 2).sum())
     return torch.stack(terms).sum()
 
 
@@ -93,20 +93,24 @@ class ToyTransformer(L.LightningModule):
         weight_decay: AdamW weight decay
         head_l1: weight of the head-sparsity penalty (0: none)
         qk_share: the penalty's weight on W_Q, W_K relative to W_V, W_O
+        head_power: power of each head's norm in the penalty (1: group lasso; below 1 it is concave, so one head
+            doing a job costs less than two sharing it, which breaks ties between redundant heads)
         max_positions: positions the RoPE cache is built for
         seed: initialisation seed (the data seed is the data module's)
     """
 
     def __init__(self, task: str = "induction", n_layers: int = 2, n_heads: int = 4, d_model: int = 64,
                  attn_only: bool = True, d_mlp: int = 256, init_std: float = 0.1, lr: float = 3e-3,
-                 lr_end: float = 0.1, weight_decay: float = 0.0, head_l1: float = 0.02, qk_share: float = 0.1, max_positions: int = 256,
-                 seed: int = 0):
+                 lr_end: float = 0.1, weight_decay: float = 0.0, head_l1: float = 0.02, qk_share: float = 0.1,
+                 head_power: float = 1.0, max_positions: int = 256, seed: int = 0):
         super().__init__()
         if task not in TASKS:
             raise InputError(f"--model.task {task!r}: choose one of {', '.join(TASKS)}")
         if n_layers < 1 or n_heads < 1 or d_model % n_heads:
             raise InputError(f"--model.n_layers {n_layers}, --model.n_heads {n_heads}, --model.d_model {d_model}: "
                              f"pass 1 or more layers and heads, and a d_model divisible by n_heads")
+        if not 0 < head_power <= 1:
+            raise InputError(f"--model.head_power {head_power}: pass a power in (0, 1]")
         if head_l1 < 0 or lr <= 0 or init_std <= 0 or not 0 <= lr_end <= 1:
             raise InputError(f"--model.head_l1 {head_l1}, --model.lr {lr}, --model.lr_end {lr_end}, --model.init_std "
                              f"{init_std}: pass a head_l1 of 0 or more, a positive lr and init_std, an lr_end in 0..1")
@@ -134,7 +138,7 @@ class ToyTransformer(L.LightningModule):
         if not self.hparams.head_l1:
             self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(batch.ids))
             return loss
-        penalty = head_group_penalty(self.net, self.hparams.qk_share)
+        penalty = head_group_penalty(self.net, self.hparams.qk_share, self.hparams.head_power)
         self.log_dict({"train/loss": loss, "train/head_penalty": penalty}, prog_bar=True, on_step=True,
                       on_epoch=False, batch_size=len(batch.ids))
         return loss + self.hparams.head_l1 * penalty
