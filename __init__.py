@@ -44,8 +44,18 @@ _EXPORTS = {
     "causal_check": "headprobe.probes.checks.ablation",
     "causal_checks": "headprobe.probes.checks.ablation",
     "readout_metric": "headprobe.probes.checks.readout",
+    "steer": "headprobe.probes.steering",
+    "Intervention": "headprobe.probes.steering",
+    "build_intervention": "headprobe.probes.steering",
+    "steer_sweep": "headprobe.probes.checks.steer",
     "load_model": "headprobe.extract.models",
-    "extract": "headprobe.extract.extractor",
+    "extract_store": ("headprobe.extract.extractor", "extract"),  # headprobe.extract is the stage's package
+    "fit": "headprobe.train.fit",
+    "FitResult": "headprobe.train.fit",
+    "run": "headprobe.train.pipeline",
+    "RunConfig": "headprobe.train.pipeline",
+    "RunResult": "headprobe.train.pipeline",
+    "Attribution": "headprobe.probes.attribution",
     "ExtractConfig": "headprobe.extract.extractor",
     "Store": "headprobe.extract.store",
     "get_task": "headprobe.extract.tasks",
@@ -54,7 +64,8 @@ _EXPORTS = {
 
 def __getattr__(name: str):
     if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
+        module, attr = _EXPORTS[name] if isinstance(_EXPORTS[name], tuple) else (_EXPORTS[name], name)
+        return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'headprobe' has no attribute {name!r}")
 
 

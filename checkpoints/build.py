@@ -1,5 +1,6 @@
 """Build the checkpoints shipped in checkpoints/: every built-in labelled task is extracted on the default model
-and gets a linear and a sparse probe; the corpus task's layer-15 outputs get a TopK SAE (saved in fp16). Each
+and gets a linear and a sparse probe; the tasks of ``STEERED`` also get an intervention built from their shipped
+linear probe (``headprobe steer``); the corpus task's layer-15 outputs get a TopK SAE (saved in fp16). Each
 checkpoint is re-saved into ``checkpoints/<release>/<name>/`` with the exact commands that reproduce it, and
 recorded with its sha256s and metrics in ``checkpoints/registry.json``.
 
@@ -23,13 +24,14 @@ import torch
 HERE = Path(__file__).resolve().parent
 RELEASE = "v1"
 SAE_LAYER, SAE_EXAMPLES, SAE_TOKENS = 15, 500, 300_000
+STEERED = {"sentiment": 2.0}  # tasks whose linear probes ship an intervention (headprobe steer), at this alpha
 
 
 @dataclass
 class Job:
     name: str  # checkpoint name inside the release
     extract: list[str]  # `headprobe extract` arguments
-    train: list[str]  # `headprobe train` arguments
+    train: list[str]  # the arguments of the command that makes the checkpoint: `headprobe train` or `steer`
     dtype: torch.dtype | None = None  # cast floating tensors when shipping
 
 
@@ -43,6 +45,11 @@ def jobs() -> list[Job]:
             name = f"{task.name}-{kind}"
             out.append(Job(name, extract, ["train", kind, "--data.path", f"data/{task.name}.h5", "--out",
                                            f"runs/{name}", "--logger", "none"]))
+        if task.name in STEERED:  # the sweep's table and plot land in runs/<name>, the intervention in its checkpoint
+            name = f"{task.name}-steer"
+            out.append(Job(name, extract, ["steer", "--probe", f"{RELEASE}/{task.name}-linear", "--store",
+                                           f"data/{task.name}.h5", "--out", f"runs/{name}", "--save",
+                                           f"runs/{name}/checkpoint", "--alpha", str(STEERED[task.name])]))
     store = f"data/corpus-l{SAE_LAYER}.h5"
     out.append(Job(f"corpus-l{SAE_LAYER}-topk",
                    ["extract", "--task", "corpus", "--layers", str(SAE_LAYER), "--max-examples", str(SAE_EXAMPLES),
@@ -76,7 +83,8 @@ def build(job: Job, hub: Path, release: str) -> Path:
     return folder
 
 
-KEY_METRICS = ("val/acc_mean", "val/acc_max", "val/acc", "val/heads_selected", "test/fve", "test/l0", "test/dead_frac")
+KEY_METRICS = ("val/acc_mean", "val/acc_max", "val/acc", "val/heads_selected", "test/fve", "test/l0", "test/dead_frac",
+               "alpha", "effect/margin", "side/kl")
 
 
 def write_readme(hub: Path) -> Path:
@@ -86,7 +94,7 @@ def write_readme(hub: Path) -> Path:
     registry = Registry.open(hub)
     lines = ["# Shipped checkpoints", "",
              "Trained on the default model (SmolLM2-135M-Instruct, `smollm2-135m`) by `python checkpoints/build.py`;",
-             "load one with `probes.load(\"<id>\")` (offline; every file is checked against `registry.json`).",
+             "load one with `headprobe.load(\"<id>\")` (offline; every file is checked against `registry.json`).",
              "Each checkpoint's `config.json` and `README.md` hold the exact commands that reproduce it (run them in",
              "an empty folder). The format and the hub are described in docs/checkpoints.md.", "",
              "| id | class | task (stage) | size | metrics |", "|---|---|---|---|---|"]

@@ -110,9 +110,10 @@ def join_shards(out: str | Path, task: Task, cfg: ExtractConfig, world: int, ove
     if out.exists() and not overwrite:
         raise ExtractError(f"{out} exists: pass --overwrite to replace it, or choose another --out")
 
-    groups = {g: i for i, g in enumerate(sorted({ex.group for ex in examples}))}
-    splits = assign_splits([ex.group or str(i) for i, ex in enumerate(examples)], task.split_fractions, cfg.seed)
-    group_of = np.array([groups[ex.group] for ex in examples], dtype=np.int64)
+    keys = [ex.group or str(i) for i, ex in enumerate(examples)]  # as a one-process extraction: no group, own group
+    groups = {g: i for i, g in enumerate(sorted(set(keys)))}
+    splits = assign_splits(keys, task.split_fractions, cfg.seed)
+    group_of = np.array([groups[k] for k in keys], dtype=np.int64)
     files = [h5py.File(p, "r") for p, _ in paths]
     try:
         metas = [StoreMeta.from_attrs(f.attrs) for f in files]

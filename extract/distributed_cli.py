@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> None:
 
     p = argparse.ArgumentParser(prog="torchrun ... -m headprobe.extract.distributed_cli",
                                 description="extract a task over all torchrun ranks and join the shards "
-                                            "(shares are whole --block-examples blocks)")
+                                            "(shares are whole --block_examples blocks)")
     add_arguments(p)
     p.add_argument("--join-only", action="store_true",
                    help="only join existing shards (one process; pass --world-size of the extraction)")

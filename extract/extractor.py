@@ -56,7 +56,7 @@ class ExtractConfig:
         for name in ("batch_tokens", "block_examples", "max_examples"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ExtractError(f"--{name.replace('_', '-')} {value}: pass a positive number")
+                raise ExtractError(f"--{name} {value}: pass a positive number")
 
 
 def _version() -> str:
@@ -295,7 +295,7 @@ def plan_extraction(task: Task, tokenizer, config, cfg: ExtractConfig) -> Plan:
     rows_per = np.array([len(_positions(ex, int(n), rule)) for ex, n in zip(examples, tokens.lengths)])
     keys = [ex.group or str(i) for i, ex in enumerate(examples)]  # an example without a group is its own group
     splits = assign_splits(keys, task.split_fractions, cfg.seed)
-    kept = f" (--max-examples {cfg.max_examples} keeps {len(examples)} of {len(everything)})" \
+    kept = f" (--max_examples {cfg.max_examples} keeps {len(examples)} of {len(everything)})" \
         if len(examples) < len(everything) else ""
     if "share" not in task.extra:  # a torchrun rank's share: the whole task was checked (extract.distributed)
         require_every_split(task, keys, splits, kept)
@@ -478,5 +478,5 @@ def _batch(run: _Run, cap: HeadCapture, block: dict[str, np.ndarray], base: int,
 def _finite(x: torch.Tensor, task: Task, idx: list[int]) -> np.ndarray:
     if not torch.isfinite(x).all():
         raise ExtractError(f"non-finite activations in examples {min(idx)}..{max(idx)} of task {task.name!r}: "
-                           f"extract with --store-dtype fp32 or a wider --dtype")
+                           f"extract with --store_dtype fp32 or a wider --dtype")
     return x.cpu().numpy()

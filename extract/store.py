@@ -90,7 +90,7 @@ def check_free_space(out: str | Path, need: int, resume: bool = False) -> None:
     if need - held > free:
         raise DiskFullError(f"{folder}: the store needs about {_size(need - held)} and {_size(free)} is free there: "
                             f"free some space, or choose an --out on another disk, or store less (--layers, "
-                            f"--max-examples)")
+                            f"--max_examples)")
 
 
 ROW_IDENTITY = ("weights_hash", "architecture", "task", "dataset_hash", "dtype", "position_rule", "config")
@@ -410,7 +410,15 @@ class Store:
         ``layers`` are indices into ``meta.layers`` (storage slots). Scattered rows are read as a few contiguous
         slabs and picked in memory (see :meth:`_gather`), ~20x faster than HDF5 point selection.
         """
+        if name not in self.file:
+            raise StoreError(f"{self.path} holds no /{name} dataset" + (": extract with --writes to store the heads' "
+                             "residual-stream writes" if name == "write" else ""))
         ds = self.file[name]
+        for what, picked, n in (("layer slot", layers, ds.shape[1]), ("head", heads, ds.shape[2])):
+            bad = [i for i in picked or [] if not -n <= i < n]
+            if bad:
+                raise StoreError(f"{what}s {bad} are outside 0..{n - 1} of {self.path} (layer slots index "
+                                 f"meta.layers {list(self.meta.layers)})")
         if rows is None or isinstance(rows, slice):
             out = ds[rows if rows is not None else slice(None)]
         else:

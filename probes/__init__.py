@@ -26,6 +26,10 @@ _EXPORTS = {
     "causal_check": "headprobe.probes.checks.ablation",
     "causal_checks": "headprobe.probes.checks.ablation",
     "readout_metric": "headprobe.probes.checks.readout",
+    "steer": "headprobe.probes.steering",
+    "Intervention": "headprobe.probes.steering",
+    "build_intervention": "headprobe.probes.steering",
+    "steer_sweep": "headprobe.probes.checks.steer",
 }
 
 

@@ -31,7 +31,7 @@ FORMAT_VERSION = 1
 FILES = ("model.safetensors", "config.json", "metrics.json", "README.md")
 CLASSES: dict[str, type] = {}
 # imported when a class name is not yet known
-BUILTIN_MODULES = ("headprobe.probes.linear", "headprobe.probes.sparse", "headprobe.probes.sae")
+BUILTIN_MODULES = ("headprobe.probes.linear", "headprobe.probes.sparse", "headprobe.probes.sae", "headprobe.probes.steering")
 
 
 class CheckpointError(HeadprobeError, RuntimeError):
@@ -183,7 +183,7 @@ def default_card(config: CheckpointConfig, metrics: dict) -> str:
         lines += ["Reproduce with:", "", "```", config.command, "```", ""]
     if scalar:
         lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {v:.4g} |" for k, v in scalar.items()] + [""]
-    lines += ["Load with `probes.load(path_or_id)`; the format is described in docs/checkpoints.md.", ""]
+    lines += ["Load with `headprobe.load(path_or_id)`; the format is described in docs/checkpoints.md.", ""]
     return "\n".join(lines)
 
 
@@ -218,7 +218,7 @@ def read_checkpoint(folder: str | Path, expected_sha256: dict[str, str] | None =
         raise CheckpointError(f"{folder} uses checkpoint format {config.format_version}; upgrade headprobe")
     if not config.tensors_sha256:
         raise CheckpointError(f"{folder / 'config.json'} records no tensors_sha256, so model.safetensors cannot be "
-                              f"verified: save the checkpoint with probes.save_checkpoint")
+                              f"verified: save the checkpoint with headprobe.probes.checkpoint.export")
     _verify(folder / "model.safetensors", config.tensors_sha256)
     try:
         tensors = load_file(folder / "model.safetensors")

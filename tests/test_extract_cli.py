@@ -158,11 +158,12 @@ def test_cli_bad_input_gives_one_line_errors_and_no_complete_looking_file(tmp_pa
         one_line_error(*run_cli([*base, "--model", str(empty), "--device", "cuda"], log), "sees no CUDA GPU",
                        "pass cpu")
     for flag in ("--block-examples", "--max-examples", "--batch-tokens"):  # refused before the model loads
-        one_line_error(*run_cli([*base, "--model", str(empty), flag, "0"], log), f"{flag} 0", "positive")
+        snake = "--" + flag[2:].replace("-", "_")  # the message names the option's one spelling
+        one_line_error(*run_cli([*base, "--model", str(empty), flag, "0"], log), f"{snake} 0", "positive")
     assert not out.exists() and not (tmp_path / "x.h5.partial").exists()
 
     huge = save_model_folder(tmp_path / "huge", v_scale=1e6)  # z overflows float16
-    one_line_error(*run_cli([*base, "--model", huge], log), "non-finite activations", "--store-dtype fp32")
+    one_line_error(*run_cli([*base, "--model", huge], log), "non-finite activations", "--store_dtype fp32")
     assert not out.exists() and not (tmp_path / "x.h5.partial").exists()
     code, text = run_cli([*base, "--model", huge, "--store-dtype", "fp32", "--max-examples", "4"], log)
     assert code == 0, text

@@ -114,7 +114,7 @@ def test_truncate_keeps_bos_and_the_end_and_moves_positions_with_their_tokens(tm
                     "needs at least 5 groups"),
     (4, None, None, "4 examples in 4 groups leave the test split empty: a 60/20/20"),
     (12, 3, None, "12 examples in 3 groups leave the test split empty"),
-    (20, None, 3, "3 examples in 3 groups leave the test split empty (--max-examples 3 keeps 3 of 20): a 60/20/20"),
+    (20, None, 3, "3 examples in 3 groups leave the test split empty (--max_examples 3 keeps 3 of 20): a 60/20/20"),
 ])
 def test_user_data_too_small_for_every_split_is_refused(tmp_path, n_rows, groups, max_examples, says):
     rows = [{"text": f"row {i}", "label": i % 2, **({"group": f"g{i % groups}"} if groups else {})}

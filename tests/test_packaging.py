@@ -88,3 +88,13 @@ def test_installed_code_finds_tasks_checkpoints_and_configs(installed, tmp_path)
     assert all(n > 0 for n in got["examples"].values()), got["examples"]
     assert got["probe"] == "LinearProbes"
     assert {"linear.yaml", "sparse.yaml", "sae.yaml"} <= set(got["configs"])
+
+
+def test_every_subpackage_is_listed_for_the_wheel():
+    """pyproject.toml lists the packages explicitly (the root maps to `headprobe`): a new subpackage must be added."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"headprobe." + ".".join(p.parent.relative_to(ROOT).parts)
+             for d in ("extract", "probes", "train") for p in (ROOT / d).rglob("__init__.py")}
+    assert found <= listed, sorted(found - listed)

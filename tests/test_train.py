@@ -256,12 +256,13 @@ def test_pipeline_restarts_an_interrupted_training_whose_settings_changed(store,
 
     folder = tmp_path / "linear"
     pipeline = SimpleNamespace(cfg=SimpleNamespace(logger="none", seed=0))
-    Pipeline._train(pipeline, "linear", store, folder, ["--model.l2", "1.0"], digest="A")
+    l2 = lambda value: {"model": {"init_args": {"l2": value}}}  # noqa: E731
+    Pipeline._train(pipeline, "linear", store, folder, l2(1.0), None, digest="A")
     shutil.rmtree(folder / "checkpoint")  # as if killed after the last epoch's checkpoint, before the export
-    Pipeline._train(pipeline, "linear", store, folder, ["--model.l2", "1.0"], digest="A")  # resumes
+    Pipeline._train(pipeline, "linear", store, folder, l2(1.0), None, digest="A")  # resumes
     assert (folder / "checkpoint" / "model.safetensors").is_file() and (folder / "step_key").read_text() == "A"
     shutil.rmtree(folder / "checkpoint")
-    metrics = Pipeline._train(pipeline, "linear", store, folder, ["--model.l2", "50.0"], digest="B")
+    metrics = Pipeline._train(pipeline, "linear", store, folder, l2(50.0), None, digest="B")
     assert (folder / "step_key").read_text() == "B" and "val/acc_max" in metrics
     assert json.loads((folder / "checkpoint" / "config.json").read_text())["hparams"]["l2"] == 50.0
 

@@ -27,6 +27,9 @@ COMMANDS = {
               "train probes or sparse autoencoders (LightningCLI; see `headprobe train -h`)"),
     "attribute": ("headprobe.probes.attribution.cli", "map trained probes and SAEs to heads and reasoning stages"),
     "hub": ("headprobe.probes.hub.cli", "list, show and publish checkpoints"),
+    "scores": ("headprobe.probes.checks.scores_cli", "training-free head scores (retrieval, negative, copying, "
+                                                     "successor, induction) of a model, with nulls and stages"),
+    "steer": ("headprobe.probes.checks.steer_cli", "steer a model along a task's probe directions, against controls"),
     "run": ("headprobe.train.run_cli", "the whole pipeline on the default model, with a report"),
 }
 
@@ -45,10 +48,14 @@ def known_errors() -> tuple[type[BaseException], ...]:
 
 
 def guarded(prog: str, work: Callable[[], object]) -> None:
-    """Run ``work``; a user's error exits 2 with one line, Ctrl-C exits 130 with one line. With ``--debug`` or
-    ``HEADPROBE_DEBUG=1`` user errors raise with their traceback."""
+    """Run ``work``; a user's error exits 2 with one line, Ctrl-C exits 130 with one line, and a closed pipe on
+    stdout (``headprobe hub list | head``) ends quietly. With ``--debug`` or ``HEADPROBE_DEBUG=1`` user errors
+    raise with their traceback."""
     try:
         work()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
+        sys.exit(0)
     except known_errors() as err:
         if debug() or (isinstance(err, OSError) and not isinstance(err, HeadprobeError) and not err.filename
                        and err.errno != errno.ENOSPC):

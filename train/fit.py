@@ -69,6 +69,8 @@ class HeadprobeCLI(LightningCLI):
         parser.add_argument("--overwrite", type=bool, default=False, help="train afresh into an --out that holds a "
                             "run, deleting that run's files first")
         parser.add_argument("--test", type=bool, default=True, help="evaluate on the test split after fitting")
+        parser.add_argument("--command", type=str, default="", help="the command that reproduces this run, recorded "
+                            "in the checkpoint (default: this process's command line)")
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         """Check every setting of the run before anything is written, then build the trainer with the run's
@@ -82,7 +84,7 @@ class HeadprobeCLI(LightningCLI):
             kwargs["logger"] = make_logger(cfg.logger, out, cfg.project, resume=cfg.resume)
         theirs = kwargs.get("callbacks", trainer.get("callbacks")) or []
         kwargs["callbacks"] = [*(theirs if isinstance(theirs, list) else [theirs]), SaveLast(str(out / "checkpoints")),
-                               ExportRun(str(out), when="test" if cfg.test else "fit")]
+                               ExportRun(str(out), when="test" if cfg.test else "fit", command=cfg.command or None)]
         kwargs["default_root_dir"] = str(out)
         try:
             return super().instantiate_trainer(**kwargs)
@@ -333,7 +335,9 @@ def fit(kind: str, store: str | Path, out: str | Path, overrides: dict | None = 
     import logging
 
     config = merged_config(kind, overrides, configs)
-    args = deep_merge(config, {"data": {"path": str(store)}, "out": str(out), "logger": logger,
+    command = (f"headprobe.train.fit.fit({kind!r}, {str(store)!r}, {str(out)!r}, {overrides or {}!r}"
+               + "".join(f", {k}={v!r}" for k, v in (("configs", configs), ("seed", seed)) if v) + ")")
+    args = deep_merge(config, {"data": {"path": str(store)}, "out": str(out), "logger": logger, "command": command,
                                "seed_everything": seed, "resume": resume, "overwrite": overwrite, "test": test})
     logs = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")] if quiet else []
     levels = [log.level for log in logs]

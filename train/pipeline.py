@@ -58,9 +58,11 @@ class SAESettings:
 
 
 def run_attribution() -> AttributionConfig:
-    """The attribution of ``headprobe run``: with the attention-pattern cross-check and the ablation of each task's
-    top 8 heads against 10 random draws from all layers and 10 layer-matched ones."""
-    return AttributionConfig(head_scores=True, ablate=8)
+    """The attribution of ``headprobe run``: the attention-pattern cross-check, the ablation of each task's top 8
+    heads against 10 random draws from all layers and 10 layer-matched ones, and the training-free scores, of which
+    the retrieval score joins the stage map (docs/scores.md says why the others are reported beside it)."""
+    return AttributionConfig(head_scores=True, ablate=8, scores=["retrieval", "negative", "copying", "successor",
+                                                                 "induction"], pool_scores=["retrieval"])
 
 
 @dataclass
@@ -297,24 +299,28 @@ class Pipeline:
              configs: list[str] | None = None) -> None:
         """Train ``kind`` on the store of ``store_step`` into ``folder`` as step ``step``; an interrupted training
         resumes only under the same key (another key, or a folder without one, starts over)."""
-        from headprobe.train.fit import fit, merged_config
+        from headprobe.train.fit import merged_config
 
         config = merged_config(kind, overrides, configs)
         key = {"version": STEP_VERSION[kind], "store": self.steps.key_of(store_step), "config": config,
                "seed": self.cfg.seed}
-        digest = self.steps.digest(key)
+        digest, store = self.steps.digest(key), self.store(store_step.split("/", 1)[1])
+        self.steps(step, key, lambda: self._train(kind, store, folder, overrides, configs, digest))
 
-        def train() -> dict:
-            started = folder / "step_key"  # the key of a training that may not have finished
-            if not started.exists() or started.read_text() != digest:
-                shutil.rmtree(folder, ignore_errors=True)
-            folder.mkdir(parents=True, exist_ok=True)
-            started.write_text(digest)
-            resume = (folder / "checkpoints" / "last.ckpt").exists()
-            result = fit(kind, self.store(store_step.split("/", 1)[1]), folder, overrides, configs=configs,
-                         logger=self.cfg.logger, seed=self.cfg.seed, resume=resume, overwrite=not resume, quiet=True)
-            return result.scalars()
-        self.steps(step, key, train)
+    def _train(self, kind: str, store: Path, folder: Path, overrides: dict, configs: list[str] | None,
+               digest: str) -> dict:
+        """One training into ``folder``; ``digest`` names its key, so that an interrupted training resumes only under
+        the same one (a folder with another key, or none, starts over). Returns the scalar metrics."""
+        from headprobe.train.fit import fit
+
+        started = folder / "step_key"  # the key of a training that may not have finished
+        if not started.exists() or started.read_text() != digest:
+            shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        started.write_text(digest)
+        resume = (folder / "checkpoints" / "last.ckpt").exists()
+        return fit(kind, store, folder, overrides, configs=configs, logger=self.cfg.logger, seed=self.cfg.seed,
+                   resume=resume, overwrite=not resume, quiet=True).scalars()
 
     def train_all(self) -> None:
         cfg = self.cfg

@@ -179,7 +179,7 @@ def run_report(p: RunState) -> Path:
                     f"\n\n### Latents and the heads that write them\n\n{_top_tokens(p)}")
     sections.append("## Run\n\n```yaml\n" + _yaml(asdict(p.cfg)) + "```\n\n| package | version |\n|---|---|\n" +
                     "\n".join(f"| {k} | {v} |" for k, v in versions().items()) +
-                    "\n\n```\n" + p.steps.table() + "\n```\n\nCommand: `"
+                    "\n\n```\n" + p.steps.table() + "\n```\n\n" + _kind_times(result) + "Command: `"
                     + " ".join(["headprobe", *sys.argv[1:]]) + "`")
     return write_report(folder, "headprobe report", sections)
 
@@ -218,6 +218,14 @@ def _tables(p: RunState, result, folder: Path) -> str:
         write_table(task_table(t.name, linear, sparse, result), data / f"heads_{t.name}")
         lines.append(f"- {t.name} ({t.stage}): [CSV](data/heads_{t.name}.csv), [JSON](data/heads_{t.name}.json)")
     return "\n".join(lines)
+
+
+def _kind_times(result) -> str:
+    """The attribute step's time per kind of evidence, as a sentence."""
+    if not result.seconds:
+        return ""
+    parts = ", ".join(f"{kind} {seconds:.1f} s" for kind, seconds in result.seconds.items())
+    return f"The attribute step's time by kind of evidence: {parts}.\n\n"
 
 
 def demote(markdown: str) -> str:

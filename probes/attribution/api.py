@@ -13,6 +13,7 @@ wrappers over these functions.
 from __future__ import annotations
 
 import json
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -84,15 +85,19 @@ def attribute(checkpoints: list[str | Path], stores: list = (), model: str | Non
         _check_one_model(ckpts, opened)
         inputs = AttributionInputs(config, ckpts, opened, _model_loader(model, ckpts, loaded))
         evidence: list[Evidence] = []
-        for kind in kinds().values():
+        seconds: dict[str, float] = {}
+        for name, kind in kinds().items():
             if not kind.enabled(config):
                 continue
             if not kind.pooled and inputs.stage_map is None:
                 inputs.stage_map, inputs.evidence = _pooled_map(evidence, config), list(evidence)
+            start = time.perf_counter()
             evidence += kind.collect(inputs)
+            seconds[name] = round(time.perf_counter() - start, 2)
         names = [str(s.path) for s in opened]
     stage_map = inputs.stage_map or _pooled_map(evidence, config)
-    return Attribution(config, evidence, stage_map, ckpts[0].config.model_id, [str(c.folder) for c in ckpts], names)
+    return Attribution(config, evidence, stage_map, ckpts[0].config.model_id, [str(c.folder) for c in ckpts], names,
+                       seconds)
 
 
 def evidence_from_checkpoints(folders: list[str | Path], stores: list = (), alpha: float = 0.01,
@@ -148,8 +153,8 @@ def report_sections(result: Attribution, folder: Path | None = None, link: str =
     return sections
 
 
-OUTPUTS = ("report.md", "stage_map.png", "stage_map.json", "stage_map.md", "stage_scores.csv", "head_types.csv",
-           "induction_check.png", "ablation.json", "ablation.png", RESULT_FILE)  # what an attribution writes
+OUTPUTS = ("report.md", "stage_map.png", "stage_map.json", "stage_map.md", "stage_scores.csv", RESULT_FILE)  # and
+# each kind's own outputs (EvidenceKind.outputs)
 
 
 def earlier_outputs(out: Path, overwrite: bool) -> list[Path]:
@@ -157,7 +162,9 @@ def earlier_outputs(out: Path, overwrite: bool) -> list[Path]:
     with other options); refuse an --out that is a file, or holds an attribution unless ``overwrite``."""
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file: pass a folder")
-    old = [out / name for name in OUTPUTS if (out / name).exists()]
+    patterns = [*OUTPUTS, *(p for kind in kinds().values() for p in kind.outputs)]
+    old = list(dict.fromkeys(p for pattern in patterns for p in sorted(out.glob(pattern)) if p.is_file())) \
+        if out.is_dir() else []
     if old and not overwrite:
         raise InputError(f"--out {out} holds an attribution ({old[0].name}): pass --overwrite to replace it, or "
                          f"another --out")

@@ -48,6 +48,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="ablation metric: auto = the continuous one (choice: log-prob margin of the right answer; "
                         "induction: log-prob of copied tokens), accuracy = the share the model gets right (readout "
                         "rows always use the readout's log-probability)")
+    p.add_argument("--scores", nargs="*", default=[], metavar="SCORE", help="training-free head scores to compute "
+                   "(retrieval, negative, copying, successor, induction; docs/scores.md)")
+    p.add_argument("--pool_scores", "--pool-scores", nargs="*", default=["retrieval", "negative", "successor"],
+                   metavar="SCORE", help="which of the scores join the stage map (the others are reported beside it)")
+    p.add_argument("--steer", type=int, default=0, metavar="K", help="steer each task's top-K heads along their probe "
+                   "directions against random-direction and random-head controls (docs/steering.md; minutes per task)")
     p.add_argument("--model", default=None, help="model for the cross-checks (default: the checkpoints' model)")
     add_flag(p, "--overwrite", "replace the attribution in an --out that holds one")
 

@@ -57,6 +57,7 @@ class EvidenceKind:
     name: ClassVar[str] = ""  # the Evidence.source of what it returns
     pooled: ClassVar[bool] = True  # pooled into the stage map; False: a cross-check reported beside it
     reads: ClassVar[str] = ""  # the checkpoint class it reads (CheckpointConfig.cls), if any
+    outputs: ClassVar[tuple[str, ...]] = ()  # the files (glob patterns) section() and write() may put in a folder
 
     def enabled(self, config: AttributionConfig) -> bool:
         """Whether this attribution runs the kind (checks are opt-in through the config)."""

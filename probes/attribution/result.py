@@ -34,6 +34,7 @@ class AttributionConfig:
         metric: ablation metric: auto (the continuous one) or accuracy
         max_rows: labelled rows per store on which SAE latents are tied to tasks
         scores: training-free head scores to compute from the model (see ``headprobe scores``)
+        pool_scores: which of them join the stage map (the others are reported beside it)
         steer: steer each task's top-k heads along their probe directions against controls (0: no steering check)
     """
 
@@ -50,6 +51,7 @@ class AttributionConfig:
     metric: Literal["auto", "accuracy"] = "auto"
     max_rows: int = 20000
     scores: list[str] = field(default_factory=list)
+    pool_scores: list[str] = field(default_factory=lambda: ["retrieval", "negative", "successor"])
     steer: int = 0
 
     def __post_init__(self) -> None:
@@ -73,6 +75,7 @@ class Attribution:
     model_id: str = ""
     checkpoints: list[str] = field(default_factory=list)
     stores: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # each kind's time (loading the model counts in the first)
 
     @property
     def pooled_evidence(self) -> list[Evidence]:
@@ -84,7 +87,7 @@ class Attribution:
     def to_json(self) -> dict:
         pooled = {id(ev) for ev in self.stage_map.evidence}
         return {"config": asdict(self.config), "model_id": self.model_id, "checkpoints": self.checkpoints,
-                "stores": self.stores, "pooled": [id(ev) in pooled for ev in self.evidence],
+                "stores": self.stores, "seconds": self.seconds, "pooled": [id(ev) in pooled for ev in self.evidence],
                 "evidence": [ev.to_json() for ev in self.evidence],
                 "stage_map": {"layers": self.stage_map.layers, "scores": self.stage_map.scores.tolist(),
                               "scale": self.stage_map.scale, "reduce": self.stage_map.reduce}}
@@ -97,7 +100,7 @@ class Attribution:
         stage_map = StageMap(sm["layers"], np.asarray(sm["scores"], dtype=np.float64), pooled, sm["scale"],
                              sm["reduce"])
         return cls(AttributionConfig(**data["config"]), evidence, stage_map, data["model_id"], data["checkpoints"],
-                   data.get("stores", []))
+                   data.get("stores", []), data.get("seconds", {}))
 
     @classmethod
     def load(cls, folder: str | Path) -> "Attribution":

@@ -1,7 +1,7 @@
 """The stage map: every head's importance for each of the four reasoning stages, from all tasks and artifacts.
 
-Each :class:`headprobe.probes.attribution.evidence.Evidence` (one task, one artifact) gives a head score and a null. Its excess over
-the null is scaled so that accuracies, group norms and SAE shares can be pooled, by one of
+Each :class:`~headprobe.probes.attribution.evidence.Evidence` (one task, one artifact) gives a head score and a null.
+Its excess over the null is scaled so that accuracies, group norms and SAE shares can be pooled, by one of
 
 - ``share`` (default): the excess divided by the evidence's total excess, i.e. each head's share of what the task
   found, times the fraction of the map's heads the evidence covers (an SAE on one of 30 layers carries 1/30 of the
@@ -61,7 +61,8 @@ class StageMap:
         """Up to ``k`` heads with the highest (non-zero) score for ``stage``: (layer, head, score)."""
         s = self.scores[..., STAGE_AXIS.index(stage)]
         order = np.argsort(-s, axis=None, kind="stable")[:k]
-        return [(self.layers[i], int(h), float(s[i, h])) for i, h in zip(*np.unravel_index(order, s.shape)) if s[i, h] > 0]
+        return [(self.layers[i], int(h), float(s[i, h])) for i, h in zip(*np.unravel_index(order, s.shape))
+                if s[i, h] > 0]
 
     def evidence_for(self, layer: int, head: int, stage: str) -> list[str]:
         """One line per evidence of ``stage`` on this head: 'task/source: score (null)'."""

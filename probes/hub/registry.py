@@ -309,6 +309,8 @@ def _hf_snapshot(ref: str, context: str = "") -> Path:
 
 def resolve(ref: str | Path, hub: str | Path | None = None) -> tuple[Path, dict[str, str] | None]:
     """(local folder, sha256 of its files or None) for a reference; see the module docstring."""
+    if isinstance(ref, str) and ref.startswith("~"):
+        ref = str(Path(ref).expanduser())
     if hub is None and (isinstance(ref, Path) or Path(ref).is_dir()):
         return Path(ref), None
     ref = str(ref)

@@ -161,6 +161,7 @@ def results_of(evidence: list[Evidence]) -> dict[str, dict]:
 @register_kind
 class AblationEvidence(EvidenceKind):
     name = "ablation"
+    outputs = ("ablation.json", "ablation.png")
     pooled = False
 
     def enabled(self, config) -> bool:

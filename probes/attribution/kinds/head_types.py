@@ -79,6 +79,7 @@ def scores_of(evidence: list[Evidence]) -> dict[str, np.ndarray]:
 @register_kind
 class HeadTypeEvidence(EvidenceKind):
     name = "head_types"
+    outputs = ("head_types.csv", "induction_check.png")
     pooled = False
 
     def enabled(self, config) -> bool:

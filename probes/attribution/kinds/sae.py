@@ -25,7 +25,7 @@ def direct_feature_attribution(z: torch.Tensor, W_enc: torch.Tensor, b_enc: torc
                                b_dec: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Split each feature's pre-activation over heads.
 
-    z (N, H, D); W_enc (F, H*D), b_enc (F,) and b_dec (H*D,) as a SparseAutoencoder (:mod:`headprobe.probes.sae`) and its
+    z (N, H, D); W_enc (F, H*D), b_enc (F,) and b_dec (H*D,) as a SparseAutoencoder (headprobe.probes.sae) and its
     checkpoint hold them; b_dec None for an SAE that does not subtract it before encoding. The pre-activation
     ``(z - b_dec) @ W_enc.T + b_enc`` equals ``per_head.sum(1) + bias``, with per_head (N, H, F) = z_h .
     W_enc[f, h-block] and bias (F,) = b_enc - W_enc @ b_dec.
