@@ -286,6 +286,21 @@ def test_scores_are_evidence_with_their_stage_and_pooled_as_documented():
         ScoreConfig(["retrieva"])
 
 
+def test_a_score_the_model_cannot_have_is_skipped_with_its_reason_and_the_others_still_run():
+    """A byte-level tokenizer needs ~260 tokens for the shortest needle prompt: the 256-token length is dropped (and
+    recorded); with no length left the retrieval score is skipped, said why, and the negative score still runs."""
+    from headprobe.extract.tasks.needle import shortest_length
+
+    loaded = tiny_loaded("llama")
+    shortest = shortest_length(loaded.tokenizer)
+    assert 256 < shortest < 512
+    kept = compute_scores(loaded, ScoreConfig(["retrieval"], lengths=[256, 512], depths=[0.5]))
+    assert kept.of("retrieval").extra["details"]["lengths"] == [512] and not kept.skipped
+    none = compute_scores(loaded, ScoreConfig(["retrieval", "negative"], lengths=[256], questions=8))
+    assert [ev.extra["score"] for ev in none.evidence] == ["negative"]
+    assert list(none.skipped) == ["retrieval"] and f"({shortest} tokens)" in none.skipped["retrieval"]
+
+
 def test_the_kinds_pool_the_pooled_scores_into_the_stage_map_and_write_their_section(tmp_path):
     from headprobe.probes.attribution.contract import AttributionInputs, kinds
     from headprobe.probes.attribution.result import Attribution, AttributionConfig
