@@ -180,25 +180,27 @@ def causal_check(model: nn.Module, metric: Callable[[nn.Module], np.ndarray], to
 
 def causal_checks(model: nn.Module, metric: Callable[[nn.Module], np.ndarray], top_heads: list[Head],
                   n_draws: int = 10, mode: str = "mean", means: torch.Tensor | None = None, seed: int = 0,
-                  pools: tuple[str, ...] = ("all", "layers")) -> dict[str, AblationResult]:
+                  pools: tuple[str, ...] = ("all", "layers"), replay: bool = True) -> dict[str, AblationResult]:
     """:func:`causal_check` against random heads from each of ``pools`` (each with its own random stream from
     ``seed`` and its name); the clean and top-k runs are shared."""
     return causal_checks_by_metric(model, lambda m: {"": metric(m)}, top_heads, n_draws, mode, means, seed,
-                                   pools)[""]
+                                   pools, replay)[""]
 
 
 def causal_checks_by_metric(model: nn.Module, metrics: Callable[[nn.Module], dict[str, np.ndarray]],
                             top_heads: list[Head], n_draws: int = 10, mode: str = "mean",
                             means: torch.Tensor | None = None, seed: int = 0,
-                            pools: tuple[str, ...] = ("all", "layers")) -> dict[str, dict[str, AblationResult]]:
+                            pools: tuple[str, ...] = ("all", "layers"),
+                            replay: bool = True) -> dict[str, dict[str, AblationResult]]:
     """:func:`causal_checks` for several metrics read off the same forward passes: ``metrics(model)`` returns
-    {name: values}; the result is {name: {pool: AblationResult}}. Every ablated run replays the clean run's blocks
-    below its first ablated layer (:class:`~headprobe.probes.checks.replay.PrefixReplay`)."""
+    {name: values}; the result is {name: {pool: AblationResult}}. With ``replay`` every ablated run replays the
+    clean run's blocks below its first ablated layer (:class:`~headprobe.probes.checks.replay.PrefixReplay`: the
+    same numbers, less compute)."""
     from headprobe.probes.checks.replay import PrefixReplay
 
     layout = head_layout(model)
     _check_draws(top_heads, n_draws, pools, layout)
-    prefix = PrefixReplay(model)
+    prefix = PrefixReplay(model, max_bytes=(2 << 30) if replay else 0)
     with prefix.record():
         clean = {name: float(np.mean(v)) for name, v in metrics(model).items()}
 
