@@ -60,7 +60,7 @@ def test_readme_quick_run_writes_a_whole_report(tmp_path):
 
 def check_report(report: Path, tasks: set[str]) -> None:
     """A report folder holds its page and Markdown, every image they show as a PNG, and per-head tables (every head
-    of the default model) for the stage map and each task, in CSV and JSON that parse."""
+    of the default model) for the stage map, the training-free scores and each task, in CSV and JSON that parse."""
     markdown = (report / "report.md").read_text()
     page = (report / "index.html").read_text()
     assert markdown.startswith("# headprobe report") and "<img" in page
@@ -72,7 +72,7 @@ def check_report(report: Path, tasks: set[str]) -> None:
         assert f'src="{image}"' in page, image
 
     tables = re.findall(r"\]\((data/[^)]+\.(?:csv|json))\)", markdown)
-    names = ("stage_map", *(f"heads_{task}" for task in tasks))
+    names = ("stage_map", "scores", *(f"heads_{task}" for task in tasks))
     expected = {f"data/{name}.{ext}" for name in names for ext in ("csv", "json")}
     assert set(tables) == expected and {f"data/{p.name}" for p in (report / "data").iterdir()} == expected
     for table in tables:

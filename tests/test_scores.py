@@ -319,6 +319,14 @@ def test_the_kinds_pool_the_pooled_scores_into_the_stage_map_and_write_their_sec
     assert "### successor" in text and "### copying" in text and found["score_checks"].section(result) == ""
     names = {p.name for p in found["scores"].write(result, tmp_path)}
     assert {"scores.csv", "scores.json", "score_successor.png", "score_copying.png"} <= names
+    from headprobe.train.head_tables import score_table  # the run report's per-head table of the scores
+
+    rows = score_table(result)
+    assert [(r["layer"], r["head"]) for r in rows] == [(layer, head) for layer in range(3) for head in range(6)]
+    for ev, name in ((pooled[0], "successor (LR)"), (checks[0], "copying (ICI)")):
+        np.testing.assert_array_equal([r[name] for r in rows], ev.score.ravel())
+        np.testing.assert_array_equal([r[f"{name} null"] for r in rows], ev.null.ravel())
+    assert {r["stage"] for r in rows} <= {"", "LR"}
 
 
 def test_scores_command_writes_tables_and_heatmaps_and_refuses_bad_input(tmp_path):
