@@ -45,6 +45,10 @@ DEFAULT_SCORES = ("retrieval", "negative", "copying", "successor", "induction")
 PLACEBO_QUESTIONS = 32  # binary questions per unrelated word pair (the negative score's null)
 
 
+class ScoreSkipped(Exception):
+    """A score this model cannot have (its reason is the message): reported, not raised to the user."""
+
+
 @dataclass
 class ScoreConfig:
     """Settings of :func:`compute_scores` (``headprobe scores`` options of the same names).
@@ -86,19 +90,21 @@ class ScoreConfig:
 
 @dataclass
 class ScoreResult:
-    """Every computed score as Evidence (task ``<score>_score``), with what each measured and its time."""
+    """Every computed score as Evidence (task ``<score>_score``), with what each measured and its time, and the
+    scores this model cannot have with the reason (``skipped``: name -> why)."""
 
     config: ScoreConfig
     evidence: list[Evidence]
     model_id: str = ""
     seconds: dict[str, float] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
 
     def of(self, name: str) -> Evidence:
         return next(ev for ev in self.evidence if ev.task == f"{name}_score")
 
     def to_json(self) -> dict:
         return {"config": asdict(self.config), "model_id": self.model_id, "seconds": self.seconds,
-                "evidence": [ev.to_json() for ev in self.evidence]}
+                "skipped": self.skipped, "evidence": [ev.to_json() for ev in self.evidence]}
 
 
 def score_evidence(name: str, score: np.ndarray, null, details: dict | None = None) -> Evidence:
@@ -112,13 +118,27 @@ def _retrieval(loaded, cfg: ScoreConfig) -> Evidence:
     from headprobe.extract.tasks.needle import needle_prompts
     from headprobe.probes.checks.retrieval import THRESHOLD, retrieval_scores
 
-    prompts = needle_prompts(loaded.tokenizer, cfg.lengths, cfg.depths, cfg.needles, cfg.seed)
+    lengths = _fitting_lengths(loaded, cfg)
+    prompts = needle_prompts(loaded.tokenizer, lengths, cfg.depths, cfg.needles, cfg.seed)
     r = retrieval_scores(loaded.model, prompts, cfg.batch_size, _eos(loaded), cfg.seed)
     score, shuffled = (r.generate, r.generate_null) if cfg.retrieval == "generate" else (r.teacher, r.teacher_null)
-    details = {"variant": cfg.retrieval, "threshold": THRESHOLD, "accuracy": r.accuracy,
+    details = {"variant": cfg.retrieval, "lengths": lengths, "threshold": THRESHOLD, "accuracy": r.accuracy,
                "teacher": r.teacher.tolist(), "generate": r.generate.tolist(), "teacher_null": r.teacher_null.tolist(),
                "generate_null": r.generate_null.tolist(), "prompts": r.prompts}
     return score_evidence("retrieval", score, np.maximum(THRESHOLD, np.nan_to_num(shuffled)), details)
+
+
+def _fitting_lengths(loaded, cfg: ScoreConfig) -> list[int]:
+    """``cfg.lengths`` that hold a needle and fit the model's context; :class:`ScoreSkipped` if none does."""
+    from headprobe.extract.tasks.needle import shortest_length
+
+    shortest = shortest_length(loaded.tokenizer, cfg.needles)
+    context = getattr(getattr(loaded.model, "config", None), "max_position_embeddings", None) or float("inf")
+    lengths = [n for n in cfg.lengths if shortest <= n <= context]
+    if not lengths:
+        raise ScoreSkipped(f"no needle length in {cfg.lengths} lies between the shortest needle prompt ({shortest} "
+                           f"tokens) and the model's context ({context})")
+    return lengths
 
 
 def _eos(loaded) -> int | None:
@@ -172,15 +192,19 @@ def compute_scores(loaded, config: ScoreConfig | None = None) -> ScoreResult:
     runs = [(["retrieval"], lambda: [_retrieval(loaded, cfg)]), (["negative"], lambda: [_negative(loaded, cfg)]),
             ([n for n in names if n in ("copying", "successor")], lambda: _ov(loaded, cfg, names)),
             ([n for n in names if n in HEAD_TYPES], lambda: _pattern(loaded, cfg, [n for n in names if n in HEAD_TYPES]))]
-    evidence, seconds = [], {}
+    evidence, seconds, skipped = [], {}, {}
     for group, run in runs:
         if not any(n in names for n in group):
             continue
         start = time.perf_counter()
-        evidence += run()
+        try:
+            evidence += run()
+        except ScoreSkipped as why:
+            skipped.update({n: str(why) for n in group if n in names})
+            continue
         seconds["+".join(n for n in group if n in names)] = round(time.perf_counter() - start, 2)
     evidence.sort(key=lambda ev: names.index(ev.extra["score"]))
     for ev in evidence:
         ev.extra["seconds"] = next(s for k, s in seconds.items() if ev.extra["score"] in k.split("+"))
         ev.source = SOURCE_POOLED if ev.extra["score"] in cfg.pooled else SOURCE_CHECK
-    return ScoreResult(cfg, evidence, getattr(loaded, "model_id", ""), seconds)
+    return ScoreResult(cfg, evidence, getattr(loaded, "model_id", ""), seconds, skipped)
