@@ -42,6 +42,8 @@ METRIC = {
     **{t: f"{t.replace('_', '-')} attention-pattern score ('mul', TransformerLens)" for t in HEAD_TYPES},
 }
 DEFAULT_SCORES = ("retrieval", "negative", "copying", "successor", "induction")
+NEEDS = {"retrieval": ("causal_lm",), "negative": ("causal_lm",), "copying": ("causal_lm",),
+         "successor": ("causal_lm",), **{t: ("attentions",) for t in HEAD_TYPES}}  # what each reads of the model
 PLACEBO_QUESTIONS = 32  # binary questions per unrelated word pair (the negative score's null)
 
 
@@ -92,12 +94,14 @@ class ScoreResult:
     evidence: list[Evidence]
     model_id: str = ""
     seconds: dict[str, float] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # a score the model cannot have -> why
 
     def of(self, name: str) -> Evidence:
         return next(ev for ev in self.evidence if ev.task == f"{name}_score")
 
     def to_json(self) -> dict:
         return {"config": asdict(self.config), "model_id": self.model_id, "seconds": self.seconds,
+                "skipped": self.skipped,
                 "evidence": [ev.to_json() for ev in self.evidence]}
 
 
@@ -108,14 +112,37 @@ def score_evidence(name: str, score: np.ndarray, null, details: dict | None = No
                     metric=METRIC[name], extra={"score": name, "details": details or {}})
 
 
-def _retrieval(loaded, cfg: ScoreConfig) -> Evidence:
+class Unavailable(Exception):
+    """A score this model cannot have; the message says why (the score is skipped, not failed)."""
+
+
+def needle_prompts_that_fit(loaded, cfg: ScoreConfig) -> tuple[list, dict[int, str]]:
+    """The needle prompts of each length in ``cfg.lengths`` that fits the model's positions and holds the needle and
+    its question, and why any other length was left out."""
+    from headprobe.extract.extractor import context_limit
     from headprobe.extract.tasks.needle import needle_prompts
+
+    limit, prompts, left_out = context_limit(loaded.model.config), [], {}
+    for length in sorted(cfg.lengths):
+        if limit and length > limit:
+            left_out[length] = f"longer than the model's {limit} positions"
+            continue
+        try:
+            prompts += needle_prompts(loaded.tokenizer, [length], cfg.depths, cfg.needles, cfg.seed)
+        except InputError as err:
+            left_out[length] = str(err)
+    if not prompts:
+        raise Unavailable("no needle length fits: " + "; ".join(f"{n}: {why}" for n, why in left_out.items()))
+    return prompts, left_out
+
+
+def _retrieval(loaded, cfg: ScoreConfig) -> Evidence:
     from headprobe.probes.checks.retrieval import THRESHOLD, retrieval_scores
 
-    prompts = needle_prompts(loaded.tokenizer, cfg.lengths, cfg.depths, cfg.needles, cfg.seed)
+    prompts, left_out = needle_prompts_that_fit(loaded, cfg)
     r = retrieval_scores(loaded.model, prompts, cfg.batch_size, _eos(loaded), cfg.seed)
     score, shuffled = (r.generate, r.generate_null) if cfg.retrieval == "generate" else (r.teacher, r.teacher_null)
-    details = {"variant": cfg.retrieval, "threshold": THRESHOLD, "accuracy": r.accuracy,
+    details = {"variant": cfg.retrieval, "threshold": THRESHOLD, "accuracy": r.accuracy, "lengths_left_out": left_out,
                "teacher": r.teacher.tolist(), "generate": r.generate.tolist(), "teacher_null": r.teacher_null.tolist(),
                "generate_null": r.generate_null.tolist(), "prompts": r.prompts}
     return score_evidence("retrieval", score, np.maximum(THRESHOLD, np.nan_to_num(shuffled)), details)
@@ -164,11 +191,24 @@ def _pattern(loaded, cfg: ScoreConfig, names: list[str]) -> list[Evidence]:
     return [score_evidence(t, scores[t], TYPE_THRESHOLD) for t in names]
 
 
+def unsupported(loaded, name: str) -> str | None:
+    """Why the model of ``loaded`` cannot have score ``name`` (None: it can)."""
+    from headprobe.extract.capabilities import capabilities_of
+    from headprobe.probes.checks.ov_scores import OV_SPECS
+
+    why = capabilities_of(loaded).missing(NEEDS[name])
+    kind = loaded.model.config.model_type
+    if why is None and name in ("copying", "successor") and kind not in OV_SPECS:
+        why = f"the OV-circuit scores know the blocks of {', '.join(sorted(OV_SPECS))}, not of {kind}"
+    return why
+
+
 def compute_scores(loaded, config: ScoreConfig | None = None) -> ScoreResult:
-    """Every score ``config.scores`` names, for a LoadedModel (``.model``, ``.tokenizer``): a
-    :class:`ScoreResult` with one Evidence per score and the seconds each took."""
+    """Every score ``config.scores`` names that the model can have, for a LoadedModel (``.model``, ``.tokenizer``):
+    a :class:`ScoreResult` with one Evidence per score, the seconds each took, and why any other was skipped."""
     cfg = config or ScoreConfig()
-    names = list(dict.fromkeys(cfg.scores))
+    skipped = {n: why for n in dict.fromkeys(cfg.scores) if (why := unsupported(loaded, n))}
+    names = [n for n in dict.fromkeys(cfg.scores) if n not in skipped]
     runs = [(["retrieval"], lambda: [_retrieval(loaded, cfg)]), (["negative"], lambda: [_negative(loaded, cfg)]),
             ([n for n in names if n in ("copying", "successor")], lambda: _ov(loaded, cfg, names)),
             ([n for n in names if n in HEAD_TYPES], lambda: _pattern(loaded, cfg, [n for n in names if n in HEAD_TYPES]))]
@@ -177,10 +217,14 @@ def compute_scores(loaded, config: ScoreConfig | None = None) -> ScoreResult:
         if not any(n in names for n in group):
             continue
         start = time.perf_counter()
-        evidence += run()
+        try:
+            evidence += run()
+        except Unavailable as why:
+            skipped.update({n: str(why) for n in group if n in names})
+            continue
         seconds["+".join(n for n in group if n in names)] = round(time.perf_counter() - start, 2)
     evidence.sort(key=lambda ev: names.index(ev.extra["score"]))
     for ev in evidence:
         ev.extra["seconds"] = next(s for k, s in seconds.items() if ev.extra["score"] in k.split("+"))
         ev.source = SOURCE_POOLED if ev.extra["score"] in cfg.pooled else SOURCE_CHECK
-    return ScoreResult(cfg, evidence, getattr(loaded, "model_id", ""), seconds)
+    return ScoreResult(cfg, evidence, getattr(loaded, "model_id", ""), seconds, skipped)

@@ -25,7 +25,10 @@ def _collect(inputs: AttributionInputs, pooled: bool) -> list[Evidence]:
     names = [s for s in inputs.config.scores if (s in inputs.config.pool_scores) == pooled]
     ScoreConfig(list(inputs.config.scores))  # refuse unknown names, whichever kind runs first
     config = ScoreConfig(names, alpha=inputs.config.alpha, pooled=list(inputs.config.pool_scores))
-    return compute_scores(inputs.model, config).evidence
+    result = compute_scores(inputs.model, config)
+    for name, why in result.skipped.items():
+        inputs.skip(f"{name} score", why)
+    return result.evidence
 
 
 def _all_scores(result) -> list[Evidence]:
