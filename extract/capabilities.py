@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert")  # bidirectional: no next-token prediction
+from headprobe.extract.hooks import ENCODERS
+
 NEEDS = {
     "causal_lm": "next-token logits (a causal LM head)",
     "masked_lm": "a masked-LM head",

@@ -160,8 +160,7 @@ def _first_line(err: BaseException) -> str:
 def causal_class(config) -> bool:
     """Whether ``config``'s model loads as a causal LM (with its LM head), else as the bare model: every registered
     decoder family does, even where its config names no architecture."""
-    from headprobe.extract.capabilities import ENCODERS
-    from headprobe.extract.hooks import ARCHITECTURES
+    from headprobe.extract.hooks import ARCHITECTURES, ENCODERS
 
     archs = getattr(config, "architectures", None) or []
     causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or getattr(config, "is_decoder", False)
