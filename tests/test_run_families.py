@@ -61,7 +61,7 @@ def test_the_main_job_runs_end_to_end_on_every_family(family, tmp_path):
     seconds = time.perf_counter() - t0
     report = result.report.with_name("report.md").read_text()
     assert result.report.name == "index.html" and result.report.exists()
-    assert (tmp_path / "run" / "report" / "stage_map.png").exists() and "## Stage map" in report
+    assert (tmp_path / "run" / "report" / "img" / "stage_map.png").exists() and "## Stage map" in report
     assert "## Sparse autoencoder (layer 1," in report  # the middle layer of a 2- or 3-layer model
     ablation = json.loads((tmp_path / "run" / "attribution" / "ablation.json").read_text())
     sae_eval = json.loads((tmp_path / "run" / ".steps" / "sae_eval.json").read_text())["result"]
