@@ -33,6 +33,7 @@ from torch import nn
 from headprobe import InputError
 from headprobe.extract.hooks import head_layout, out_projections
 from headprobe.probes.checkpoint import CheckpointConfig, PretrainedMixin, register
+from headprobe.probes.hub import FromPretrained
 
 DIRECTIONS = ("mass_mean", "probe")
 POSITIONS = ("all", "last")
@@ -119,7 +120,7 @@ def shift_table(n_layers: int, n_heads: int, heads: list[Head] | torch.Tensor, v
 
 
 @register
-class Intervention(PretrainedMixin, nn.Module):
+class Intervention(PretrainedMixin, FromPretrained, nn.Module):
     """K heads, each with a unit direction and the spread of its activations along it; ``alpha`` the strength.
 
     Buffers: ``heads`` (K, 2) (layer, head) in model numbering, ``direction`` (K, D) unit vectors, ``sigma`` (K,).

@@ -216,3 +216,44 @@ def test_ablation_report_without_results_or_from_an_older_ablation_json(tmp_path
     assert "| ioi | margin | 2 | mean | 1.000 | 0.200 | all layers | 0.850 [0.700, 1.000] | - | - | yes | - |" in md
     assert "Random heads come from all layers (the top heads left out). The mean's" in md  # the one pool it ran
     assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "llama", "qwen2", "bert"])
+def test_replaying_the_clean_prefix_gives_the_recomputed_ablated_forward(family):
+    """An ablated forward that replays the clean run's blocks below its first ablated layer equals the forward
+    that recomputes them, call for call; the replayed blocks do no work."""
+    from headprobe.probes.checks.replay import PrefixReplay, decoder_blocks
+
+    model = tiny_model(family)
+    batches = [torch.randint(3, 300, (3, 9)), torch.randint(3, 300, (2, 5))]
+    run = lambda: [model(input_ids=ids).last_hidden_state if family == "bert" else model(input_ids=ids).logits  # noqa: E731
+                   for ids in batches]
+    prefix = PrefixReplay(model)
+    with torch.no_grad(), prefix.record():
+        run()
+    heads = [(1, 0), (1, 3)]
+    with torch.no_grad(), HeadAblation(model, heads, "zero"):
+        recomputed = run()
+    calls = []
+    handle = decoder_blocks(model)[0].register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad(), prefix.replay(1), HeadAblation(model, heads, "zero"):
+        replayed = run()
+    handle.remove()
+    for a, b in zip(recomputed, replayed):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert len(calls) == 2  # block 0 "ran" (its hooks fire) but returned the recording
+    with pytest.raises(RuntimeError, match="other forward calls"), torch.no_grad(), prefix.replay(1):
+        model(input_ids=torch.randint(3, 300, (4, 9)))
+
+
+def test_ablation_results_are_the_same_with_or_without_the_replayed_prefix():
+    model = tiny_model("llama")
+    ids = torch.randint(3, 300, (6, 12))
+    metric = lambda m: m(input_ids=ids).logits[:, -1].log_softmax(-1)[:, 7].detach().numpy()  # noqa: E731
+    means = head_means(model, [{"input_ids": ids}])
+    fast = causal_checks(model, metric, [(1, 2), (2, 0)], n_draws=3, means=means, seed=5)
+    slow = causal_checks(model, metric, [(1, 2), (2, 0)], n_draws=3, means=means, seed=5, replay=False)
+    for pool in fast:
+        assert fast[pool].random_heads == slow[pool].random_heads
+        np.testing.assert_array_equal(fast[pool].random, slow[pool].random)
+        assert (fast[pool].clean, fast[pool].top) == (slow[pool].clean, slow[pool].top)

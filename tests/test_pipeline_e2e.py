@@ -227,7 +227,8 @@ def test_interrupted_extractions_resume_under_their_own_settings_and_restart_und
     (["--attribution.draws", "1"], "--draws 1: the ablation check needs at least 2 random draws"),
     (["--tasks", "[ioi,corpus]"], "--tasks ['ioi', 'corpus']: corpus: pick tasks with a stage ("
                                   + ", ".join(n for n, t in TASKS.items() if t.stage)
-                                  + "); the SAE's corpus is extracted anyway"),
+                                  + "), or give a user file its stage (a stage column, or FILE.jsonl:STAGE); the SAE's "
+                                  "corpus is extracted anyway"),
     (["--max_examples", "0"], "--max_examples 0: pass a positive number, or null for every example"),
     (["--logger", "xyz"], "--logger: Expected one of 'wandb', 'csv', 'none'. Got value: xyz (`headprobe run --help` "
                           "lists the options)")])

@@ -286,6 +286,21 @@ def test_scores_are_evidence_with_their_stage_and_pooled_as_documented():
         ScoreConfig(["retrieva"])
 
 
+def test_a_score_the_model_cannot_have_is_skipped_with_its_reason_and_the_others_still_run():
+    """A byte-level tokenizer needs ~260 tokens for the shortest needle prompt: the 256-token length is dropped (and
+    recorded); with no length left the retrieval score is skipped, said why, and the negative score still runs."""
+    from headprobe.extract.tasks.needle import shortest_length
+
+    loaded = tiny_loaded("llama")
+    shortest = shortest_length(loaded.tokenizer)
+    assert 256 < shortest < 512
+    kept = compute_scores(loaded, ScoreConfig(["retrieval"], lengths=[256, 512], depths=[0.5]))
+    assert kept.of("retrieval").extra["details"]["lengths"] == [512] and not kept.skipped
+    none = compute_scores(loaded, ScoreConfig(["retrieval", "negative"], lengths=[256], questions=8))
+    assert [ev.extra["score"] for ev in none.evidence] == ["negative"]
+    assert list(none.skipped) == ["retrieval"] and f"({shortest} tokens)" in none.skipped["retrieval"]
+
+
 def test_the_kinds_pool_the_pooled_scores_into_the_stage_map_and_write_their_section(tmp_path):
     from headprobe.probes.attribution.contract import AttributionInputs, kinds
     from headprobe.probes.attribution.result import Attribution, AttributionConfig
@@ -304,6 +319,14 @@ def test_the_kinds_pool_the_pooled_scores_into_the_stage_map_and_write_their_sec
     assert "### successor" in text and "### copying" in text and found["score_checks"].section(result) == ""
     names = {p.name for p in found["scores"].write(result, tmp_path)}
     assert {"scores.csv", "scores.json", "score_successor.png", "score_copying.png"} <= names
+    from headprobe.train.head_tables import score_table  # the run report's per-head table of the scores
+
+    rows = score_table(result)
+    assert [(r["layer"], r["head"]) for r in rows] == [(layer, head) for layer in range(3) for head in range(6)]
+    for ev, name in ((pooled[0], "successor (LR)"), (checks[0], "copying (ICI)")):
+        np.testing.assert_array_equal([r[name] for r in rows], ev.score.ravel())
+        np.testing.assert_array_equal([r[f"{name} null"] for r in rows], ev.null.ravel())
+    assert {r["stage"] for r in rows} <= {"", "LR"}
 
 
 def test_scores_command_writes_tables_and_heatmaps_and_refuses_bad_input(tmp_path):

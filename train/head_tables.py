@@ -87,6 +87,26 @@ def stage_table(result: Attribution) -> list[dict]:
     return out
 
 
+def score_table(result: Attribution) -> list[dict]:
+    """One row per head with every training-free score of the attribution and its null (``<score> (<its stage>)``
+    and ``... null``) and the head's stage in the map; no rows without scores."""
+    from headprobe.probes.attribution.kinds.scores import SCORE_SOURCES
+
+    scores = [ev for ev in result.evidence if ev.source in SCORE_SOURCES]
+    if not scores:
+        return []
+    stage_of = result.stage_map.assigned()
+    out = []
+    for layer in scores[0].layers:
+        for head in range(scores[0].score.shape[1]):
+            row = {"layer": layer, "head": head}
+            for ev in scores:
+                name = f"{ev.extra.get('score', ev.task)} ({ev.stage})"
+                row[name], row[f"{name} null"] = _grid(ev, layer, head)
+            out.append({**row, "stage": stage_of.get((layer, head), "")})
+    return out
+
+
 def write_table(rows: list[dict], path_stem: Path) -> tuple[Path, Path]:
     """``rows`` as ``<stem>.csv`` and ``<stem>.json`` (NaN as an empty cell and as null)."""
     path_stem.parent.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ from headprobe.extract.models import DEFAULT_MODEL
 from headprobe.probes.attribution.result import Attribution, AttributionConfig
 
 # Raise a step's number when its code changes what it computes: its cached results are then recomputed.
-STEP_VERSION = {"extract": 2, "linear": 1, "sparse": 1, "sae": 1, "sae/eval": 1, "attribute": 3, "report": 2}
+STEP_VERSION = {"extract": 2, "linear": 1, "sparse": 1, "sae": 1, "sae/eval": 1, "attribute": 3, "report": 3}
 
 
 @dataclass

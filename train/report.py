@@ -205,7 +205,7 @@ def _val_heatmap(p: RunState, task: str, folder: Path) -> str:
 def _tables(p: RunState, result, folder: Path) -> str:
     """Write every task's per-head table and the stage map's into ``folder/data`` (CSV and JSON); the links."""
     from headprobe.probes.checkpoint import Checkpoint
-    from headprobe.train.head_tables import stage_table, task_table, write_table
+    from headprobe.train.head_tables import score_table, stage_table, task_table, write_table
 
     data = folder / "data"
     lines = ["Every head's numbers, to plot in your own tools (val and test accuracy with 95% Wilson intervals, "
@@ -213,6 +213,11 @@ def _tables(p: RunState, result, folder: Path) -> str:
     write_table(stage_table(result), data / "stage_map")
     lines.append("- stage map (every head's four stage scores, its stage and every evidence): "
                  "[CSV](data/stage_map.csv), [JSON](data/stage_map.json)")
+    scores = score_table(result)
+    if scores:
+        write_table(scores, data / "scores")
+        lines.append("- training-free scores (every head's score and null, each score's stage in its column): "
+                     "[CSV](data/scores.csv), [JSON](data/scores.json)")
     for t in p.tasks:
         linear = Checkpoint.read(p.run_dir("linear", t.name) / "checkpoint")
         sparse_dir = p.run_dir("sparse", t.name) / "checkpoint"

@@ -99,16 +99,25 @@ def prompt_frame(tokenizer, needle: Needle, chat: bool | None = None) -> tuple[l
     return _encode(tokenizer, head), _encode(tokenizer, question) + _encode(tokenizer, tail + needle.statement)
 
 
+def _parts(tokenizer, needle: Needle, chat: bool | None) -> tuple[list[int], ...]:
+    """The prompt's fixed pieces: frame head, the needle's lead-in, its answer, its end, and the question's tail."""
+    head, tail = prompt_frame(tokenizer, needle, chat)
+    return (head, _encode(tokenizer, "\n\n" + needle.statement), _encode(tokenizer, " " + needle.answer),
+            _encode(tokenizer, needle.end + "\n\n"), tail)
+
+
+def shortest_length(tokenizer, n_needles: int = 4, chat: bool | None = None) -> int:
+    """The fewest tokens a needle prompt of the first ``n_needles`` needles can have (one haystack token)."""
+    return max(sum(map(len, _parts(tokenizer, n, chat))) + 1 for n in needles()[:n_needles])
+
+
 def needle_prompt(tokenizer, needle: Needle, length: int, depth: float, seed: int = 0, index: int = 0,
                   chat: bool | None = None) -> NeedlePrompt:
     """``needle`` hidden at ``depth`` (0..1) in a haystack (seeded by ``seed`` and ``index``), asked about at the
     end; ``length`` tokens in all (see the module's docstring for ``chat``)."""
     if not 0 <= depth <= 1:
         raise InputError(f"needle depth {depth}: pass depths between 0 and 1")
-    head, tail = prompt_frame(tokenizer, needle, chat)
-    before = _encode(tokenizer, "\n\n" + needle.statement)
-    answer = _encode(tokenizer, " " + needle.answer)
-    after = _encode(tokenizer, needle.end + "\n\n")
+    head, before, answer, after, tail = _parts(tokenizer, needle, chat)
     budget = length - len(head) - len(before) - len(answer) - len(after) - len(tail)
     if budget < 1:
         raise InputError(f"needle length {length}: too short for the needle and its question "

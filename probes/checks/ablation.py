@@ -180,34 +180,57 @@ def causal_check(model: nn.Module, metric: Callable[[nn.Module], np.ndarray], to
 
 def causal_checks(model: nn.Module, metric: Callable[[nn.Module], np.ndarray], top_heads: list[Head],
                   n_draws: int = 10, mode: str = "mean", means: torch.Tensor | None = None, seed: int = 0,
-                  pools: tuple[str, ...] = ("all", "layers")) -> dict[str, AblationResult]:
+                  pools: tuple[str, ...] = ("all", "layers"), replay: bool = True) -> dict[str, AblationResult]:
     """:func:`causal_check` against random heads from each of ``pools`` (each with its own random stream from
     ``seed`` and its name); the clean and top-k runs are shared."""
+    return causal_checks_by_metric(model, lambda m: {"": metric(m)}, top_heads, n_draws, mode, means, seed,
+                                   pools, replay)[""]
+
+
+def causal_checks_by_metric(model: nn.Module, metrics: Callable[[nn.Module], dict[str, np.ndarray]],
+                            top_heads: list[Head], n_draws: int = 10, mode: str = "mean",
+                            means: torch.Tensor | None = None, seed: int = 0,
+                            pools: tuple[str, ...] = ("all", "layers"),
+                            replay: bool = True) -> dict[str, dict[str, AblationResult]]:
+    """:func:`causal_checks` for several metrics read off the same forward passes: ``metrics(model)`` returns
+    {name: values}; the result is {name: {pool: AblationResult}}. With ``replay`` every ablated run replays the
+    clean run's blocks below its first ablated layer (:class:`~headprobe.probes.checks.replay.PrefixReplay`: the
+    same numbers, less compute)."""
+    from headprobe.probes.checks.replay import PrefixReplay
+
     layout = head_layout(model)
-    k = len(top_heads)
-    if len(set(top_heads)) != k:
+    _check_draws(top_heads, n_draws, pools, layout)
+    prefix = PrefixReplay(model, max_bytes=(2 << 30) if replay else 0)
+    with prefix.record():
+        clean = {name: float(np.mean(v)) for name, v in metrics(model).items()}
+
+    def ablated(heads: list[Head]) -> dict[str, np.ndarray]:
+        with prefix.replay(min(layer for layer, _ in heads)), HeadAblation(model, heads, mode, means):
+            return {name: np.atleast_1d(np.asarray(v, dtype=np.float64)) for name, v in metrics(model).items()}
+
+    top = ablated(list(top_heads))
+    out: dict[str, dict[str, AblationResult]] = {name: {} for name in clean}
+    for pool in pools:
+        rng = np.random.default_rng([seed, zlib.crc32(pool.encode())])  # a pool draws the same heads alone or not
+        draws = [draw_random_heads(top_heads, layout.n_layers, layout.n_heads, pool, rng) for _ in range(n_draws)]
+        values = [ablated(heads) for heads in draws]
+        for name in clean:
+            rv = np.asarray([float(np.mean(v[name])) for v in values])
+            out[name][pool] = AblationResult(len(top_heads), mode, clean[name], float(top[name].mean()),
+                                             _mean_ci(top[name], seed), rv.tolist(), float(rv.mean()),
+                                             t_interval(rv, False), t_interval(rv, True), list(top_heads), draws,
+                                             pool)
+    return out
+
+
+def _check_draws(top_heads: list[Head], n_draws: int, pools: tuple[str, ...], layout) -> None:
+    """Refuse a head named twice, fewer than 2 draws, or a pool that cannot be drawn, before any metric runs."""
+    if len(set(top_heads)) != len(top_heads):
         raise InputError(f"the top heads {top_heads} name a head twice: pass distinct (layer, head) pairs")
     if n_draws < 2:
         raise InputError(f"{n_draws} random draws give no interval: draw at least 2")
-    for pool in pools:  # a bad pool or too few heads fails here, before any metric runs
-        draw_random_heads(top_heads, layout.n_layers, layout.n_heads, pool, np.random.default_rng(0))
-    clean = float(np.mean(metric(model)))
-    with HeadAblation(model, top_heads, mode, means):
-        top_values = np.atleast_1d(np.asarray(metric(model), dtype=np.float64))
-    results = {}
     for pool in pools:
-        rng = np.random.default_rng([seed, zlib.crc32(pool.encode())])  # a pool draws the same heads alone or not
-        draws, random_values = [], []
-        for _ in range(n_draws):
-            heads = draw_random_heads(top_heads, layout.n_layers, layout.n_heads, pool, rng)
-            with HeadAblation(model, heads, mode, means):
-                random_values.append(float(np.mean(metric(model))))
-            draws.append(heads)
-        rv = np.asarray(random_values)
-        results[pool] = AblationResult(k, mode, clean, float(top_values.mean()), _mean_ci(top_values, seed),
-                                       random_values, float(rv.mean()), t_interval(rv, False), t_interval(rv, True),
-                                       list(top_heads), draws, pool)
-    return results
+        draw_random_heads(top_heads, layout.n_layers, layout.n_heads, pool, np.random.default_rng(0))
 
 
 POOL_COLOURS = {"all": "#8c8c8c", "layers": "#3b75af"}

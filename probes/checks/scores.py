@@ -47,6 +47,10 @@ NEEDS = {"retrieval": ("causal_lm",), "negative": ("causal_lm",), "copying": ("c
 PLACEBO_QUESTIONS = 32  # binary questions per unrelated word pair (the negative score's null)
 
 
+class ScoreSkipped(Exception):
+    """A score this model cannot have (its reason is the message): reported, not raised to the user."""
+
+
 @dataclass
 class ScoreConfig:
     """Settings of :func:`compute_scores` (``headprobe scores`` options of the same names).
@@ -88,21 +92,21 @@ class ScoreConfig:
 
 @dataclass
 class ScoreResult:
-    """Every computed score as Evidence (task ``<score>_score``), with what each measured and its time."""
+    """Every computed score as Evidence (task ``<score>_score``), with what each measured and its time, and the
+    scores this model cannot have with the reason (``skipped``: name -> why)."""
 
     config: ScoreConfig
     evidence: list[Evidence]
     model_id: str = ""
     seconds: dict[str, float] = field(default_factory=dict)
-    skipped: dict[str, str] = field(default_factory=dict)  # a score the model cannot have -> why
+    skipped: dict[str, str] = field(default_factory=dict)
 
     def of(self, name: str) -> Evidence:
         return next(ev for ev in self.evidence if ev.task == f"{name}_score")
 
     def to_json(self) -> dict:
         return {"config": asdict(self.config), "model_id": self.model_id, "seconds": self.seconds,
-                "skipped": self.skipped,
-                "evidence": [ev.to_json() for ev in self.evidence]}
+                "skipped": self.skipped, "evidence": [ev.to_json() for ev in self.evidence]}
 
 
 def score_evidence(name: str, score: np.ndarray, null, details: dict | None = None) -> Evidence:
@@ -112,40 +116,31 @@ def score_evidence(name: str, score: np.ndarray, null, details: dict | None = No
                     metric=METRIC[name], extra={"score": name, "details": details or {}})
 
 
-class Unavailable(Exception):
-    """A score this model cannot have; the message says why (the score is skipped, not failed)."""
-
-
-def needle_prompts_that_fit(loaded, cfg: ScoreConfig) -> tuple[list, dict[int, str]]:
-    """The needle prompts of each length in ``cfg.lengths`` that fits the model's positions and holds the needle and
-    its question, and why any other length was left out."""
-    from headprobe.extract.extractor import context_limit
-    from headprobe.extract.tasks.needle import needle_prompts
-
-    limit, prompts, left_out = context_limit(loaded.model.config), [], {}
-    for length in sorted(cfg.lengths):
-        if limit and length > limit:
-            left_out[length] = f"longer than the model's {limit} positions"
-            continue
-        try:
-            prompts += needle_prompts(loaded.tokenizer, [length], cfg.depths, cfg.needles, cfg.seed)
-        except InputError as err:
-            left_out[length] = str(err)
-    if not prompts:
-        raise Unavailable("no needle length fits: " + "; ".join(f"{n}: {why}" for n, why in left_out.items()))
-    return prompts, left_out
-
-
 def _retrieval(loaded, cfg: ScoreConfig) -> Evidence:
+    from headprobe.extract.tasks.needle import needle_prompts
     from headprobe.probes.checks.retrieval import THRESHOLD, retrieval_scores
 
-    prompts, left_out = needle_prompts_that_fit(loaded, cfg)
+    lengths = _fitting_lengths(loaded, cfg)
+    prompts = needle_prompts(loaded.tokenizer, lengths, cfg.depths, cfg.needles, cfg.seed)
     r = retrieval_scores(loaded.model, prompts, cfg.batch_size, _eos(loaded), cfg.seed)
     score, shuffled = (r.generate, r.generate_null) if cfg.retrieval == "generate" else (r.teacher, r.teacher_null)
-    details = {"variant": cfg.retrieval, "threshold": THRESHOLD, "accuracy": r.accuracy, "lengths_left_out": left_out,
+    details = {"variant": cfg.retrieval, "lengths": lengths, "threshold": THRESHOLD, "accuracy": r.accuracy,
                "teacher": r.teacher.tolist(), "generate": r.generate.tolist(), "teacher_null": r.teacher_null.tolist(),
                "generate_null": r.generate_null.tolist(), "prompts": r.prompts}
     return score_evidence("retrieval", score, np.maximum(THRESHOLD, np.nan_to_num(shuffled)), details)
+
+
+def _fitting_lengths(loaded, cfg: ScoreConfig) -> list[int]:
+    """``cfg.lengths`` that hold a needle and fit the model's context; :class:`ScoreSkipped` if none does."""
+    from headprobe.extract.tasks.needle import shortest_length
+
+    shortest = shortest_length(loaded.tokenizer, cfg.needles)
+    context = getattr(getattr(loaded.model, "config", None), "max_position_embeddings", None) or float("inf")
+    lengths = [n for n in cfg.lengths if shortest <= n <= context]
+    if not lengths:
+        raise ScoreSkipped(f"no needle length in {cfg.lengths} lies between the shortest needle prompt ({shortest} "
+                           f"tokens) and the model's context ({context})")
+    return lengths
 
 
 def _eos(loaded) -> int | None:
@@ -207,19 +202,19 @@ def compute_scores(loaded, config: ScoreConfig | None = None) -> ScoreResult:
     """Every score ``config.scores`` names that the model can have, for a LoadedModel (``.model``, ``.tokenizer``):
     a :class:`ScoreResult` with one Evidence per score, the seconds each took, and why any other was skipped."""
     cfg = config or ScoreConfig()
-    skipped = {n: why for n in dict.fromkeys(cfg.scores) if (why := unsupported(loaded, n))}
-    names = [n for n in dict.fromkeys(cfg.scores) if n not in skipped]
+    early = {n: why for n in dict.fromkeys(cfg.scores) if (why := unsupported(loaded, n))}
+    names = [n for n in dict.fromkeys(cfg.scores) if n not in early]
     runs = [(["retrieval"], lambda: [_retrieval(loaded, cfg)]), (["negative"], lambda: [_negative(loaded, cfg)]),
             ([n for n in names if n in ("copying", "successor")], lambda: _ov(loaded, cfg, names)),
             ([n for n in names if n in HEAD_TYPES], lambda: _pattern(loaded, cfg, [n for n in names if n in HEAD_TYPES]))]
-    evidence, seconds = [], {}
+    evidence, seconds, skipped = [], {}, dict(early)
     for group, run in runs:
         if not any(n in names for n in group):
             continue
         start = time.perf_counter()
         try:
             evidence += run()
-        except Unavailable as why:
+        except ScoreSkipped as why:
             skipped.update({n: str(why) for n in group if n in names})
             continue
         seconds["+".join(n for n in group if n in names)] = round(time.perf_counter() - start, 2)

@@ -97,4 +97,6 @@ def run(args: argparse.Namespace) -> None:
         above = int((ev.score > ev.null).sum())
         print(f"scores: {ev.extra['score']} ({ev.stage}): {above} of {ev.score.size} heads above the null; "
               f"{ev.extra['seconds']} s")
+    for name, why in result.skipped.items():
+        print(f"scores: {name} skipped: {why}")
     print(f"scores: written to {args.out}")
