@@ -32,7 +32,7 @@ def test_the_run_configuration_is_validated_against_every_family(model_type):
     layout = model.layout
     cfg = resolve_run(RunConfig(), model)
     assert cfg.sae.layer == layout.n_layers // 2 and 0 <= cfg.sae.layer < layout.n_layers
-    assert cfg.sae.d_sae == 8 * layout.n_heads * layout.d_head
+    assert cfg.sae.d_sae == cfg.sae.expansion * layout.n_heads * layout.d_head
     assert model.capabilities.causal_lm == (model_type not in ENCODERS)
     with pytest.raises(InputError, match=rf"^--sae.layer {layout.n_layers}: {model_type} has layers "
                                          rf"0..{layout.n_layers - 1}"):

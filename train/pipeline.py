@@ -39,7 +39,8 @@ class SAESettings:
     Args:
         layer: model layer whose concatenated z the SAE reads (null: the model's middle layer, n_layers // 2)
         architecture: topk, batchtopk, jumprelu or relu (with train/configs/sae_ARCH.yaml, if any)
-        d_sae: number of latents (null: 8 x the layer's width, n_heads x d_head)
+        d_sae: number of latents (null: expansion x the layer's width, n_heads x d_head)
+        expansion: latents per input dimension when d_sae is null
         k: active latents per token (top-k)
         batch_size: tokens per step
         tokens: training budget (passes over the train split = tokens / its rows)
@@ -50,6 +51,7 @@ class SAESettings:
     layer: int | None = None
     architecture: str = "topk"
     d_sae: int | None = None
+    expansion: int = 8
     k: int = 32
     batch_size: int = 4096
     tokens: int = 800_000

@@ -1,9 +1,9 @@
 """The model-dependent settings of ``headprobe run``, read from the model's config before any weights load.
 
 Nothing in a run names a layer, a head count or a width of one model: the SAE's layer defaults to the model's
-middle layer and its latents to 8x its input width (n_heads x d_head), extractions keep to the model's positions,
-and the checks a model cannot have (causal-LM logits on an encoder, say) are listed with the reason.
-:func:`resolve_run` fills the defaults and refuses settings the model cannot take, each in one line.
+middle layer and its latents to ``--sae.expansion`` (8) x its input width (n_heads x d_head), extractions keep to
+the model's positions, and the checks a model cannot have (causal-LM logits on an encoder, say) are listed with
+the reason. :func:`resolve_run` fills the defaults and refuses settings the model cannot take, each in one line.
 """
 from __future__ import annotations
 
@@ -12,9 +12,6 @@ from dataclasses import dataclass, replace
 from headprobe import InputError
 from headprobe.extract.capabilities import Capabilities, config_capabilities
 from headprobe.extract.hooks import ARCHITECTURES, FAMILIES, HeadLayout
-
-SAE_EXPANSION = 8  # latents per input dimension of the SAE when --sae.d_sae is not given
-
 
 @dataclass(frozen=True)
 class RunModel:
@@ -47,13 +44,13 @@ def middle_layer(n_layers: int) -> int:
 
 
 def resolve_sae(sae, model: RunModel):
-    """``sae`` (an SAESettings) with the model's defaults filled in: the middle layer, 8x the input width."""
+    """``sae`` (an SAESettings) with the model's defaults filled in: the middle layer, expansion x the input width."""
     n_layers, width = model.layout.n_layers, model.layout.n_heads * model.layout.d_head
     layer = middle_layer(n_layers) if sae.layer is None else sae.layer
     if not 0 <= layer < n_layers:
         raise InputError(f"--sae.layer {layer}: {model.name} has layers 0..{n_layers - 1} (leave it out for the "
                          f"middle layer, {middle_layer(n_layers)})")
-    d_sae = SAE_EXPANSION * width if sae.d_sae is None else sae.d_sae
+    d_sae = sae.expansion * width if sae.d_sae is None else sae.d_sae
     if d_sae < 1 or not 1 <= sae.k <= d_sae:
         raise InputError(f"--sae.d_sae {d_sae}, --sae.k {sae.k}: pass 1 <= k <= d_sae")
     return replace(sae, layer=layer, d_sae=d_sae)
