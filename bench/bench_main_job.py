@@ -1,7 +1,7 @@
 """The main job's steps against their floors, in one run.
 
 Runs ``headprobe run`` in this process (any of its options after ``--``), counting the tokens each step pushes
-through the model (every forward call's batch x sequence shape, padding included). After the run it times a plain
+through the model (the batch x sequence shape of every call of its first block, padding included). After the run it times a plain
 ``model(input_ids)`` forward (no hooks, no cache, random token ids) of each step's most common shapes and scales
 that to the step's tokens: the step's *floor*, what its model work alone would cost. Prints each step's time, its
 floor and their ratio, and the run's total against the sum of the floors; writes the same as JSON with ``--json``.
@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 import headprobe.extract.models as models
+from headprobe.probes.checks.replay import decoder_blocks
 from headprobe.train.pipeline import Steps, run
 from headprobe.train.run_cli import parse
 
@@ -36,20 +37,18 @@ class TokenCounter:
         self.step = "load"
         self.shapes: dict[str, Counter] = defaultdict(Counter)
         self.models: list[torch.nn.Module] = []
+        self.handles: list = []
 
     def hook(self, module, args, kwargs) -> None:
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None and kwargs.get("inputs_embeds") is not None:
-            ids = kwargs["inputs_embeds"][..., 0]
-        if ids is not None:
-            self.shapes[self.step][tuple(ids.shape)] += 1
+        hidden = args[0] if args else kwargs["hidden_states"]  # the first block's input (batch, seq, d_model)
+        self.shapes[self.step][tuple(hidden.shape[:2])] += 1
 
     def install(self) -> None:
         load = models.load_model
 
         def counted(*args, **kwargs):
             loaded = load(*args, **kwargs)
-            loaded.model.register_forward_pre_hook(self.hook, with_kwargs=True)
+            self.handles.append(decoder_blocks(loaded.model)[0].register_forward_pre_hook(self.hook, with_kwargs=True))
             self.models.append(loaded.model)
             return loaded
 
@@ -94,8 +93,8 @@ def main() -> None:
     start = time.perf_counter()
     result = run(parse([a for a in args.run_args if a != "--"]))
     total = time.perf_counter() - start
-    for hook in list(counter.models[0]._forward_pre_hooks):
-        counter.models[0]._forward_pre_hooks.pop(hook)
+    for handle in counter.handles:
+        handle.remove()
     rows = []
     for record in result.steps:
         shapes = counter.shapes.get(record.name)

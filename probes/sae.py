@@ -10,6 +10,7 @@ Architectures (``architecture=``; probes/sae_arch.py, the sparse kernels in prob
     topk       the k largest pre-activations (ReLU'd); fused sparse forward/backward; AuxK on dead latents
     batchtopk  the B*k largest over the batch; a threshold (running average of the smallest kept value) at inference
     jumprelu   f = pre * H(pre - theta), loss FVU + l0_coeff * L0 with straight-through gradients for theta
+    matryoshka BatchTopK with the loss averaged over nested prefixes of the latents (``matryoshka_prefixes``)
 
 Practices, all options of :class:`SparseAutoencoder` and all logged as hyperparameters:
     input_norm="expected_norm"   inputs multiplied by c = sqrt(d_in / E||x||^2) during training; c is folded into
@@ -40,7 +41,7 @@ from torch import Tensor, nn
 from headprobe import InputError
 from headprobe.probes.checkpoint import CheckpointConfig, init_hparams, register
 from headprobe.probes.hub import FromPretrained
-from headprobe.probes.sae_arch import ARCHITECTURES, Architecture
+from headprobe.probes.sae_arch import ARCHITECTURES, Architecture, fvu_of
 from headprobe.probes.sae_kernels import topk_sae
 from headprobe.probes.sae_plan import RunPlan, plan_run, planned_steps, width_warning
 
@@ -69,6 +70,7 @@ RANGES = {
     "sparsity_warmup_steps": (lambda v: v >= 0, "pass a number of steps >= 0"),
     "token_budget": (lambda v: v >= 0, "pass a number of tokens >= 0 (0: the Trainer's limits decide)"),
     "batchtopk_momentum": (lambda v: 0 <= v < 1, "pass a momentum in [0, 1)"),
+    "matryoshka_prefixes": (lambda v: len(v) > 0 and all(0 < f < 1 for f in v), "pass fractions of d_sae in (0, 1)"),
 }
 
 
@@ -126,18 +128,13 @@ def fve(x: Tensor, x_hat: Tensor) -> Tensor:
     return 1 - fvu_of(x, x_hat)
 
 
-def fvu_of(x: Tensor, x_hat: Tensor) -> Tensor:
-    """Fraction of variance unexplained on one batch, x and x_hat (B, d): the loss of every architecture."""
-    return (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
-
-
 # --- the module ----------------------------------------------------------------------------------------------
 @register
 class SparseAutoencoder(FromPretrained, L.LightningModule):
     """A sparse autoencoder on per-head outputs of the store's selected layers and heads.
 
     Args:
-        architecture: "relu", "topk", "batchtopk" or "jumprelu".
+        architecture: "relu", "topk", "batchtopk", "jumprelu" or "matryoshka" (BatchTopK on nested prefixes).
         d_sae: number of latents; 0 means ``expansion * d_in``.
         expansion: latents per input dimension when ``d_sae`` is 0.
         d_in: input width; None infers layers x heads x d_head from the datamodule at setup.
@@ -157,9 +154,9 @@ class SparseAutoencoder(FromPretrained, L.LightningModule):
         sparsity_warmup_steps: linear warmup of the sparsity coefficient, at most 25% of the run's steps.
         token_budget: the module stops training after this many tokens (0: the Trainer's max_steps / max_epochs
             decide); with a budget, give the Trainer max_epochs -1 (train/configs/sae.yaml does).
-        fused: TopK only: use the fused sparse kernel (False: dense autograd, for checks).
+        fused: TopK, BatchTopK, Matryoshka: use the fused sparse kernel (False: dense autograd, for checks).
         batchtopk_momentum: momentum of the BatchTopK threshold's bias-corrected running average, its window capped
-            at 10% of the run.
+            at 10% of the run; matryoshka_prefixes: Matryoshka's nested prefix widths as fractions of d_sae.
         seed: weight initialisation seed.
     """
 
@@ -170,7 +167,8 @@ class SparseAutoencoder(FromPretrained, L.LightningModule):
                  b_dec_init: str = "geometric_median", init_rows: int = 16384, input_norm: str = "expected_norm",
                  decoder_norm: str = "unit", lr: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
                  warmup_steps: int = 10, decay_start: float = 0.8, sparsity_warmup_steps: int = 0,
-                 token_budget: int = 0, fused: bool = True, batchtopk_momentum: float = 0.99, seed: int = 0):
+                 token_budget: int = 0, fused: bool = True, batchtopk_momentum: float = 0.99,
+                 matryoshka_prefixes: tuple[float, ...] = (1 / 32, 1 / 8, 1 / 2), seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
         check_options(self.hparams)
@@ -309,7 +307,8 @@ class SparseAutoencoder(FromPretrained, L.LightningModule):
         hp = self.hparams
         dead = self._dead() if hp.auxk_alpha > 0 and self.arch.auxk else None
         out = self.arch.train_pass(self, x, dead)
-        loss = fvu = 1 - fve(x, out.x_hat)
+        fvu = 1 - fve(x, out.x_hat)
+        loss = fvu if out.recon is None else out.recon
         logs = {}
         if out.penalty is not None:
             loss = loss + self.sparsity_coeff() * out.penalty

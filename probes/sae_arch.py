@@ -11,6 +11,12 @@ never branches on the name; a new architecture is a subclass decorated with :fun
                running average of the smallest kept activation (probes/sae_plan.py: threshold_rate); AuxK
     jumprelu   f = pre * H(pre - theta), theta = exp(log_theta) learned; sparsity term L0 through a straight-through
                step (Rajamanoharan et al. 2024), ``l0_coeff``
+    matryoshka BatchTopK whose loss is the mean FVU of nested prefixes of the latents (widths
+               ``matryoshka_prefixes`` x d_sae, then all; Bussmann et al. 2025, arXiv 2503.17547), so the first
+               latents reconstruct alone and general features are not absorbed into specific ones
+
+topk, batchtopk and matryoshka train through the fused sparse kernel (probes/sae_kernels.py; ``fused=False``: the
+dense reference).
 
 Every method that takes ``sae`` reads its tensors (``W_enc``, ``b_enc``, ``W_dec``, ``b_dec``, ``log_theta``,
 ``threshold``) and its hyperparameters ``sae.hparams``; pre-activations come from ``sae.pre(x)``.
@@ -44,7 +50,8 @@ class TrainPass:
 
     x_hat (B, d_in) reconstruction of the normalised inputs; fired (n,) bool, latents active on the batch; l0 ()
     mean active latents per row; penalty () the sparsity term before its coefficient (None: none); aux_hat (B, d_in)
-    the dead latents' reconstruction of the residual for AuxK (None: no dead latents or no AuxK).
+    the dead latents' reconstruction of the residual for AuxK (None: no dead latents or no AuxK); recon () the
+    reconstruction loss where it is not the FVU of x_hat (Matryoshka's mean over prefixes).
     """
 
     x_hat: Tensor
@@ -52,6 +59,12 @@ class TrainPass:
     l0: Tensor
     penalty: Tensor | None = None
     aux_hat: Tensor | None = None
+    recon: Tensor | None = None
+
+
+def fvu_of(x: Tensor, x_hat: Tensor) -> Tensor:
+    """Fraction of variance unexplained on one batch, x and x_hat (B, d): the loss of every architecture."""
+    return (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
 
 
 class Architecture:
@@ -87,12 +100,16 @@ class Architecture:
 
     def train_pass(self, sae, x: Tensor, dead: Tensor | None) -> TrainPass:
         """The training forward pass on normalised inputs x (B, d_in); ``dead`` (m,) latent indices for AuxK."""
+        return self.dense_pass(sae, x, dead)[0]
+
+    def dense_pass(self, sae, x: Tensor, dead: Tensor | None) -> tuple[TrainPass, Tensor]:
+        """:meth:`train_pass` by dense products, and the training latents f (B, n)."""
         pre = sae.pre(x)
         f, penalty = self.train_activate(sae, pre)
         x_hat = f @ sae.W_dec + sae.b_dec
         active = f > 0
         aux_hat = dense_auxk(sae, pre, dead) if dead is not None and len(dead) else None
-        return TrainPass(x_hat, active.any(0), active.sum(1).float().mean(), penalty, aux_hat)
+        return TrainPass(x_hat, active.any(0), active.sum(1).float().mean(), penalty, aux_hat), f
 
     def reconstruct(self, sae, xs: Tensor) -> Tensor:
         """Inference reconstruction (B, d_in) of normalised inputs xs (B, d_in), still normalised."""
@@ -108,6 +125,18 @@ def dense_auxk(sae, pre: Tensor, dead: Tensor) -> Tensor:
         return pre_dead @ sae.W_dec[dead]
     vals, j = pre_dead.topk(k_aux, dim=1)
     return F.embedding_bag(dead[j], sae.W_dec, per_sample_weights=vals, mode="sum")
+
+
+def fused_pass(sae, x: Tensor, dead: Tensor | None, batch: bool) -> tuple[TrainPass, Tensor, Tensor]:
+    """The training pass through the fused kernel (per-row TopK, or BatchTopK's selection when ``batch``) and the
+    selected codes: vals, idx (B, m), zero values where not kept."""
+    hp = sae.hparams
+    x_hat, vals, idx, aux_hat, _, aux_idx = topk_sae(x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, hp.k, dead,
+                                                     hp.k_aux or sae.d_in // 2, batch)
+    fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=x.device)
+    fired[idx[vals > 0]] = True
+    out = TrainPass(x_hat, fired, (vals > 0).sum(1).float().mean(), aux_hat=aux_hat if aux_idx.shape[1] else None)
+    return out, vals, idx
 
 
 @register_architecture
@@ -138,15 +167,7 @@ class TopK(Architecture):
         return torch.zeros_like(pre).scatter_(1, idx, vals)
 
     def train_pass(self, sae, x: Tensor, dead: Tensor | None) -> TrainPass:
-        hp = sae.hparams
-        if not hp.fused:
-            return super().train_pass(sae, x, dead)
-        x_hat, vals, idx, aux_hat, _, aux_idx = topk_sae(x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, hp.k, dead,
-                                                         hp.k_aux or sae.d_in // 2)
-        fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=x.device)
-        fired[idx[vals > 0]] = True
-        return TrainPass(x_hat, fired, (vals > 0).sum(1).float().mean(),
-                         aux_hat=aux_hat if aux_idx.shape[1] else None)
+        return fused_pass(sae, x, dead, False)[0] if sae.hparams.fused else super().train_pass(sae, x, dead)
 
     def reconstruct(self, sae, xs: Tensor) -> Tensor:
         return topk_sae(xs, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.hparams.k)[0]
@@ -166,6 +187,19 @@ class BatchTopK(Architecture):
         if len(kept):
             self.update_threshold(sae, kept.min().detach())
         return torch.zeros_like(flat).scatter(0, pos, vals).view_as(act), None
+
+    def train_pass(self, sae, x: Tensor, dead: Tensor | None) -> TrainPass:
+        return self.codes_pass(sae, x, dead)[0]
+
+    def codes_pass(self, sae, x: Tensor, dead: Tensor | None) -> tuple[TrainPass, Tensor, Tensor | None]:
+        """The training pass and its codes: fused, (vals, idx) (B, m); dense (fused=False), (f (B, n), None)."""
+        if not sae.hparams.fused:
+            return *self.dense_pass(sae, x, dead), None
+        out, vals, idx = fused_pass(sae, x, dead, True)
+        kept = vals[vals > 0]
+        if len(kept):
+            self.update_threshold(sae, kept.min().detach())
+        return out, vals, idx
 
     def update_threshold(self, sae, smallest: Tensor) -> None:
         """Move the inference threshold towards this batch's smallest kept activation (a running average)."""
@@ -190,3 +224,25 @@ class JumpReLU(Architecture):
 
     def threshold(self, sae) -> Tensor:
         return sae.log_theta.exp()  # learned: (n,)
+
+
+@register_architecture
+class Matryoshka(BatchTopK):
+    name = "matryoshka"
+
+    def widths(self, sae) -> list[int]:
+        """The nested prefix widths, ascending, the last all d_sae latents."""
+        n = sae.d_sae
+        return sorted({min(n, max(1, round(frac * n))) for frac in sae.hparams.matryoshka_prefixes} | {n})
+
+    def train_pass(self, sae, x: Tensor, dead: Tensor | None) -> TrainPass:
+        out, codes, idx = self.codes_pass(sae, x, dead)
+        hats = []
+        for m in self.widths(sae)[:-1]:
+            if idx is None:  # dense reference: codes are f (B, n)
+                hats.append(codes[:, :m] @ sae.W_dec[:m] + sae.b_dec)
+            else:
+                hats.append(F.embedding_bag(idx, sae.W_dec, per_sample_weights=codes * (idx < m), mode="sum")
+                            + sae.b_dec)
+        out.recon = torch.stack([fvu_of(x, h) for h in [*hats, out.x_hat]]).mean()
+        return out

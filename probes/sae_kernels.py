@@ -46,19 +46,36 @@ def select_sorted(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return vals.gather(1, order).relu_(), idx
 
 
+def select_batch(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """BatchTopK's selection: the B*k largest ReLU'd entries of pre (B, n) over the whole batch, per row as
+    (values, sorted indices) (B, m) with the entries not kept zeroed. Each row's top m candidates are searched,
+    m from 4k up, doubled while a row keeps all m (it may hold more): the result is exact."""
+    B, n = pre.shape
+    m = min(n, 4 * k)
+    while True:
+        vals, idx = select_sorted(pre, m)
+        flat = vals.flatten()
+        cut = flat.topk(min(B * k, flat.numel()), sorted=False).values.min()
+        kept = (vals >= cut) & (vals > 0)
+        if m == n or not bool(kept.all(1).any()):
+            return vals * kept, idx
+        m = min(n, 2 * m)
+
+
 class TopKSAEFunction(torch.autograd.Function):
     """Fused TopK autoencoder: dense encode, top-k, gather decode; the backward touches only selected latents.
 
     forward(x (B, d_in), W_enc (n, d_in), b_enc (n,), W_dec (n, d_in), b_dec (d_in,), k, dead (m,) int64 or
-    None, k_aux) -> x_hat (B, d_in), vals (B, k), idx (B, k), aux_hat (B, d_in), aux_vals (B, k_a), aux_idx.
-    ``aux_hat`` decodes (without b_dec) the k_aux largest pre-activations among the ``dead`` latents.
+    None, k_aux, batch) -> x_hat (B, d_in), vals (B, k), idx (B, k), aux_hat (B, d_in), aux_vals (B, k_a), aux_idx.
+    ``aux_hat`` decodes (without b_dec) the k_aux largest pre-activations among the ``dead`` latents. ``batch``:
+    BatchTopK's selection (:func:`select_batch`; vals, idx (B, m), zeros where not kept) instead of k per row.
     """
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, k, dead, k_aux):
+    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, k, dead, k_aux, batch=False):
         x_c = x - b_dec
         pre = torch.addmm(b_enc, x_c, W_enc.T).to(x.dtype)  # (B, n): the only dense product (bf16 under autocast)
-        vals, idx = select_sorted(pre, k)
+        vals, idx = select_batch(pre, k) if batch else select_sorted(pre, k)
         x_hat = F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum") + b_dec
         k_a = min(k_aux, len(dead)) if dead is not None else 0
         if k_a > 0:
@@ -104,13 +121,13 @@ class TopKSAEFunction(torch.autograd.Function):
             if need[4]:
                 enc_part = g_xc.sum(0) if g_xc is not None else grad_b_enc @ W_enc
                 grad_b_dec = g_hat.sum(0) - enc_part
-        return grad_x, grad_W_enc, (grad_b_enc if need[2] else None), grad_W_dec, grad_b_dec, None, None, None
+        return grad_x, grad_W_enc, (grad_b_enc if need[2] else None), grad_W_dec, grad_b_dec, None, None, None, None
 
 
 def topk_sae(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: int,
-             dead: Tensor | None = None, k_aux: int = 0) -> tuple[Tensor, ...]:
+             dead: Tensor | None = None, k_aux: int = 0, batch: bool = False) -> tuple[Tensor, ...]:
     """Functional form of :class:`TopKSAEFunction` (see there for shapes)."""
-    return TopKSAEFunction.apply(x, W_enc, b_enc, W_dec, b_dec, k, dead, k_aux)
+    return TopKSAEFunction.apply(x, W_enc, b_enc, W_dec, b_dec, k, dead, k_aux, batch)
 
 
 def _rect(u: Tensor) -> Tensor:

@@ -343,3 +343,33 @@ def test_splice_replaces_only_the_chosen_heads_and_identity_recovers_everything(
     single = ce_loss_recovered(model, Identity(), batches, mean_input=torch.zeros(8), heads=[3])
     assert single["ce_recovered_zero"] == pytest.approx(1.0, abs=1e-4)
     assert single["ce_zero_ablation"] != pytest.approx(out["ce_zero_ablation"], abs=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
+def test_fused_batch_architectures_equal_their_dense_reference(arch):
+    """BatchTopK and Matryoshka through the fused kernel: the same loss, gradients and threshold as dense autograd
+    (Matryoshka's loss the mean FVU of the prefixes 1, 5, 20 and all 40 latents)."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 12, dtype=torch.float64)
+    x[:4] *= 10  # these rows keep more than 4k latents: the fused selection must widen its search to stay exact
+    fused, dense = (SparseAutoencoder(architecture=arch, d_in=12, d_sae=40, k=3, fused=f, seed=1,
+                                      matryoshka_prefixes=(0.025, 0.125, 0.5)).double() for f in (True, False))
+    with torch.no_grad():
+        for sae in (fused, dense):
+            sae.b_enc.normal_(generator=torch.Generator().manual_seed(2))  # uneven latents: some rows keep many
+    if arch == "matryoshka":
+        assert fused.arch.widths(fused) == [1, 5, 20, 40]
+    dead = torch.tensor([0, 5, 9, 33])
+    grads = []
+    for sae in (fused, dense):
+        sae.loss(x)  # the first batch sets the threshold; the second moves it
+        out = sae.arch.train_pass(sae, x, dead)
+        loss = (out.recon if out.recon is not None else 1 - fve(x, out.x_hat)) + fve(x - out.x_hat, out.aux_hat)
+        grads.append([loss, out.l0, sae.threshold.clone(),
+                      *torch.autograd.grad(loss, [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec])])
+    assert grads[0][1] == 3  # B * k kept over the batch
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    if arch == "matryoshka":
+        prefix_only = SparseAutoencoder(architecture=arch, d_in=12, d_sae=40, k=3, matryoshka_prefixes=(0.999,))
+        assert prefix_only.arch.widths(prefix_only) == [40]
