@@ -36,6 +36,7 @@ ARCHITECTURES: dict[str, HookSpec] = {
     "xlm-roberta": HookSpec("encoder.layer", "attention.output.dense"),
     "distilbert": HookSpec("transformer.layer", "attention.out_lin"),
 }
+ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert")  # bidirectional: no next-token prediction
 FAMILIES = "GPT-2, GPT-NeoX/Pythia, Llama/Mistral/Qwen2/Gemma-style, BERT-style encoders"
 
 

@@ -157,12 +157,20 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 
 
-def _auto_class(config) -> type:
-    from transformers import AutoModel, AutoModelForCausalLM
+def causal_class(config) -> bool:
+    """Whether ``config``'s model loads as a causal LM (with its LM head), else as the bare model: every registered
+    decoder family does, even where its config names no architecture."""
+    from headprobe.extract.hooks import ARCHITECTURES, ENCODERS
 
     archs = getattr(config, "architectures", None) or []
     causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or getattr(config, "is_decoder", False)
-    return AutoModelForCausalLM if causal or config.model_type in {"gpt2", "gpt_neox", "llama", "mistral", "qwen2"} else AutoModel
+    return causal or (config.model_type in ARCHITECTURES and config.model_type not in ENCODERS)
+
+
+def _auto_class(config) -> type:
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    return AutoModelForCausalLM if causal_class(config) else AutoModel
 
 
 def check_device(device: str) -> torch.device:

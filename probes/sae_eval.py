@@ -257,6 +257,12 @@ def evaluate_checkpoint(checkpoint: str | Path, store: str | Path, split: str = 
             from headprobe.extract.models import load_model
 
             loaded = load_model(model or cfg.model_id)
+        from headprobe.extract.capabilities import capabilities_of
+
+        why = capabilities_of(loaded).missing(("causal_lm",))
+        if why:
+            raise InputError(f"--ce_tokens {ce_tokens}: CE loss recovered needs next-token logits, and {why}: pass "
+                             f"--ce_tokens 0")
         batches = token_batches(store_sequences(store, split, ce_tokens))
         metrics.update(ce_loss_recovered(loaded.model, sae, batches, store_mean(store, slots, cfg.heads)))
     return metrics

@@ -67,7 +67,7 @@ def tiny_model(family: str, seed: int = 0, attn: str = "eager"):
         m = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                                  max_position_embeddings=128, **common))
     else:
-        raise ValueError(family)
+        m = _more_families(family, common)
     # random init has tiny weights; scale them so activations are not ~0
     with torch.no_grad():
         for p in m.parameters():
@@ -75,7 +75,29 @@ def tiny_model(family: str, seed: int = 0, attn: str = "eager"):
     return m.eval()
 
 
+def _more_families(family: str, common: dict):
+    """Tiny random gemma2, phi3 (fused QKV), roberta and distilbert models."""
+    from transformers import (DistilBertConfig, DistilBertModel, Gemma2Config, Gemma2ForCausalLM, Phi3Config,
+                              Phi3ForCausalLM, RobertaConfig, RobertaModel)
+
+    decoder = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   intermediate_size=64, max_position_embeddings=512, **common)
+    if family == "gemma2":
+        return Gemma2ForCausalLM(Gemma2Config(head_dim=8, sliding_window=64, **decoder))
+    if family == "phi3":
+        return Phi3ForCausalLM(Phi3Config(pad_token_id=0, **decoder))
+    if family == "roberta":
+        return RobertaModel(RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                          intermediate_size=64, max_position_embeddings=130, pad_token_id=0,
+                                          **common))
+    if family == "distilbert":
+        return DistilBertModel(DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                                                max_position_embeddings=128, pad_token_id=0, **common))
+    raise ValueError(family)
+
+
 FAMILIES = ["gpt2", "gpt_neox", "llama", "qwen2", "bert"]
+RUN_FAMILIES = ["gpt2", "gpt_neox", "llama", "qwen2", "gemma2", "phi3", "bert", "roberta", "distilbert"]
 
 
 def tiny_loaded(family: str, bos: int | None = 1):

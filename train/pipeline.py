@@ -37,19 +37,21 @@ class SAESettings:
     """The sparse autoencoder of ``headprobe run``.
 
     Args:
-        layer: model layer whose concatenated z the SAE reads
+        layer: model layer whose concatenated z the SAE reads (null: the model's middle layer, n_layers // 2)
         architecture: topk, batchtopk, jumprelu or relu (with train/configs/sae_ARCH.yaml, if any)
-        d_sae: number of latents
+        d_sae: number of latents (null: expansion x the layer's width, n_heads x d_head)
+        expansion: latents per input dimension when d_sae is null
         k: active latents per token (top-k)
         batch_size: tokens per step
         tokens: training budget (passes over the train split = tokens / its rows)
         corpus_examples: corpus documents extracted (~175k tokens; null: all 4,580, ~320k)
-        ce_tokens: held-out tokens for the CE loss recovered (4 forwards of the model each)
+        ce_tokens: held-out tokens for the CE loss recovered (4 forwards of the model each; causal LMs only)
     """
 
-    layer: int = 15
+    layer: int | None = None
     architecture: str = "topk"
-    d_sae: int = 4608
+    d_sae: int | None = None
+    expansion: int = 8
     k: int = 32
     batch_size: int = 4096
     tokens: int = 800_000
@@ -202,6 +204,8 @@ class Pipeline:
         self._model_key: dict | None = None
         self.attribution: Attribution | None = None  # once the attribute step ran in this process
         self.sae_eval: dict = {}  # the SAE's held-out metrics, once its step ran (or was cached)
+        self.model = None  # the RunModel (layout, context, capabilities), read from the config when the run starts
+        self.skipped: dict[str, str] = {}  # the run's own checks the model cannot have, with the reason
         os.environ.setdefault("WANDB_RUN_GROUP", f"headprobe-run-{self.out.name}")
         if cfg.logger == "wandb":  # offline without credentials; wandb's cache and config stay under --out
             from headprobe.train.loggers import wandb_environment
@@ -243,15 +247,15 @@ class Pipeline:
 
         return tqdm(items, desc=desc, unit="task", disable=not self.cfg.progress, dynamic_ncols=True)
 
-    def check_layer(self, layer: int, option: str) -> None:
-        """Refuse a layer the model does not have, from its config (no weights loaded)."""
-        from headprobe.extract.extractor import config_layout
-        from headprobe.extract.hooks import head_layout
+    def resolve(self) -> None:
+        """Fill the model-dependent defaults and check the settings against the model's config (no weights load)."""
         from headprobe.extract.models import open_model
+        from headprobe.train.run_model import resolve_run, run_model, skipped_checks
 
-        layout = config_layout(open_model(self.cfg.model).config) or head_layout(self.loaded.model)
-        if not 0 <= layer < layout.n_layers:
-            raise InputError(f"{option} {layer}: {self.cfg.model} has layers 0..{layout.n_layers - 1}")
+        source = open_model(self.cfg.model)
+        self.model = run_model(source.config, source.tokenizer, self.cfg.model)
+        self.cfg = resolve_run(self.cfg, self.model)
+        self.skipped = skipped_checks(self.cfg, self.model)
 
     # --- 1. extraction --------------------------------------------------------------------------------------------
     def extract_all(self) -> None:
@@ -259,10 +263,9 @@ class Pipeline:
         from headprobe.extract.tasks import get_task
 
         cfg = self.cfg
-        corpus = ExtractConfig(layers=[cfg.sae.layer], seed=cfg.seed, max_examples=cfg.sae.corpus_examples)
+        corpus = ExtractConfig(layers=[cfg.sae.layer], seed=cfg.seed, max_examples=cfg.sae.corpus_examples,
+                               truncate=True)  # documents longer than the model's context keep their end
         corpus_key = self._extract_key(get_task("corpus"), corpus)
-        if self.steps.key_of("extract/corpus") != self.steps.digest(corpus_key):  # check before any weights load
-            self.check_layer(cfg.sae.layer, "--sae.layer")
         for task in self._bar(self.tasks, "extract"):
             config = ExtractConfig(seed=cfg.seed, max_examples=cfg.max_examples)
             self._extract(f"extract/{task.name}", self._extract_key(task, config), task, config)
@@ -339,14 +342,19 @@ class Pipeline:
         self._fit("sae", "sae", "extract/corpus", self.sae_dir, overrides,
                   [overlay.name] if overlay.exists() else None)
         self.sae_eval = self.steps("sae/eval", {"version": STEP_VERSION["sae/eval"], "sae": self.steps.key_of("sae"),
-                                                "ce_tokens": s.ce_tokens}, self.evaluate_sae)
+                                                "ce_tokens": self.ce_tokens}, self.evaluate_sae)
+
+    @property
+    def ce_tokens(self) -> int:
+        """Held-out tokens for the SAE's CE loss recovered: none where the model has no next-token logits."""
+        return 0 if self.model is None or not self.model.capabilities.causal_lm else self.cfg.sae.ce_tokens
 
     def evaluate_sae(self) -> dict:
         from headprobe.probes.sae_eval import evaluate_checkpoint
 
         return evaluate_checkpoint(self.sae_dir / "checkpoint", self.store("corpus"), split="test",
-                                   histogram=self.sae_dir / "density.png", ce_tokens=self.cfg.sae.ce_tokens,
-                                   loaded=self.loaded)
+                                   histogram=self.sae_dir / "density.png", ce_tokens=self.ce_tokens,
+                                   loaded=self.loaded if self.ce_tokens else None)
 
     # --- 3. attribution and its checks --------------------------------------------------------------------------
     def attribute(self) -> dict:
@@ -362,6 +370,7 @@ class Pipeline:
         from headprobe.train.report import run_report
 
         t0 = time.perf_counter()
+        self.resolve()
         self.extract_all()
         self.train_all()
         keys = {name: self.steps.key_of(name) for name in self.steps.done()}

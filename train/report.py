@@ -146,7 +146,7 @@ SAE_NAMES = {"topk": "TopK", "batchtopk": "BatchTopK", "relu": "ReLU (L1)", "jum
 
 def run_report(p: RunState) -> Path:
     """The run's report page (``report/index.html`` and ``report.md``) from the pipeline's results."""
-    from headprobe.probes.attribution import report_sections
+    from headprobe.probes.attribution.api import report_sections, skipped_section
 
     folder = p.out / "report"
     attr = p.out / "attribution"
@@ -154,7 +154,8 @@ def run_report(p: RunState) -> Path:
     stage_png = _copy(attr / "stage_map.png", folder, "stage_map.png")
     (folder / "img").mkdir(parents=True, exist_ok=True)
     attribution_md = "\n".join(report_sections(result, folder / "img", "img/", stage_image=None,
-                                                title="Top heads per stage and their evidence"))
+                                                title="Top heads per stage and their evidence", skipped=False))
+    skipped = {**p.skipped, **result.skipped}
     sections = [
         f"Model `{p.cfg.model}`; {len(p.tasks)} tasks over the four reasoning stages of Zheng et al. (2024). Each "
         f"head's output z was probed per task (linear probes for every head at once, a group-lasso probe choosing "
@@ -162,6 +163,7 @@ def run_report(p: RunState) -> Path:
         f"layer {p.cfg.sae.layer}, and the evidence was pooled into a stage per head, then checked against "
         f"attention-pattern scores and by ablating each task's top heads.",
         f"## Stage map\n\n![stage map]({stage_png})",
+        *([skipped_section(skipped)] if skipped else []),
         demote(attribution_md),
         "## Probes per task\n\n" + _probe_table(p),
         "## Per-task probe accuracy (each head's linear probe on the val split, the split the evidence and the "

@@ -92,12 +92,23 @@ def attribute(checkpoints: list[str | Path], stores: list = (), model: str | Non
             if not kind.pooled and inputs.stage_map is None:
                 inputs.stage_map, inputs.evidence = _pooled_map(evidence, config), list(evidence)
             start = time.perf_counter()
+            why = _missing(kind, inputs)
+            if why:
+                inputs.skip(name, why)
+                continue
             evidence += kind.collect(inputs)
             seconds[name] = round(time.perf_counter() - start, 2)
         names = [str(s.path) for s in opened]
     stage_map = inputs.stage_map or _pooled_map(evidence, config)
     return Attribution(config, evidence, stage_map, ckpts[0].config.model_id, [str(c.folder) for c in ckpts], names,
-                       seconds)
+                       seconds, inputs.skipped)
+
+
+def _missing(kind, inputs: AttributionInputs) -> str | None:
+    """Why the model cannot serve ``kind`` (None: it can, or the kind reads no model)."""
+    from headprobe.extract.capabilities import capabilities_of
+
+    return capabilities_of(inputs.model).missing(kind.needs) if kind.needs else None
 
 
 def evidence_from_checkpoints(folders: list[str | Path], stores: list = (), alpha: float = 0.01,
@@ -141,16 +152,23 @@ def _pooled_map(evidence: list[Evidence], config: AttributionConfig) -> StageMap
 
 
 def report_sections(result: Attribution, folder: Path | None = None, link: str = "",
-                    stage_image: str | None = "stage_map.png", title: str = "Stage map") -> list[str]:
+                    stage_image: str | None = "stage_map.png", title: str = "Stage map",
+                    skipped: bool = True) -> list[str]:
     """The report's Markdown: the stage map section (headed ``title``), then each kind's (images written into
-    ``folder``, linked as ``link + name``)."""
+    ``folder``, linked as ``link + name``), then (with ``skipped``) the checks the model cannot have."""
     sections = [markdown_section(result.stage_map, result.config.top, image=stage_image, title=title)]
     for name, kind in kinds().items():
         if result.of_kind(name):
             text = kind.section(result, folder, link)
             if text:
                 sections.append(text)
-    return sections
+    return sections + ([skipped_section(result.skipped)] if skipped and result.skipped else [])
+
+
+def skipped_section(skipped: dict[str, str]) -> str:
+    """The checks the model cannot have, each with the reason."""
+    rows = [f"| {check} | {why} |" for check, why in skipped.items()]
+    return "\n".join(["## Checks this model cannot have", "", "| check | why it was skipped |", "|---|---|", *rows, ""])
 
 
 OUTPUTS = ("report.md", "stage_map.png", "stage_map.json", "stage_map.md", "stage_scores.csv", RESULT_FILE)  # and

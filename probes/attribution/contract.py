@@ -35,6 +35,7 @@ class AttributionInputs:
     load_model: Callable[[], object] | None = None  # -> headprobe.extract.models.LoadedModel
     evidence: list[Evidence] = field(default_factory=list)
     stage_map: StageMap | None = None
+    skipped: dict[str, str] = field(default_factory=dict)  # a check the model cannot have -> why
     _loaded: object = None
 
     @property
@@ -45,6 +46,11 @@ class AttributionInputs:
                 raise InputError("this attribution needs the model: pass --model (or model= to attribute())")
             self._loaded = self.load_model()
         return self._loaded
+
+    def skip(self, check: str, why: str) -> None:
+        """Record that ``check`` did not run on this model, and why (listed in the report)."""
+        self.skipped[check] = why
+        print(f"attribute: {check} skipped: {why}")
 
     def checkpoints_of(self, cls: str) -> list[Checkpoint]:
         return [c for c in self.checkpoints if c.config.cls == cls]
@@ -58,6 +64,7 @@ class EvidenceKind:
     pooled: ClassVar[bool] = True  # pooled into the stage map; False: a cross-check reported beside it
     reads: ClassVar[str] = ""  # the checkpoint class it reads (CheckpointConfig.cls), if any
     outputs: ClassVar[tuple[str, ...]] = ()  # the files (glob patterns) section() and write() may put in a folder
+    needs: ClassVar[tuple[str, ...]] = ()  # what of the model it reads (names of extract.capabilities.NEEDS)
 
     def enabled(self, config: AttributionConfig) -> bool:
         """Whether this attribution runs the kind (checks are opt-in through the config)."""

@@ -76,6 +76,7 @@ class Attribution:
     checkpoints: list[str] = field(default_factory=list)
     stores: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # each kind's time (loading the model counts in the first)
+    skipped: dict[str, str] = field(default_factory=dict)  # each check the model cannot have -> why
 
     @property
     def pooled_evidence(self) -> list[Evidence]:
@@ -87,7 +88,7 @@ class Attribution:
     def to_json(self) -> dict:
         pooled = {id(ev) for ev in self.stage_map.evidence}
         return {"config": asdict(self.config), "model_id": self.model_id, "checkpoints": self.checkpoints,
-                "stores": self.stores, "seconds": self.seconds, "pooled": [id(ev) in pooled for ev in self.evidence],
+                "stores": self.stores, "seconds": self.seconds, "skipped": self.skipped, "pooled": [id(ev) in pooled for ev in self.evidence],
                 "evidence": [ev.to_json() for ev in self.evidence],
                 "stage_map": {"layers": self.stage_map.layers, "scores": self.stage_map.scores.tolist(),
                               "scale": self.stage_map.scale, "reduce": self.stage_map.reduce}}
@@ -100,7 +101,7 @@ class Attribution:
         stage_map = StageMap(sm["layers"], np.asarray(sm["scores"], dtype=np.float64), pooled, sm["scale"],
                              sm["reduce"])
         return cls(AttributionConfig(**data["config"]), evidence, stage_map, data["model_id"], data["checkpoints"],
-                   data.get("stores", []), data.get("seconds", {}))
+                   data.get("stores", []), data.get("seconds", {}), data.get("skipped", {}))
 
     @classmethod
     def load(cls, folder: str | Path) -> "Attribution":

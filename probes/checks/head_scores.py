@@ -106,8 +106,9 @@ def head_type_scores(model: nn.Module, n: int = 50, batch: int = 8, seed: int = 
     its top (as Llama 3's, from 128000 on).
     """
     cfg = model.config
-    bos = cfg.bos_token_id if bos is None else bos
     vocab = vocab_size or cfg.vocab_size
+    bos = cfg.bos_token_id if bos is None else bos
+    bos = bos if isinstance(bos, int) and 0 <= bos < cfg.vocab_size else None  # a config's id outside its vocabulary
     special = {t for t in (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id, bos) if isinstance(t, int)}
     low = 1 + max([t for t in special if t < vocab // 2], default=0)
     high = min([t for t in special if vocab // 2 <= t < vocab], default=vocab)

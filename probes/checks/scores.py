@@ -42,6 +42,8 @@ METRIC = {
     **{t: f"{t.replace('_', '-')} attention-pattern score ('mul', TransformerLens)" for t in HEAD_TYPES},
 }
 DEFAULT_SCORES = ("retrieval", "negative", "copying", "successor", "induction")
+NEEDS = {"retrieval": ("causal_lm",), "negative": ("causal_lm",), "copying": ("causal_lm",),
+         "successor": ("causal_lm",), **{t: ("attentions",) for t in HEAD_TYPES}}  # what each reads of the model
 PLACEBO_QUESTIONS = 32  # binary questions per unrelated word pair (the negative score's null)
 
 
@@ -184,15 +186,28 @@ def _pattern(loaded, cfg: ScoreConfig, names: list[str]) -> list[Evidence]:
     return [score_evidence(t, scores[t], TYPE_THRESHOLD) for t in names]
 
 
+def unsupported(loaded, name: str) -> str | None:
+    """Why the model of ``loaded`` cannot have score ``name`` (None: it can)."""
+    from headprobe.extract.capabilities import capabilities_of
+    from headprobe.probes.checks.ov_scores import OV_SPECS
+
+    why = capabilities_of(loaded).missing(NEEDS[name])
+    kind = loaded.model.config.model_type
+    if why is None and name in ("copying", "successor") and kind not in OV_SPECS:
+        why = f"the OV-circuit scores know the blocks of {', '.join(sorted(OV_SPECS))}, not of {kind}"
+    return why
+
+
 def compute_scores(loaded, config: ScoreConfig | None = None) -> ScoreResult:
-    """Every score ``config.scores`` names, for a LoadedModel (``.model``, ``.tokenizer``): a
-    :class:`ScoreResult` with one Evidence per score and the seconds each took."""
+    """Every score ``config.scores`` names that the model can have, for a LoadedModel (``.model``, ``.tokenizer``):
+    a :class:`ScoreResult` with one Evidence per score, the seconds each took, and why any other was skipped."""
     cfg = config or ScoreConfig()
-    names = list(dict.fromkeys(cfg.scores))
+    early = {n: why for n in dict.fromkeys(cfg.scores) if (why := unsupported(loaded, n))}
+    names = [n for n in dict.fromkeys(cfg.scores) if n not in early]
     runs = [(["retrieval"], lambda: [_retrieval(loaded, cfg)]), (["negative"], lambda: [_negative(loaded, cfg)]),
             ([n for n in names if n in ("copying", "successor")], lambda: _ov(loaded, cfg, names)),
             ([n for n in names if n in HEAD_TYPES], lambda: _pattern(loaded, cfg, [n for n in names if n in HEAD_TYPES]))]
-    evidence, seconds, skipped = [], {}, {}
+    evidence, seconds, skipped = [], {}, dict(early)
     for group, run in runs:
         if not any(n in names for n in group):
             continue

@@ -16,6 +16,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from headprobe import InputError
+from headprobe.extract.capabilities import capabilities_of
 from headprobe.extract.hooks import head_layout
 from headprobe.extract.tasks import find_task
 from headprobe.extract.tasks.metrics import example_ids, model_metric, probe_reads_after_scoring, right_padded
@@ -108,12 +110,17 @@ def ablation_metric(loaded, task, n_examples: int, mode: str,
 
 
 def run_ablations(loaded, evidence: list[Evidence], k: int, mode: str, draws: int, n_examples: int,
-                  metric: str = "auto", pools: tuple[str, ...] = ("all", "layers")) -> dict[str, dict]:
+                  metric: str = "auto", pools: tuple[str, ...] = ("all", "layers"),
+                  skip: Callable[[str, str], None] | None = None) -> dict[str, dict]:
     """Each task's top-k heads ablated against k random heads from each of ``pools`` (see
     :func:`probes.ablation.draw_random_heads`; the random draws are seeded by the task's name): the first pool's
     result, with the others' under ``random_from``. Where the probes read a token after the scored one (true/false
     statements), the same heads are also checked on the last layer's readout of the label (``readout``, see
-    :mod:`probes.readout`)."""
+    :mod:`probes.readout`). A model without next-token logits (an encoder) is checked on the readout alone;
+    ``skip(check, why)`` hears of each task that cannot be checked."""
+    why = capabilities_of(loaded).missing(("causal_lm",))
+    if why:
+        return readout_ablations(loaded, evidence, k, mode, draws, n_examples, pools, why, skip)
     def check(task_name: str, key: str, task_metric: Callable[[object], np.ndarray], means) -> dict:
         checks = causal_checks(loaded.model, task_metric, top_heads(evidence, task_name, k), n_draws=draws, mode=mode,
                                means=means, pools=pools, seed=zlib.crc32(task_name.encode()))
@@ -137,6 +144,29 @@ def run_ablations(loaded, evidence: list[Evidence], k: int, mode: str, draws: in
         if after:
             readout = readout_metric(loaded.model, loaded.tokenizer, task.examples(0), examples)
             results[task_name]["readout"] = check(task_name, READOUT, readout, means)
+    return results
+
+
+def readout_ablations(loaded, evidence: list[Evidence], k: int, mode: str, draws: int, n_examples: int,
+                      pools: tuple[str, ...], why: str, skip: Callable[[str, str], None] | None) -> dict[str, dict]:
+    """The ablation check of a model without next-token logits: each labelled task on the last layer's readout of
+    its label (:mod:`probes.readout`), the task's own metric being out of reach (``why``)."""
+    results = {}
+    for task_name in sorted({ev.task for ev in evidence}):
+        task = TASKS.get(task_name)
+        try:
+            if task is None:
+                raise InputError("a user task: its readout needs the built-in task's examples")
+            examples, _, _, means = ablation_metric(loaded, task, n_examples, mode)
+            readout = readout_metric(loaded.model, loaded.tokenizer, task.examples(0), examples)
+        except InputError as err:
+            (skip or print)(f"ablation of {task_name}", f"{why}, and its readout cannot be fitted: {err}")
+            continue
+        checks = causal_checks(loaded.model, readout, top_heads(evidence, task_name, k), n_draws=draws, mode=mode,
+                               means=means, pools=pools, seed=zlib.crc32(task_name.encode()))
+        results[task_name] = {**checks[pools[0]].to_dict(), "metric": READOUT, "n_examples": len(examples),
+                              "random_from": {p: r.to_dict() for p, r in checks.items() if p != pools[0]},
+                              "probe_after_scored": False, "why_readout": why}
     return results
 
 
@@ -171,7 +201,8 @@ class AblationEvidence(EvidenceKind):
         c = inputs.config
         pools = ("all", "layers") if c.random_from == "both" else (c.random_from,)
         loaded = inputs.model
-        results = run_ablations(loaded, inputs.evidence, c.ablate, c.ablation, c.draws, c.examples, c.metric, pools)
+        results = run_ablations(loaded, inputs.evidence, c.ablate, c.ablation, c.draws, c.examples, c.metric, pools,
+                                inputs.skip)
         layout = head_layout(loaded.model)
         return [ablation_evidence(task, r, layout.n_layers, layout.n_heads) for task, r in results.items()]
 

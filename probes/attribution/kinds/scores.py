@@ -27,7 +27,7 @@ def _collect(inputs: AttributionInputs, pooled: bool) -> list[Evidence]:
     config = ScoreConfig(names, alpha=inputs.config.alpha, pooled=list(inputs.config.pool_scores))
     result = compute_scores(inputs.model, config)
     for name, why in result.skipped.items():
-        print(f"attribute: the {name} score is skipped: {why}")
+        inputs.skip(f"{name} score", why)
     return result.evidence
 
 
