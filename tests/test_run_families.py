@@ -2,7 +2,6 @@
 whole job end to end on a tiny random model of each family (encoders included), whose report names the checks the
 model cannot have."""
 import json
-import time
 
 import pytest
 from transformers import AutoConfig
@@ -56,9 +55,7 @@ def small_run(model: str, out) -> RunConfig:
 @pytest.mark.parametrize("family", RUN_FAMILIES)
 def test_the_main_job_runs_end_to_end_on_every_family(family, tmp_path):
     model = save_model_folder(tmp_path / family, family)
-    t0 = time.perf_counter()
     result = run(small_run(model, tmp_path / "run"))
-    seconds = time.perf_counter() - t0
     report = result.report.with_name("report.md").read_text()
     assert result.report.name == "index.html" and result.report.exists()
     assert (tmp_path / "run" / "report" / "img" / "stage_map.png").exists() and "## Stage map" in report
@@ -73,5 +70,3 @@ def test_the_main_job_runs_end_to_end_on_every_family(family, tmp_path):
     else:
         assert ablation["capitals"]["metric"] == "margin" and "ce_recovered_mean" in sae_eval
     assert "fve" in sae_eval
-    print(f"{family}: {seconds:.1f} s")
-    assert seconds < 90, f"{family}: {seconds:.0f} s"
