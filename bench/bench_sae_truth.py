@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-import time
 import warnings
 from pathlib import Path
 

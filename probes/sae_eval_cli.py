@@ -3,7 +3,6 @@ and with ``--ce_tokens`` its CE loss recovered, printed as JSON (:func:`headprob
 SAE is a checkpoint folder, a registry id, a static hub URL or a Hugging Face repo)."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path

@@ -153,7 +153,7 @@ def readout_ablations(loaded, evidence: list[Evidence], k: int, mode: str, draws
     its label (:mod:`probes.readout`), the task's own metric being out of reach (``why``)."""
     results = {}
     for task_name in sorted({ev.task for ev in evidence}):
-        task = TASKS.get(task_name)
+        task = find_task(task_name)
         try:
             if task is None:
                 raise InputError("a user task: its readout needs the built-in task's examples")
