@@ -28,7 +28,7 @@ def parse(argv: list[str]) -> RunConfig:
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below "
                         "(--print_config prints the current configuration)")
     parser.add_argument("--quick", action="store_true", help="a quick run: one task per stage, 100 examples each, "
-                        "a small SAE (train/configs/run_quick.yaml; about two minutes on 2 CPU cores)")
+                        "a small SAE (train/configs/run_quick.yaml; a few minutes on 2 CPU cores)")
     parser.add_class_arguments(RunConfig, nested_key=None, fail_untyped=False)
     try:
         args = parser.parse_args(expand_bare_flags(expand_quick(argv), FLAGS)).as_dict()
