@@ -21,11 +21,11 @@ import torch
 from headprobe.extract.extractor import ExtractConfig, extract
 from headprobe.extract.models import DEFAULT_MODEL, load_model
 from headprobe.extract.tasks import get_task
+from headprobe.probes.attribution import AttributionConfig, attribute, write_attribution
 from headprobe.probes.checkpoint import save_checkpoint
 from headprobe.probes.checks.head_scores import head_type_scores, rank_agreement
 from headprobe.probes.linear import LinearProbes
 from headprobe.probes.sparse import SparseProbe
-from headprobe.train.cli import main as headprobe
 from headprobe.train.data import StoreDataModule
 
 
@@ -88,10 +88,10 @@ def main() -> None:
         (args.out / "spearman.json").write_text(json.dumps(summary, indent=1) + "\n")
 
     t0 = time.perf_counter()
-    headprobe(["attribute", str(args.out / "ckpt"), str(args.out / "stores"), "--out", str(args.out / "attribution"),
-               "--head-scores", "--ablate", str(args.ablate), "--draws", str(args.draws), "--examples",
-               str(args.examples)])
-    print(f"headprobe attribute: {time.perf_counter() - t0:.0f} s; report in {args.out / 'attribution' / 'report.md'}")
+    config = AttributionConfig(head_scores=True, ablate=args.ablate, draws=args.draws, examples=args.examples)
+    result = attribute([args.out / "ckpt", args.out / "stores"], config=config)
+    write_attribution(result, args.out / "attribution", overwrite=True)
+    print(f"attribute: {time.perf_counter() - t0:.0f} s; report in {args.out / 'attribution' / 'report.md'}")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
 """The main job's steps against their floors, in one run.
 
-Runs ``headprobe run`` in this process (any of its options after ``--``), counting the tokens each step pushes
+Runs the main job (:func:`headprobe.train.pipeline.run`) in this process, on a run YAML (``--config``, as
+``headprobe run --config`` takes; ``--quick``: the quick run's), counting the tokens each step pushes
 through the model (the batch x sequence shape of every call of its first block, padding included). After the run it times a plain
 ``model(input_ids)`` forward (no hooks, no cache, random token ids) of each step's most common shapes and scales
 that to the step's tokens: the step's *floor*, what its model work alone would cost. Prints each step's time, its
 floor and their ratio, and the run's total against the sum of the floors; writes the same as JSON with ``--json``.
 
-    python bench/bench_main_job.py -- --quick --out /tmp/bench-quick --overwrite true
-    python bench/bench_main_job.py --json bench/results/main_job.json -- --out /tmp/bench-default
+    python bench/bench_main_job.py --quick --out /tmp/bench-quick
+    python bench/bench_main_job.py --json bench/results/main_job.json --out /tmp/bench-default
 
 Training steps push no tokens through the model: their floor is shown as "-" and they count in the total only.
 A fully cached run has nothing to measure: give a fresh ``--out``.
@@ -21,11 +22,12 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
+import yaml
 
 import headprobe.extract.models as models
 from headprobe.probes.checks.replay import decoder_blocks
-from headprobe.train.pipeline import Steps, run
-from headprobe.train.run_cli import parse
+from headprobe.train.fit import CONFIGS
+from headprobe.train.pipeline import Steps, run, run_config
 
 SHAPES_TIMED = 12  # per step: the most common shapes, timed once each; the others take their per-token cost
 
@@ -84,14 +86,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", type=Path, help="also write the table here")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("run_args", nargs=argparse.REMAINDER, help="-- then headprobe run's options")
+    p.add_argument("--config", type=Path, help="a run YAML (default: the default run)")
+    p.add_argument("--quick", action="store_true", help="the quick run's YAML (train/configs/run_quick.yaml)")
+    p.add_argument("--out", type=Path, required=True, help="the run folder (a fresh one: cached steps have no cost)")
     args = p.parse_args()
+    path = CONFIGS / "run_quick.yaml" if args.quick else args.config
+    settings = yaml.safe_load(path.read_text()) if path else {}
     if args.threads:
         torch.set_num_threads(args.threads)
     counter = TokenCounter()
     counter.install()
     start = time.perf_counter()
-    result = run(parse([a for a in args.run_args if a != "--"]))
+    result = run(run_config({**settings, "out": str(args.out), "progress": False}))
     total = time.perf_counter() - start
     for handle in counter.handles:
         handle.remove()
@@ -114,7 +120,7 @@ def main() -> None:
           f"{total / max(floors, 1e-9):.2f}x")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"run_args": args.run_args, "total_seconds": round(total, 1),
+        args.json.write_text(json.dumps({"config": str(path or "default"), "total_seconds": round(total, 1),
                                          "floor_seconds": round(floors, 1), "steps": rows}, indent=1) + "\n")
 
 

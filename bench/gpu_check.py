@@ -241,12 +241,18 @@ def planted_store(tmp: Path) -> Path:
     return path if path.exists() else synthetic_store(path, n=4000, layers=12, heads=12, d_head=64)
 
 
-def fit_probes(store: Path, out: Path, *extra: str):
-    from headprobe.train.train_cli import expand_short_form, run
+def fit_probes(store: Path, out: Path, **trainer):
+    """Linear probes on ``store`` through :func:`headprobe.fit` on one device; ``trainer``: more Trainer settings."""
+    from headprobe.train.fit import fit
 
-    return run(expand_short_form(["linear", "--data.path", str(store), "--out", str(out), "--logger", "none",
-                                  "--test", "false", "--model.controls", "[]", "--trainer.accelerator", ACCEL,
-                                  "--trainer.devices", "1", *extra]))
+    return fit("linear", store, out, {"model": {"init_args": {"controls": []}},
+                                      "trainer": {"accelerator": ACCEL, "devices": 1, **trainer}},
+               logger="none", test=False, quiet=True)
+
+
+def val_acc(result) -> np.ndarray:
+    """(layers, heads) val accuracy of a FitResult's main task."""
+    return np.asarray(result.metrics["val"]["acc"])[0]
 
 
 @section("probes")
@@ -255,13 +261,11 @@ def check_probes(args, tmp: Path, dev) -> None:
     ref = None
     for precision in ("32-true", "bf16-mixed"):
         t0 = time.perf_counter()
-        cli = fit_probes(store, tmp / f"probe_{precision}", "--trainer.precision", precision)
+        acc = val_acc(fit_probes(store, tmp / f"probe_{precision}", precision=precision))
         wall = time.perf_counter() - t0
-        acc = cli.model.tables["val"]["acc"][0]
         ref = acc if ref is None else ref
         row("probes", f"Newton, 144 heads, {precision}", f"{wall:.1f} s/fit",
-            f"{cli.trainer.current_epoch} epochs; val acc mean {acc.mean():.4f}; max |diff| vs fp32 "
-            f"{np.abs(acc - ref).max():.4f}")
+            f"val acc mean {acc.mean():.4f}; max |diff| vs fp32 {np.abs(acc - ref).max():.4f}")
 
 
 @section("sae")
@@ -311,11 +315,10 @@ def check_sae(args, tmp: Path, dev) -> None:
 @section("ddp")
 def check_ddp(args, tmp: Path, dev) -> None:
     store = planted_store(tmp)
-    cli = fit_probes(store, tmp / "probe_ddp", "--trainer.strategy", "ddp")
-    acc = cli.model.tables["val"]["acc"][0]
+    acc = val_acc(fit_probes(store, tmp / "probe_ddp", strategy="ddp"))
     import torch.distributed as dist
     backend = dist.get_backend() if dist.is_initialized() else "none"
-    row("ddp", "1 device, strategy ddp", backend, f"world {cli.trainer.world_size}; val acc mean {acc.mean():.4f}")
+    row("ddp", "1 device, strategy ddp", backend, f"val acc mean {acc.mean():.4f}")
 
 
 def main() -> None:

@@ -320,3 +320,19 @@ def test_a_user_jsonl_task_with_group_and_stage_columns_goes_into_the_stage_map(
         assert len(store) == 40  # --max_examples applies to every task
     report = (tmp_path / "run" / "report" / "report.md").read_text()
     assert "| facts-file | LR |" in report and "data/heads_facts-file.csv" in report
+
+
+def test_a_run_yaml_gives_the_same_configuration_in_python_as_on_the_command_line():
+    """run_config (the Python path, e.g. bench/bench_main_job.py) and `headprobe run --quick` agree; fields a YAML
+    leaves out keep the run's defaults."""
+    import yaml
+
+    from headprobe.train.fit import CONFIGS
+    from headprobe.train.pipeline import run_config
+    from headprobe.train.run_cli import parse
+
+    settings = yaml.safe_load((CONFIGS / "run_quick.yaml").read_text())
+    quick = run_config(settings)
+    assert quick == parse(["--quick"])
+    assert quick.attribution.draws == 4 and quick.attribution.ablate == RunConfig().attribution.ablate
+    assert quick.sae.k == 16 and quick.sae.layer == RunConfig().sae.layer

@@ -390,6 +390,16 @@ class Pipeline:
         return RunResult(self.out, Path(report["path"]), self.attribution, list(self.steps.summary))
 
 
+def run_config(settings: dict) -> RunConfig:
+    """A RunConfig from settings as a run YAML holds them; ``attribution`` and ``sae`` may name only some fields,
+    the others keep the run's defaults (e.g. ``run_config(yaml.safe_load(open("train/configs/run_quick.yaml")))``)."""
+    base = RunConfig()
+    return RunConfig(**{**settings,
+                        "attribution": AttributionConfig(**{**asdict(base.attribution),
+                                                            **settings.get("attribution", {})}),
+                        "sae": SAESettings(**{**asdict(base.sae), **settings.get("sae", {})})})
+
+
 def run(config: RunConfig | None = None) -> RunResult:
     """The whole pipeline (see the module docstring); ``headprobe run`` is a thin wrapper over this."""
     return Pipeline(config or RunConfig()).run()

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import sys
 
-from headprobe.probes.attribution.result import AttributionConfig
 from headprobe.train.cli import guarded
 from headprobe.train.options import expand_bare_flags, parse_error
-from headprobe.train.pipeline import RunConfig, SAESettings, run
+from headprobe.train.pipeline import RunConfig, run, run_config
 
 FLAGS = {"--progress", "--attribution.head_scores"}  # yes/no options that also work without a value
 
@@ -35,8 +34,7 @@ def parse(argv: list[str]) -> RunConfig:
     except ArgumentError as err:
         raise InputError(f"{parse_error(err)} (`headprobe run --help` lists the options)") from None
     args = {k: v for k, v in args.items() if k not in ("config", "quick") and not k.startswith("__")}
-    return RunConfig(**{**args, "sae": SAESettings(**args["sae"]),
-                        "attribution": AttributionConfig(**args["attribution"])})
+    return run_config(args)
 
 
 def main(argv: list[str] | None = None) -> None:
